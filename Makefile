@@ -1,0 +1,61 @@
+# tlsgate: `make run` sets up and runs the daemons on the embedded SQLite database;
+# `make test` sets up and runs every test, ruff and mypy. Both work on a fresh Debian 12 as root.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+VAR ?= $(CURDIR)/var
+DEB_PACKAGES := postfix libmilter-dev swaks miltertest postfwd sqlite3 systemd
+PYTEST_ARGS ?=
+
+.PHONY: all deps debs venv run test lint typecheck pytest sql clean
+
+all: test
+
+# Debian packages: installed only when missing, so `make` stays fast on a ready machine.
+# Postfix is preseeded to "No configuration": tlsgate never touches /etc/postfix.
+debs: $(VENV)/.debs
+$(VENV)/.debs:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make: as root, install:$$missing" >&2; exit 1; fi; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: $(VENV)/.debs setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -e '.[postgresql,mariadb,test]'
+	touch $@
+
+deps: venv
+
+$(VAR)/tlsgate.conf:
+	mkdir -p $(VAR)
+	printf '[database]\nurl = sqlite:///$(VAR)/rules.sqlite\npoll_interval = 1\n\n[policyd]\nlisten = unix:$(VAR)/policy.sock inet:127.0.0.1:10040\nsocket_mode = 0666\n\n[milter]\nlisten = unix:$(VAR)/milter.sock\nsocket_mode = 0666\n\n[log]\ntarget = stderr\n' > $@
+
+$(VAR)/rules.sqlite: | $(VAR)/tlsgate.conf venv
+	$(BIN)/tlsgate -c $(VAR)/tlsgate.conf db init --examples sql/examples.sql
+
+run: venv $(VAR)/rules.sqlite
+	TLSGATE_CONFIG=$(VAR)/tlsgate.conf bash .ci/run-daemons
+
+lint: venv
+	$(BIN)/ruff check tlsgate policyd milter tests bench
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+sql: venv
+	for d in sqlite postgresql mariadb; do $(BIN)/tlsgate db schema --dialect $$d > sql/$$d.sql; done
+
+clean:
+	rm -rf $(VENV) $(VAR) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""tlsgate-milter: the pymilter milter that enforces TLS connectors."""

@@ -1,0 +1,1 @@
+"""tlsgate-policyd: the Postfix SMTP access policy daemon that enforces TLS connectors."""

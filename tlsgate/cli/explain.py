@@ -1,0 +1,137 @@
+"""``tlsgate explain``: which connector a session would meet, and why it passes or fails."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from tlsgate.cli import CommandError
+from tlsgate.decisionlog import verdict_word
+from tlsgate.engine import decide
+from tlsgate.model import Decision, SessionFacts, Stage
+from tlsgate.patterns import parse_address
+from tlsgate.store import load
+
+if TYPE_CHECKING:
+    from tlsgate.cli import Context
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="show how the rules judge a session",
+        description="Show every connector whose scope matches the session, the one that decides, "
+        "each of its requirements and the verdict. Omit --tls-protocol for a plaintext session.",
+    )
+    p.add_argument("--client", required=True, metavar="IP", help="client address")
+    p.add_argument("--sender", default=None, metavar="ADDR", help="envelope sender; '' or '<>' for the null sender")
+    p.add_argument("--recipient", metavar="ADDR", help="envelope recipient")
+    p.add_argument("--header-from", metavar="ADDR", help="header From address (judged at end of message)")
+    p.add_argument("--tls-protocol", metavar="VERSION", help="e.g. TLSv1.3; omit for no TLS")
+    p.add_argument("--cipher", metavar="NAME", help="e.g. TLS_AES_256_GCM_SHA384")
+    p.add_argument("--cipher-bits", type=int, default=None, metavar="N")
+    p.add_argument("--cert-subject", metavar="CN", help="verified client certificate subject CN")
+    p.add_argument("--cert-issuer", metavar="CN", help="verified client certificate issuer CN")
+    p.add_argument("--cert-fingerprint", metavar="FP", help="client certificate fingerprint (AA:BB:...)")
+    p.add_argument("--pubkey-fingerprint", metavar="FP", help="client public-key fingerprint")
+    p.set_defaults(func=cmd_explain)
+
+
+def facts_from_args(args: argparse.Namespace) -> SessionFacts:
+    client = parse_address(args.client)
+    if client is None:
+        raise CommandError(f"--client {args.client!r} is not an IPv4 or IPv6 address", 2)
+    sender = args.sender
+    if sender is not None:
+        sender = sender.strip()
+        if sender in ("<>", ""):
+            sender = ""
+        elif sender.startswith("<") and sender.endswith(">"):
+            sender = sender[1:-1]
+    protocol = args.tls_protocol or None
+    bits = args.cipher_bits
+    if bits is None:
+        bits = 256 if protocol else 0
+    if bits < 0:
+        raise CommandError("--cipher-bits must not be negative", 2)
+    if not protocol and (args.cipher or args.cert_subject or args.cert_fingerprint):
+        raise CommandError("--cipher and certificate options need --tls-protocol", 2)
+    return SessionFacts(
+        client_address=client,
+        sender=sender,
+        recipient=args.recipient,
+        header_from=args.header_from,
+        tls_protocol=protocol,
+        tls_cipher=args.cipher,
+        tls_cipher_bits=bits,
+        cert_subject=args.cert_subject or None,
+        cert_issuer=args.cert_issuer or None,
+        cert_fingerprint=(args.cert_fingerprint or "").upper() or None,
+        pubkey_fingerprint=(args.pubkey_fingerprint or "").upper() or None,
+        stage=Stage.DATA if args.header_from else Stage.RCPT,
+    )
+
+
+def _rank_text(rank: tuple[object, ...]) -> str:
+    names = ("sender", "header-from", "recipient")
+    kinds = {0: "*", 1: "wildcard", 2: "exact"}
+    parts = []
+    for label, spec in zip(names, rank[:3], strict=False):
+        if isinstance(spec, tuple) and spec[0] >= 0:
+            parts.append(f"{label} {kinds[int(spec[0])]}/{spec[1]} labels")
+    plen = rank[3]
+    if isinstance(plen, int) and plen >= 0:
+        parts.append(f"range /{plen}")
+    return ", ".join(parts)
+
+
+def render(facts: SessionFacts, decision: Decision) -> list[str]:
+    lines = []
+    sender = "(none)" if facts.sender is None else f"<{facts.sender}>"
+    lines.append(
+        f"session: client={facts.client_address} from={sender} to=<{facts.recipient or ''}>"
+        + (f" header-from=<{facts.header_from}>" if facts.header_from else "")
+    )
+    if facts.tls_protocol:
+        lines.append(
+            f"  TLS {facts.tls_protocol} cipher={facts.tls_cipher or '-'} bits={facts.tls_cipher_bits} "
+            f"cert={facts.cert_subject or '-'} issuer={facts.cert_issuer or '-'}"
+        )
+    else:
+        lines.append("  no TLS")
+    if not decision.candidates:
+        lines.append("candidates: none; no connector applies (opportunistic TLS)")
+    else:
+        lines.append("candidates (best first):")
+        for n, cand in enumerate(decision.candidates):
+            mark = "*" if n == 0 else " "
+            c = cand.connector
+            flags = []
+            if c.mode.value == "monitor":
+                flags.append("monitor")
+            if c.misconfigured:
+                flags.append("MISCONFIGURED")
+            extra = f" [{', '.join(flags)}]" if flags else ""
+            lines.append(f"  {mark} {c.name}{extra}: matched {'; '.join(cand.matched)} ({_rank_text(cand.rank)})")
+        winner = decision.candidates[0].connector
+        lines.append(f"winner: {winner.name}" + (f", overriding {', '.join(c.connector.name for c in decision.candidates[1:])}" if len(decision.candidates) > 1 else ""))
+        if decision.checks:
+            lines.append("requirements:")
+            for check in decision.checks:
+                lines.append(f"  [{'pass' if check.ok else 'FAIL'}] {check.requirement}: {check.detail}")
+    word = verdict_word(decision)
+    if decision.status:
+        verdict = f"{word.upper()} {decision.status} {decision.reason}"
+    else:
+        verdict = word.upper()
+    lines.append(f"verdict: {verdict}")
+    return lines
+
+
+def cmd_explain(args: argparse.Namespace, ctx: Context) -> int:
+    facts = facts_from_args(args)
+    result = load(ctx.engine)
+    decision = decide(result.snapshot, facts, datetime.now(UTC))
+    print("\n".join(render(facts, decision)))
+    return 0

@@ -1,0 +1,61 @@
+"""The one log line per decision, shared by every front-end.
+
+Postfix style, queue id first (NOQUEUE before Postfix assigns one), then key=value pairs an
+administrator can grep: ``4F2A1C3B: reject connector=contoso-in client=203.0.113.5
+from=<a@contoso.com> to=<b@example.org> tls=none reason="TLS required by connector contoso-in"``.
+"""
+
+from __future__ import annotations
+
+from tlsgate.model import Decision, FailAction, Outcome, SessionFacts
+
+
+def verdict_word(decision: Decision) -> str:
+    """pass, reject, defer, or monitor-pass / monitor-reject / monitor-defer."""
+    if decision.outcome is Outcome.PASS:
+        return "pass"
+    if decision.action is None:
+        would = "defer" if decision.status and decision.status.startswith("4") else "reject"
+        return f"monitor-{would}"
+    return "reject" if decision.action is FailAction.REJECT else "defer"
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def tls_summary(facts: SessionFacts) -> str:
+    if not facts.tls_protocol:
+        return "tls=none"
+    parts = [f"tls={facts.tls_protocol}", f"cipher={facts.tls_cipher or '-'}"]
+    if facts.cert_subject:
+        parts.append(f"cert={_quote(facts.cert_subject)}")
+        if facts.cert_issuer:
+            parts.append(f"issuer={_quote(facts.cert_issuer)}")
+    elif facts.cert_fingerprint:
+        parts.append("cert=unverified")
+    else:
+        parts.append("cert=none")
+    return " ".join(parts)
+
+
+def decision_line(facts: SessionFacts, decision: Decision, *, stage: str | None = None) -> str:
+    head = facts.queue_id or "NOQUEUE"
+    parts = [f"{head}: {verdict_word(decision)}"]
+    if decision.connector is not None:
+        parts.append(f"connector={decision.connector.name}")
+    if stage:
+        parts.append(f"stage={stage}")
+    parts.append(f"client={facts.client_name or 'unknown'}[{facts.client_address or 'unknown'}]")
+    if facts.sender is not None:
+        parts.append(f"from=<{facts.sender}>")
+    if facts.recipient:
+        parts.append(f"to=<{facts.recipient}>")
+    if facts.header_from:
+        parts.append(f"header_from={_quote(facts.header_from)}")
+    parts.append(tls_summary(facts))
+    if decision.status:
+        parts.append(f"status={decision.status}")
+    if decision.reason:
+        parts.append(f"reason={_quote(decision.reason)}")
+    return " ".join(parts)

@@ -1,0 +1,417 @@
+"""The decision: session facts and a rule snapshot in, a verdict out, no I/O.
+
+Every front-end (policy daemon, milter, ``tlsgate explain``) calls :func:`decide`. The steps:
+
+1. find the enabled connectors whose every declared scope matches the session (sender
+   domain, recipient domain, header From domain, client range);
+2. rank them: the sender scope's specificity first, then header From, then recipient, then
+   the client range's prefix length; exact beats ``*.parent`` beats ``*``; ties go to the
+   name that sorts first. The best one decides, so a specific connector overrides a broad one;
+3. check the winner's requirements; the first unmet one is the reason;
+4. map the connector's mode and failure action to what the front-end must do.
+
+No matching connector means opportunistic TLS: pass.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from tlsgate.model import (
+    Candidate,
+    CertRequirement,
+    Check,
+    Decision,
+    FailAction,
+    InboundConnector,
+    Mode,
+    Outcome,
+    Pin,
+    Scope,
+    SessionFacts,
+    Stage,
+)
+from tlsgate.patterns import address_domain
+from tlsgate.snapshot import Snapshot, range_contains
+
+# RFC 3463 status details, per kind of unmet requirement.
+STATUS_ENCRYPTION = "7.10"  # X.7.10 Encryption needed
+STATUS_POLICY = "7.1"  # X.7.1 Delivery not authorized
+STATUS_CONFIG = "3.5"  # X.3.5 System incorrectly configured
+
+_NO_MATCH = (-1, 0)
+_VERSION = re.compile(r"^(?:TLSv(\d+)(?:\.(\d+))?|SSLv(\d+))$")
+_FS_CIPHER = re.compile(r"^(?:TLS_)?(?:ECDHE|DHE|EECDH|EDH)[-_]", re.IGNORECASE)
+
+
+def version_key(name: str) -> tuple[int, int] | None:
+    """``TLSv1.2`` -> (1, 2); ``SSLv3`` -> (0, 3); None for names that are not versions."""
+    m = _VERSION.match(name.strip())
+    if not m:
+        return None
+    if m.group(3) is not None:
+        return (0, int(m.group(3)))
+    return (int(m.group(1)), int(m.group(2) or 0))
+
+
+def has_forward_secrecy(protocol: str, cipher: str | None) -> bool:
+    """TLS 1.3 always has it; before that, only ephemeral (EC)DH key exchange."""
+    key = version_key(protocol)
+    if key is not None and key >= (1, 3):
+        return True
+    return bool(cipher and _FS_CIPHER.match(cipher))
+
+
+def find_candidates(snapshot: Snapshot, facts: SessionFacts) -> list[Candidate]:
+    """Every enabled connector whose scope matches, best first."""
+    sender_domain = address_domain(facts.sender) if facts.sender else None
+    rcpt_domain = address_domain(facts.recipient) if facts.recipient else None
+    header_domain = (
+        address_domain(facts.header_from)
+        if facts.header_from and facts.stage is Stage.DATA
+        else None
+    )
+    hits = {
+        Scope.SENDER: snapshot.domains[Scope.SENDER].lookup(sender_domain) if sender_domain else {},
+        Scope.RECIPIENT: snapshot.domains[Scope.RECIPIENT].lookup(rcpt_domain) if rcpt_domain else {},
+        Scope.HEADER_FROM: (
+            snapshot.domains[Scope.HEADER_FROM].lookup(header_domain) if header_domain else {}
+        ),
+    }
+    range_hits = snapshot.ranges.lookup(facts.client_address) if facts.client_address else {}
+
+    found: list[Candidate] = []
+    ids = set(range_hits).union(*hits.values())
+    for idx in ids:
+        c = snapshot.inbound[idx]
+        if c.sender_domains and idx not in hits[Scope.SENDER]:
+            continue
+        if c.recipient_domains and idx not in hits[Scope.RECIPIENT]:
+            continue
+        if c.header_from_domains and idx not in hits[Scope.HEADER_FROM]:
+            continue
+        if c.scopes_ranges and idx not in range_hits:
+            continue
+        if not (c.has_domain_scope or c.scopes_ranges):
+            continue
+        matched = []
+        if c.sender_domains:
+            matched.append(f"sender domain {sender_domain}")
+        if c.header_from_domains:
+            matched.append(f"header From domain {header_domain}")
+        if c.recipient_domains:
+            matched.append(f"recipient domain {rcpt_domain}")
+        if c.scopes_ranges:
+            matched.append(f"client {facts.client_address}")
+        rank = (
+            hits[Scope.SENDER].get(idx, _NO_MATCH),
+            hits[Scope.HEADER_FROM].get(idx, _NO_MATCH),
+            hits[Scope.RECIPIENT].get(idx, _NO_MATCH),
+            range_hits.get(idx, -1),
+        )
+        found.append(Candidate(c, rank, tuple(matched)))
+    found.sort(key=lambda cand: cand.connector.name)
+    found.sort(key=lambda cand: cand.rank, reverse=True)
+    return found
+
+
+def _needs_tls(c: InboundConnector) -> bool:
+    return (
+        c.require_tls
+        or c.min_tls_version is not None
+        or c.require_forward_secrecy
+        or c.min_cipher_bits > 0
+        or c.certificate is not CertRequirement.NONE
+        or bool(c.cert_names or c.issuer_names)
+    )
+
+
+def _pin_checks(c: InboundConnector, facts: SessionFacts, now: datetime) -> list[tuple[Check, str]]:
+    presented = {fp.upper() for fp in (facts.cert_fingerprint, facts.pubkey_fingerprint) if fp}
+    if not presented:
+        return [(Check("pinned certificate", False, "no client certificate presented"), STATUS_POLICY)]
+    matching = [
+        p for p in c.pins if presented & (p.cert_fingerprints | p.pubkey_fingerprints)
+    ]
+    if not matching:
+        fp = facts.cert_fingerprint or facts.pubkey_fingerprint or ""
+        return [
+            (
+                Check(
+                    "pinned certificate",
+                    False,
+                    f"certificate {fp[:23]}... is not registered with connector {c.name}",
+                ),
+                STATUS_POLICY,
+            )
+        ]
+    # Several registered certificates may share the key (a renewal): any one that is fully
+    # acceptable passes; otherwise report the problems of the first.
+    best: list[tuple[Check, str]] | None = None
+    for pin in matching:
+        checks = _check_pin(c, pin, now)
+        if all(ch.ok for ch, _ in checks):
+            return checks
+        if best is None:
+            best = checks
+    assert best is not None
+    return best
+
+
+def _check_pin(c: InboundConnector, pin: Pin, now: datetime) -> list[tuple[Check, str]]:
+    out: list[tuple[Check, str]] = []
+    valid = pin.not_before <= now <= pin.not_after
+    if now > pin.not_after:
+        detail = f"pinned certificate {pin.label} expired on {pin.not_after:%Y-%m-%d}"
+    elif now < pin.not_before:
+        detail = f"pinned certificate {pin.label} is not valid before {pin.not_before:%Y-%m-%d}"
+    else:
+        detail = f"pinned certificate {pin.label} valid until {pin.not_after:%Y-%m-%d}"
+    out.append((Check("pinned certificate", valid, detail), STATUS_POLICY))
+    if c.require_organization is not None:
+        ok = (pin.organization or "").casefold() == c.require_organization.casefold()
+        out.append(
+            (
+                Check(
+                    "organization",
+                    ok,
+                    f"certificate organization {pin.organization or '(none)'!s}"
+                    + (" matches" if ok else f" is not {c.require_organization}"),
+                ),
+                STATUS_POLICY,
+            )
+        )
+    if c.require_unit is not None:
+        ok = (pin.unit or "").casefold() == c.require_unit.casefold()
+        out.append(
+            (
+                Check(
+                    "organizational unit",
+                    ok,
+                    f"certificate organizational unit {pin.unit or '(none)'!s}"
+                    + (" matches" if ok else f" is not {c.require_unit}"),
+                ),
+                STATUS_POLICY,
+            )
+        )
+    min_bits = c.min_key_bits if c.min_key_bits is not None else 2048
+    ok = pin.key_bits >= min_bits if pin.key_type == "RSA" else True
+    if pin.key_type != "RSA":
+        # EC strength: a P-256 key is worth about RSA 3072; judge by the RSA-equivalent bits.
+        ok = _ec_equivalent_bits(pin.key_bits) >= min_bits
+    out.append(
+        (
+            Check(
+                "key strength",
+                ok,
+                f"certificate key {pin.key_type} {pin.key_bits} bits"
+                + (f" meets {min_bits}" if ok else f" is weaker than {min_bits}"),
+            ),
+            STATUS_POLICY,
+        )
+    )
+    if c.cert_names:
+        names = [n for n in (pin.subject_cn, *pin.dns_names) if n]
+        ok = any(p.matches(n) for p in c.cert_names for n in names)
+        shown = ", ".join(names) or "(none)"
+        pats = ", ".join(str(p) for p in c.cert_names)
+        out.append(
+            (
+                Check(
+                    "certificate name",
+                    ok,
+                    f"certificate name {shown} " + ("matches " if ok else "does not match ") + pats,
+                ),
+                STATUS_POLICY,
+            )
+        )
+    if c.issuer_names:
+        ok = pin.issuer_cn is not None and any(p.matches(pin.issuer_cn) for p in c.issuer_names)
+        out.append(
+            (
+                Check(
+                    "issuer",
+                    ok,
+                    f"certificate issuer {pin.issuer_cn or '(none)'} "
+                    + ("matches " if ok else "does not match ")
+                    + ", ".join(str(p) for p in c.issuer_names),
+                ),
+                STATUS_POLICY,
+            )
+        )
+    return out
+
+
+def _ec_equivalent_bits(curve_bits: int) -> int:
+    """RSA-equivalent strength of an EC key (NIST SP 800-57 part 1, table 2)."""
+    if curve_bits >= 512:
+        return 15360
+    if curve_bits >= 384:
+        return 7680
+    if curve_bits >= 256:
+        return 3072
+    if curve_bits >= 224:
+        return 2048
+    return 1024
+
+
+def check_requirements(
+    c: InboundConnector, facts: SessionFacts, now: datetime
+) -> list[tuple[Check, str]]:
+    """Each requirement of ``c`` with whether ``facts`` meet it, paired with its status detail."""
+    out: list[tuple[Check, str]] = []
+    if c.restrict_to_ranges and c.client_ranges and c.has_domain_scope:
+        addr = facts.client_address
+        ok = addr is not None and range_contains(c.client_ranges, addr)
+        out.append(
+            (
+                Check(
+                    "client range",
+                    ok,
+                    f"client {addr} is "
+                    + ("within" if ok else "outside")
+                    + f" the ranges of connector {c.name}",
+                ),
+                STATUS_POLICY,
+            )
+        )
+    if not _needs_tls(c):
+        return out
+    protocol = facts.tls_protocol
+    out.append(
+        (
+            Check(
+                "TLS",
+                protocol is not None,
+                f"TLS used ({protocol})" if protocol else f"TLS required by connector {c.name}",
+            ),
+            STATUS_ENCRYPTION,
+        )
+    )
+    if c.min_tls_version is not None:
+        want = version_key(c.min_tls_version)
+        got = version_key(protocol) if protocol else None
+        ok = want is not None and got is not None and got >= want
+        out.append(
+            (
+                Check(
+                    "TLS version",
+                    ok,
+                    f"{protocol or 'no TLS'} "
+                    + ("meets" if ok else "is below")
+                    + f" the minimum {c.min_tls_version}",
+                ),
+                STATUS_ENCRYPTION,
+            )
+        )
+    if c.require_forward_secrecy:
+        ok = protocol is not None and has_forward_secrecy(protocol, facts.tls_cipher)
+        out.append(
+            (
+                Check(
+                    "forward secrecy",
+                    ok,
+                    f"cipher {facts.tls_cipher or '(none)'} "
+                    + ("has" if ok else "lacks")
+                    + " forward secrecy",
+                ),
+                STATUS_ENCRYPTION,
+            )
+        )
+    if c.min_cipher_bits > 0:
+        ok = protocol is not None and facts.tls_cipher_bits >= c.min_cipher_bits
+        out.append(
+            (
+                Check(
+                    "cipher bits",
+                    ok,
+                    f"cipher strength {facts.tls_cipher_bits} bits "
+                    + ("meets" if ok else "is below")
+                    + f" {c.min_cipher_bits}",
+                ),
+                STATUS_ENCRYPTION,
+            )
+        )
+    if c.certificate is CertRequirement.PINNED:
+        out.extend(_pin_checks(c, facts, now))
+        return out
+    if c.certificate is CertRequirement.TRUSTED or c.cert_names or c.issuer_names:
+        ok = facts.cert_subject is not None
+        out.append(
+            (
+                Check(
+                    "trusted certificate",
+                    ok,
+                    f"certificate {facts.cert_subject} verified"
+                    if ok
+                    else "no client certificate that chains to a trusted CA",
+                ),
+                STATUS_POLICY,
+            )
+        )
+    if c.cert_names:
+        subject = facts.cert_subject
+        ok = subject is not None and any(p.matches(subject) for p in c.cert_names)
+        pats = ", ".join(str(p) for p in c.cert_names)
+        out.append(
+            (
+                Check(
+                    "certificate name",
+                    ok,
+                    f"certificate name {subject or '(none)'} "
+                    + ("matches " if ok else "does not match ")
+                    + pats,
+                ),
+                STATUS_POLICY,
+            )
+        )
+    if c.issuer_names:
+        issuer = facts.cert_issuer
+        ok = issuer is not None and any(p.matches(issuer) for p in c.issuer_names)
+        pats = ", ".join(str(p) for p in c.issuer_names)
+        out.append(
+            (
+                Check(
+                    "issuer",
+                    ok,
+                    f"certificate issuer {issuer or '(none)'} "
+                    + ("matches " if ok else "does not match ")
+                    + pats,
+                ),
+                STATUS_POLICY,
+            )
+        )
+    return out
+
+
+def _status(action: FailAction, detail: str) -> str:
+    return ("5." if action is FailAction.REJECT else "4.") + detail
+
+
+def decide(snapshot: Snapshot, facts: SessionFacts, now: datetime) -> Decision:
+    """The verdict for one transaction (one recipient, when recipients are known)."""
+    candidates = find_candidates(snapshot, facts)
+    if not candidates:
+        return Decision(Outcome.PASS, None, None, candidates=())
+    winner = candidates[0].connector
+    cands = tuple(candidates)
+    if winner.misconfigured:
+        reason = f"connector {winner.name} is misconfigured: {winner.problems[0]}"
+        check = Check("configuration", False, reason)
+        action = None if winner.mode is Mode.MONITOR else FailAction.DEFER
+        return Decision(
+            Outcome.FAIL, action, winner, _status(FailAction.DEFER, STATUS_CONFIG),
+            reason, reason, (check,), cands,
+        )
+    results = check_requirements(winner, facts, now)
+    checks = tuple(ch for ch, _ in results)
+    failed = next(((ch, st) for ch, st in results if not ch.ok), None)
+    if failed is None:
+        return Decision(Outcome.PASS, None, winner, checks=checks, candidates=cands)
+    check, detail = failed
+    status = _status(winner.on_failure, detail)
+    reason = check.detail
+    reply = winner.reply_text or reason
+    action = None if winner.mode is Mode.MONITOR else winner.on_failure
+    return Decision(Outcome.FAIL, action, winner, status, reason, reply, checks, cands)

@@ -1,0 +1,143 @@
+"""Keeps a daemon's rule snapshot current: the first load, change detection, atomic swaps.
+
+A background thread reads the ``rules_generation`` counter every ``poll_interval`` seconds
+and loads a new snapshot only when it moved; SIGHUP (``request_reload``) forces a load. The
+snapshot reference is replaced in one assignment, so request handlers on any thread or event
+loop always see a whole snapshot. When the database is unreachable the last good snapshot
+keeps serving and the outage is logged once, with a second line when it ends. Until a first
+snapshot exists, ``snapshot`` is None and front-ends answer a temporary failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from sqlalchemy import Engine
+
+from tlsgate.config import DatabaseConfig
+from tlsgate.snapshot import Snapshot
+from tlsgate.store import StoreError, load, open_engine, read_generation, safe_url
+
+log = logging.getLogger("tlsgate.rules")
+
+
+class RuleHolder:
+    """The current snapshot of one daemon, and the thread that keeps it current."""
+
+    def __init__(
+        self,
+        cfg: DatabaseConfig,
+        *,
+        on_swap: Callable[[Snapshot], None] | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        self._cfg = cfg
+        self._engine = engine
+        self._on_swap = on_swap
+        self._snapshot: Snapshot | None = None
+        self._outage: str | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # one load at a time
+        self._thread: threading.Thread | None = None
+        self._force = False
+        self.loads = 0
+        self.db_errors = 0
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    @property
+    def healthy(self) -> bool:
+        return self._outage is None
+
+    def _db(self) -> Engine:
+        if self._engine is None:
+            self._engine = open_engine(self._cfg.url, connect_timeout=self._cfg.connect_timeout)
+        return self._engine
+
+    def refresh(self, force: bool = False) -> bool:
+        """Load a new snapshot if the rules changed (or ``force``); True when one was swapped in.
+
+        Never raises for database trouble: it is logged once per outage.
+        """
+        with self._lock:
+            try:
+                engine = self._db()
+                current = self._snapshot
+                if not force and current is not None:
+                    if read_generation(engine) == current.generation:
+                        self._recovered()
+                        return False
+                started = time.monotonic()
+                result = load(engine)
+            except StoreError as exc:
+                self._failed(str(exc))
+                return False
+            self._recovered()
+            snap = result.snapshot
+            for problem in result.errors:
+                log.error("rules generation %d: %s", snap.generation, problem)
+            self._snapshot = snap
+            self.loads += 1
+            log.info(
+                "loaded rules generation %d: %d inbound, %d outbound connectors, %d errors, in %.3fs",
+                snap.generation,
+                len(snap.inbound),
+                len(snap.outbound),
+                len(result.errors),
+                time.monotonic() - started,
+            )
+            if self._on_swap is not None:
+                self._on_swap(snap)
+            return True
+
+    def _failed(self, message: str) -> None:
+        self.db_errors += 1
+        if self._outage is not None:
+            return
+        self._outage = message
+        current = self._snapshot
+        if current is None:
+            log.error("cannot load rules: %s; answering temporary failures until it can", message)
+        else:
+            log.error(
+                "cannot reach the rule database: %s; still deciding with rules generation %d loaded at %s",
+                message,
+                current.generation,
+                current.loaded_at.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            )
+
+    def _recovered(self) -> None:
+        if self._outage is not None:
+            log.warning("rule database %s is reachable again", safe_url(self._cfg.url))
+            self._outage = None
+
+    def request_reload(self) -> None:
+        """Ask the background thread for a full load now (SIGHUP)."""
+        self._force = True
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tlsgate-rules", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            force = self._force
+            self._force = False
+            self.refresh(force=force)
+            self._wake.wait(self._cfg.poll_interval)
+            self._wake.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._engine is not None:
+            self._engine.dispose()

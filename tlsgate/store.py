@@ -1,0 +1,609 @@
+"""The rule database: connecting, creating and upgrading the schema, and loading a snapshot.
+
+Loading reads every rule table once, in one transaction, as raw values: rows written by hand
+may hold anything (SQLite has no types, a database may lack the CHECK constraints), and a bad
+value must become a named problem, never an exception. A connector with a problem keeps the
+scope that could be parsed and is marked misconfigured, so mail in that scope gets a
+temporary failure while every other connector keeps working. ORM rows never leave this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from tlsgate import schema
+from tlsgate.certs import CertificateError, pin_from_pem
+from tlsgate.model import (
+    CertRequirement,
+    FailAction,
+    InboundConnector,
+    Mode,
+    OutboundConnector,
+    Pin,
+    SmartHost,
+    TlsLevel,
+)
+from tlsgate.patterns import (
+    CertNamePattern,
+    DomainPattern,
+    IssuerPattern,
+    Network,
+    PatternError,
+    parse_network,
+    to_a_label,
+)
+from tlsgate.snapshot import Snapshot
+
+log = logging.getLogger("tlsgate.store")
+
+DEFAULT_DATABASE_URL = "sqlite:////var/lib/tlsgate/rules.sqlite"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+_DRIVERS = {
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+    "mysql": "mysql+pymysql",
+    "mariadb": "mariadb+pymysql",
+}
+
+
+class StoreError(Exception):
+    """The database cannot be used; the message is fit for one log line (no password)."""
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL with any password masked, for logs and error messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(unparsable database URL)"
+
+
+def normalise_url(url: str) -> URL:
+    """Parse a database URL; plain ``postgresql://`` and ``mysql://`` get the drivers we ship."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StoreError(f"invalid database URL {safe_url(url)!r}") from None
+    driver = _DRIVERS.get(parsed.drivername)
+    if driver:
+        parsed = parsed.set(drivername=driver)
+    if parsed.get_backend_name() not in ("sqlite", "postgresql", "mysql", "mariadb"):
+        raise StoreError(
+            f"unsupported database {parsed.get_backend_name()!r} in {safe_url(parsed)}: "
+            "use sqlite, postgresql or mariadb"
+        )
+    return parsed
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys = ON")
+    cur.execute("PRAGMA busy_timeout = 5000")
+    cur.close()
+
+
+def open_engine(url: str, *, connect_timeout: float = 5.0) -> Engine:
+    """An engine for ``url``; no connection is made until first use."""
+    parsed = normalise_url(url)
+    backend = parsed.get_backend_name()
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if backend == "sqlite":
+        db = parsed.database
+        if db and db != ":memory:":
+            parent = os.path.dirname(os.path.abspath(db))
+            if not os.path.isdir(parent):
+                raise StoreError(f"directory {parent} of the SQLite database does not exist")
+    elif backend == "postgresql":
+        kwargs["connect_args"] = {"connect_timeout": max(1, int(connect_timeout))}
+    else:
+        kwargs["connect_args"] = {
+            "connect_timeout": max(1, int(connect_timeout)),
+            "charset": "utf8mb4",
+        }
+    engine = create_engine(parsed, **kwargs)
+    if backend == "sqlite":
+        event.listen(engine, "connect", _sqlite_on_connect)
+    return engine
+
+
+def dialect_name(engine: Engine) -> str:
+    name = engine.dialect.name
+    return "mariadb" if name == "mysql" else name
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def schema_statements(dialect: str) -> list[str]:
+    """Every statement that creates the schema in ``dialect``, as ``sql/<dialect>.sql`` holds."""
+    from sqlalchemy.dialects import mysql, postgresql, sqlite
+    from sqlalchemy.schema import CreateIndex, CreateTable
+
+    dialects = {
+        "sqlite": sqlite.dialect(),
+        "postgresql": postgresql.dialect(),  # type: ignore[no-untyped-call]
+        "mariadb": mysql.dialect(is_mariadb=True),
+    }
+    if dialect not in dialects:
+        raise StoreError(f"unknown dialect {dialect!r}: use sqlite, postgresql or mariadb")
+    d = dialects[dialect]
+    out: list[str] = []
+    for table in schema.Base.metadata.sorted_tables:
+        ddl = str(CreateTable(table).compile(dialect=d)).strip()
+        if dialect == "mariadb":
+            ddl += " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+        out.append(ddl)
+        for index in sorted(table.indexes, key=lambda i: str(i.name)):
+            out.append(str(CreateIndex(index).compile(dialect=d)).strip())
+    out.extend(schema.trigger_ddl(dialect))
+    out.extend(schema.seed_rows())
+    return out
+
+
+def schema_script(dialect: str) -> str:
+    """``schema_statements`` as a script; MariaDB's triggers are single statements, so ';'
+    ends every statement in every dialect (PostgreSQL's function body is dollar-quoted)."""
+    head = (
+        f"-- tlsgate rule schema, version {schema.SCHEMA_VERSION}, for {dialect}.\n"
+        f"-- Generated by `tlsgate db schema --dialect {dialect}`; do not edit by hand.\n\n"
+    )
+    return head + "".join(stmt + ";\n\n" for stmt in schema_statements(dialect)).rstrip() + "\n"
+
+
+def current_version(conn: Connection) -> int | None:
+    """The schema version, or None when the database has no tlsgate schema."""
+    from sqlalchemy import inspect
+
+    if not inspect(conn).has_table("schema_version"):
+        return None
+    value = conn.execute(text("SELECT max(version) FROM schema_version")).scalar()
+    return int(value) if value is not None else None
+
+
+def init_schema(engine: Engine) -> bool:
+    """Create the schema if absent; False when it was already there."""
+    with engine.begin() as conn:
+        if current_version(conn) is not None:
+            return False
+        for stmt in schema_statements(dialect_name(engine)):
+            conn.exec_driver_sql(stmt)
+    if dialect_name(engine) == "sqlite":
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA journal_mode = WAL")
+    return True
+
+
+# Each step takes a schema at version N-1 to N. Steps are plain statements per dialect so
+# that an administrator who keeps the database by hand can read and apply them too.
+MIGRATIONS: dict[int, Mapping[str, Sequence[str]]] = {}
+
+
+def upgrade_schema(engine: Engine) -> tuple[int, int]:
+    """Apply every migration step above the database's version; (from, to)."""
+    with engine.begin() as conn:
+        version = current_version(conn)
+        if version is None:
+            raise StoreError("the database has no tlsgate schema: run `tlsgate db init` first")
+        if version > schema.SCHEMA_VERSION:
+            raise StoreError(
+                f"the database schema is version {version}, newer than this tlsgate "
+                f"({schema.SCHEMA_VERSION}): upgrade tlsgate"
+            )
+        start = version
+        for step in range(version + 1, schema.SCHEMA_VERSION + 1):
+            for stmt in MIGRATIONS[step][dialect_name(engine)]:
+                conn.exec_driver_sql(stmt)
+            conn.execute(text("UPDATE schema_version SET version = :v"), {"v": step})
+            version = step
+    return start, version
+
+
+def read_generation(engine: Engine) -> int:
+    """The change counter: one indexed single-row read."""
+    with engine.connect() as conn:
+        value = conn.execute(text("SELECT generation FROM rules_generation WHERE id = 1")).scalar()
+    if value is None:
+        raise StoreError("table rules_generation has no row with id = 1: run `tlsgate db upgrade`")
+    return int(value)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True, slots=True)
+class RowProblem:
+    """A bad value in one row: which table, which key, which column, and why."""
+
+    severity: str  # "error" or "warning"
+    table: str
+    key: tuple[object, ...]
+    column: str | None
+    message: str
+    connector: str | None = None
+
+    def __str__(self) -> str:
+        key = ", ".join(repr(k) for k in self.key)
+        where = f"{self.table} ({key})"
+        if self.column:
+            where += f" column {self.column}"
+        return f"{self.severity}: {where}: {self.message}"
+
+
+@dataclass
+class LoadResult:
+    snapshot: Snapshot
+    problems: list[RowProblem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[RowProblem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+_FALSE = {"0", "false", "f", "no", "n", "off"}
+
+
+def _bool(value: object) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value != 0 if value in (0, 1) else None
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in _TRUE:
+            return True
+        if v in _FALSE:
+            return False
+    return None
+
+
+def _int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    return None
+
+
+def _str(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+class _RowReader:
+    """Collects problems while turning one connector's raw columns into typed values."""
+
+    def __init__(self, table: str, key: tuple[object, ...], connector: str, problems: list[RowProblem]):
+        self.table = table
+        self.key = key
+        self.connector = connector
+        self.problems = problems
+        self.failed = False
+
+    def error(self, column: str | None, message: str) -> None:
+        self.failed = True
+        self.problems.append(RowProblem("error", self.table, self.key, column, message, self.connector))
+
+    def warn(self, column: str | None, message: str) -> None:
+        self.problems.append(RowProblem("warning", self.table, self.key, column, message, self.connector))
+
+    def boolean(self, row: Mapping[str, object], column: str, default: bool) -> bool:
+        raw = row.get(column)
+        if raw is None:
+            return default
+        value = _bool(raw)
+        if value is None:
+            self.error(column, f"{raw!r} is not a boolean (use 1/0 or true/false)")
+            return default
+        return value
+
+    def integer(self, row: Mapping[str, object], column: str, default: int | None, minimum: int) -> int | None:
+        raw = row.get(column)
+        if raw is None:
+            return default
+        value = _int(raw)
+        if value is None or value < minimum:
+            self.error(column, f"{raw!r} is not a whole number >= {minimum}")
+            return default
+        return value
+
+    def choice(self, row: Mapping[str, object], column: str, allowed: tuple[str, ...], default: str) -> str:
+        raw = row.get(column)
+        if raw is None:
+            return default
+        value = _str(raw) or ""
+        if value not in allowed:
+            self.error(column, f"{value!r} is not one of {', '.join(allowed)}")
+            return default
+        return value
+
+
+def _select_all(conn: Connection, table: str, columns: Iterable[str]) -> list[dict[str, object]]:
+    cols = ", ".join(columns)
+    result = conn.exec_driver_sql(f"SELECT {cols} FROM {table}")
+    keys = list(result.keys())
+    return [dict(zip(keys, row, strict=False)) for row in result]
+
+
+def _group(rows: list[dict[str, object]]) -> dict[str, list[dict[str, object]]]:
+    out: dict[str, list[dict[str, object]]] = defaultdict(list)
+    for row in rows:
+        out[_str(row["connector"]) or ""].append(row)
+    return out
+
+
+def _check_names(
+    table: str, rows: list[dict[str, object]], problems: list[RowProblem]
+) -> dict[str, dict[str, object]]:
+    """Index parent rows by name; a name that differs from another only in case is an error
+    for both, since an administrator cannot tell which one a child row meant."""
+    by_name: dict[str, dict[str, object]] = {}
+    folded: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        name = _str(row["name"]) or ""
+        by_name[name] = row
+        folded[name.casefold()].append(name)
+    for names in folded.values():
+        if len(names) > 1:
+            for name in names:
+                problems.append(
+                    RowProblem(
+                        "error", table, (name,), "name",
+                        "differs only in case from " + ", ".join(n for n in names if n != name),
+                        name,
+                    )
+                )
+    return by_name
+
+
+def _load_inbound(conn: Connection, problems: list[RowProblem], now: datetime) -> list[InboundConnector]:
+    parents = _select_all(
+        conn,
+        "inbound_connector",
+        (
+            "name", "enabled", "mode", "comment", "require_tls", "min_tls_version",
+            "require_forward_secrecy", "min_cipher_bits", "certificate", "require_organization",
+            "require_unit", "min_key_bits", "restrict_to_addresses", "on_failure", "reply_text",
+        ),
+    )
+    by_name = _check_names("inbound_connector", parents, problems)
+    domains = _group(_select_all(conn, "inbound_domain", ("connector", "scope", "pattern")))
+    addresses = _group(_select_all(conn, "inbound_address", ("connector", "address")))
+    names = _group(_select_all(conn, "inbound_cert_name", ("connector", "field", "pattern")))
+    certs = _group(_select_all(conn, "inbound_certificate", ("id", "connector", "pem")))
+    case_dupes = {p.connector for p in problems if p.table == "inbound_connector" and p.column == "name"}
+
+    out: list[InboundConnector] = []
+    all_names = set(by_name) | set(domains) | set(addresses) | set(names) | set(certs)
+    for name in sorted(all_names):
+        row = by_name.get(name)
+        r = _RowReader("inbound_connector", (name,), name, problems)
+        if row is None:
+            child_tables = [
+                t for t, g in (
+                    ("inbound_domain", domains), ("inbound_address", addresses),
+                    ("inbound_cert_name", names), ("inbound_certificate", certs),
+                ) if name in g
+            ]
+            r.table = child_tables[0]
+            r.key = (name,)
+            r.error("connector", f"refers to inbound connector {name!r}, which does not exist")
+            row = {"name": name}
+        if not NAME_RE.match(name):
+            r.error("name", "a name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        if name in case_dupes:
+            r.failed = True
+        kw: dict[str, Any] = {"name": name}
+        kw["enabled"] = r.boolean(row, "enabled", True)
+        kw["mode"] = Mode(r.choice(row, "mode", schema.MODES, "enforce"))
+        kw["comment"] = _str(row.get("comment")) or ""
+        kw["require_tls"] = r.boolean(row, "require_tls", True)
+        version = row.get("min_tls_version")
+        kw["min_tls_version"] = (
+            r.choice(row, "min_tls_version", schema.TLS_VERSIONS, "TLSv1.2") if version is not None else None
+        )
+        kw["require_forward_secrecy"] = r.boolean(row, "require_forward_secrecy", False)
+        kw["min_cipher_bits"] = r.integer(row, "min_cipher_bits", 0, 0)
+        kw["certificate"] = CertRequirement(r.choice(row, "certificate", schema.CERT_REQUIREMENTS, "trusted"))
+        kw["require_organization"] = _str(row.get("require_organization"))
+        kw["require_unit"] = _str(row.get("require_unit"))
+        kw["min_key_bits"] = r.integer(row, "min_key_bits", None, 1)
+        kw["restrict_to_ranges"] = r.boolean(row, "restrict_to_addresses", False)
+        kw["on_failure"] = FailAction(r.choice(row, "on_failure", schema.FAIL_ACTIONS, "defer"))
+        kw["reply_text"] = _str(row.get("reply_text"))
+
+        scoped: dict[str, list[DomainPattern]] = {s: [] for s in schema.SCOPES}
+        for d in domains.get(name, ()):
+            scope = _str(d.get("scope")) or ""
+            pattern = _str(d.get("pattern")) or ""
+            key = (name, scope, pattern)
+            if scope not in schema.SCOPES:
+                problems.append(RowProblem("error", "inbound_domain", key, "scope",
+                                           f"{scope!r} is not one of {', '.join(schema.SCOPES)}", name))
+                r.failed = True
+                continue
+            try:
+                scoped[scope].append(DomainPattern.parse(pattern))
+            except PatternError as exc:
+                problems.append(RowProblem("error", "inbound_domain", key, "pattern", str(exc), name))
+                r.failed = True
+        kw["sender_domains"] = tuple(scoped["sender"])
+        kw["recipient_domains"] = tuple(scoped["recipient"])
+        kw["header_from_domains"] = tuple(scoped["header_from"])
+
+        ranges: list[Network] = []
+        for a in addresses.get(name, ()):
+            value = _str(a.get("address")) or ""
+            try:
+                ranges.append(parse_network(value))
+            except PatternError as exc:
+                problems.append(RowProblem("error", "inbound_address", (name, value), "address", str(exc), name))
+                r.failed = True
+        kw["client_ranges"] = tuple(ranges)
+
+        cert_names: list[CertNamePattern] = []
+        issuers: list[IssuerPattern] = []
+        for n in names.get(name, ()):
+            fld = _str(n.get("field")) or ""
+            pattern = _str(n.get("pattern")) or ""
+            key = (name, fld, pattern)
+            try:
+                if fld == "subject":
+                    cert_names.append(CertNamePattern.parse(pattern))
+                elif fld == "issuer":
+                    issuers.append(IssuerPattern.parse(pattern))
+                else:
+                    problems.append(RowProblem("error", "inbound_cert_name", key, "field",
+                                               f"{fld!r} is not one of subject, issuer", name))
+                    r.failed = True
+            except PatternError as exc:
+                problems.append(RowProblem("error", "inbound_cert_name", key, "pattern", str(exc), name))
+                r.failed = True
+        kw["cert_names"] = tuple(cert_names)
+        kw["issuer_names"] = tuple(issuers)
+
+        pins: list[Pin] = []
+        for c in certs.get(name, ()):
+            try:
+                pin = pin_from_pem(_str(c.get("pem")) or "")
+            except CertificateError as exc:
+                problems.append(RowProblem("error", "inbound_certificate", (c.get("id"),), "pem", str(exc), name))
+                r.failed = True
+                continue
+            if pin.not_after < now:
+                problems.append(RowProblem("warning", "inbound_certificate", (c.get("id"),), "pem",
+                                           f"certificate {pin.label} expired on {pin.not_after:%Y-%m-%d}", name))
+            pins.append(pin)
+        kw["pins"] = tuple(pins)
+
+        if kw["restrict_to_ranges"] and not ranges:
+            r.error("restrict_to_addresses", "is set but the connector has no inbound_address rows")
+        if kw["certificate"] is CertRequirement.PINNED and not pins and not r.failed:
+            r.warn("certificate", "is 'pinned' but no certificate is registered: every session will fail")
+        if not (any(scoped.values()) or ranges):
+            r.warn(None, "has no sender, recipient, header From domain or address: it matches no mail")
+
+        own = tuple(str(p).split(": ", 1)[1] for p in problems if p.connector == name and p.severity == "error")
+        if r.failed and not own:
+            own = ("invalid rows",)
+        kw["problems"] = own if r.failed else ()
+        out.append(InboundConnector(**kw))
+    return out
+
+
+def _load_outbound(conn: Connection, problems: list[RowProblem]) -> list[OutboundConnector]:
+    parents = _select_all(conn, "outbound_connector", ("name", "enabled", "comment", "tls_level", "min_tls_version"))
+    by_name = _check_names("outbound_connector", parents, problems)
+    domains = _group(_select_all(conn, "outbound_domain", ("connector", "pattern")))
+    matches = _group(_select_all(conn, "outbound_match_name", ("connector", "name")))
+    hosts = _group(_select_all(conn, "outbound_smart_host", ("connector", "host", "port", "mx_lookup")))
+    out: list[OutboundConnector] = []
+    for name in sorted(set(by_name) | set(domains) | set(matches) | set(hosts)):
+        row = by_name.get(name)
+        r = _RowReader("outbound_connector", (name,), name, problems)
+        if row is None:
+            r.table = "outbound_domain" if name in domains else "outbound_smart_host"
+            r.error("connector", f"refers to outbound connector {name!r}, which does not exist")
+            row = {"name": name}
+        kw: dict[str, Any] = {"name": name}
+        kw["enabled"] = r.boolean(row, "enabled", True)
+        kw["comment"] = _str(row.get("comment")) or ""
+        kw["tls_level"] = TlsLevel(r.choice(row, "tls_level", schema.TLS_LEVELS, "secure"))
+        version = row.get("min_tls_version")
+        kw["min_tls_version"] = (
+            r.choice(row, "min_tls_version", schema.TLS_VERSIONS, "TLSv1.2") if version is not None else None
+        )
+        pats: list[DomainPattern] = []
+        for d in domains.get(name, ()):
+            value = _str(d.get("pattern")) or ""
+            try:
+                pats.append(DomainPattern.parse(value))
+            except PatternError as exc:
+                problems.append(RowProblem("error", "outbound_domain", (name, value), "pattern", str(exc), name))
+                r.failed = True
+        kw["recipient_domains"] = tuple(pats)
+        names: list[str] = []
+        for m in matches.get(name, ()):
+            value = _str(m.get("name")) or ""
+            try:
+                names.append(str(CertNamePattern.parse(value)) if not value.startswith(".") else "." + to_a_label(value[1:]))
+            except PatternError as exc:
+                problems.append(RowProblem("error", "outbound_match_name", (name, value), "name", str(exc), name))
+                r.failed = True
+        kw["match_names"] = tuple(names)
+        smart: list[SmartHost] = []
+        for h in hosts.get(name, ()):
+            host = _str(h.get("host")) or ""
+            hr = _RowReader("outbound_smart_host", (name, host, h.get("port")), name, problems)
+            port = hr.integer(h, "port", 25, 1) or 25
+            mx = hr.boolean(h, "mx_lookup", False)
+            try:
+                host = to_a_label(host)
+            except PatternError as exc:
+                hr.error("host", str(exc))
+            if port > 65535:
+                hr.error("port", f"{port} is not a port number")
+            if hr.failed:
+                r.failed = True
+                continue
+            smart.append(SmartHost(host, port, mx))
+        kw["smart_hosts"] = tuple(smart)
+        own = tuple(str(p).split(": ", 1)[1] for p in problems if p.connector == name and p.severity == "error"
+                    and p.table.startswith("outbound"))
+        kw["problems"] = own if r.failed else ()
+        out.append(OutboundConnector(**kw))
+    return out
+
+
+def load(engine: Engine, now: datetime | None = None) -> LoadResult:
+    """Read every rule table in one transaction and build a snapshot.
+
+    Raises StoreError when the database cannot be read at all; bad rows never raise.
+    """
+    moment = now or datetime.now(UTC)
+    problems: list[RowProblem] = []
+    try:
+        with engine.connect() as raw:
+            conn = raw
+            if dialect_name(engine) != "sqlite":
+                conn = raw.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                generation = conn.execute(
+                    text("SELECT generation FROM rules_generation WHERE id = 1")
+                ).scalar()
+                inbound = _load_inbound(conn, problems, moment)
+                outbound = _load_outbound(conn, problems)
+    except SQLAlchemyError as exc:
+        raise StoreError(describe_db_error(engine, exc)) from None
+    errors = tuple(str(p) for p in problems if p.severity == "error")
+    snap = Snapshot(
+        inbound=tuple(inbound),
+        outbound=tuple(outbound),
+        generation=int(generation or 0),
+        errors=errors,
+    )
+    return LoadResult(snap, problems)
+
+
+def describe_db_error(engine: Engine, exc: SQLAlchemyError) -> str:
+    """One line about a database failure, without the password or the SQL text."""
+    orig = getattr(exc, "orig", None)
+    detail = str(orig if orig is not None else exc).strip().splitlines()[0] if str(orig or exc).strip() else type(exc).__name__
+    return f"database {safe_url(engine.url)}: {detail}"
