@@ -1,0 +1,156 @@
+"""The tlsgate command as an administrator runs it: output, exit status, and one-line errors."""
+
+from __future__ import annotations
+
+import pathlib
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+EXAMPLES = str(ROOT / "sql" / "examples.sql")
+TLSGATE = str(pathlib.Path(sys.executable).parent / "tlsgate")
+
+
+def tlsgate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed console script in a child, as an administrator would."""
+    return subprocess.run([TLSGATE, *args], capture_output=True, text=True, env=env, cwd="/")
+
+
+@pytest.fixture
+def db(tmp_path: pathlib.Path) -> str:
+    url = f"sqlite:///{tmp_path}/rules.sqlite"
+    r = tlsgate("--database-url", url, "db", "init", "--examples", EXAMPLES)
+    assert r.returncode == 0, r.stderr
+    assert "created tlsgate schema version 1" in r.stdout
+    return url
+
+
+def test_explain_shows_candidates_checks_and_verdict(db: str) -> None:
+    r = tlsgate("--database-url", db, "explain", "--client", "203.0.113.5", "--sender", "a@mail.contoso.com",
+                "--recipient", "b@example.org", "--tls-protocol", "TLSv1.2", "--cipher", "AES256-GCM-SHA384")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "* contoso-in: matched sender domain mail.contoso.com" in out
+    assert "[pass] TLS: TLS used (TLSv1.2)" in out
+    assert "[pass] TLS version: TLSv1.2 meets the minimum TLSv1.2" in out
+    assert "[FAIL] forward secrecy: cipher AES256-GCM-SHA384 lacks forward secrecy" in out
+    assert out.rstrip().endswith("verdict: REJECT 5.7.10 cipher AES256-GCM-SHA384 lacks forward secrecy")
+
+
+def test_explain_no_connector_is_opportunistic(db: str) -> None:
+    r = tlsgate("--database-url", db, "explain", "--client", "203.0.113.5", "--sender", "a@else.test",
+                "--recipient", "b@example.org")
+    assert r.returncode == 0
+    assert "no connector applies (opportunistic TLS)" in r.stdout
+    assert r.stdout.rstrip().endswith("verdict: PASS")
+
+
+def test_explain_shows_an_override(db: str, tmp_path: pathlib.Path) -> None:
+    con = sqlite3.connect(f"{tmp_path}/rules.sqlite")
+    con.executescript("INSERT INTO inbound_connector (name, require_tls) VALUES ('contoso-eu', 0);"
+                      "INSERT INTO inbound_domain VALUES ('contoso-eu', 'sender', 'eu.contoso.com');")
+    con.commit()
+    con.close()
+    r = tlsgate("--database-url", db, "explain", "--client", "203.0.113.5", "--sender", "a@eu.contoso.com",
+                "--recipient", "b@example.org")
+    assert "winner: contoso-eu, overriding contoso-in" in r.stdout
+    assert r.stdout.rstrip().endswith("verdict: PASS")
+
+
+def test_explain_monitor_mode(db: str) -> None:
+    r = tlsgate("--database-url", db, "explain", "--client", "203.0.113.5", "--sender", "a@woodgrovebank.com",
+                "--recipient", "b@example.org")
+    assert "[monitor]" in r.stdout
+    assert "verdict: MONITOR-DEFER 4.7.10 TLS required by connector woodgrove-in" in r.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--client", "not-an-ip"], "--client 'not-an-ip' is not an IPv4 or IPv6 address"),
+    (["--client", "192.0.2.1", "--cipher", "X"], "--cipher and certificate options need --tls-protocol"),
+    (["--client", "192.0.2.1", "--tls-protocol", "TLSv1.3", "--cipher-bits", "-5"], "--cipher-bits must not be negative"),
+])
+def test_explain_bad_input_is_one_line(db: str, args: list[str], message: str) -> None:
+    r = tlsgate("--database-url", db, "explain", *args)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"tlsgate: {message}"
+
+
+def test_lint_clean_and_with_errors(db: str, tmp_path: pathlib.Path) -> None:
+    r = tlsgate("--database-url", db, "lint")
+    assert r.returncode == 0
+    assert "4 inbound and 1 outbound connectors checked: 0 errors, 0 warnings" in r.stdout
+    con = sqlite3.connect(f"{tmp_path}/rules.sqlite")
+    con.executescript("PRAGMA ignore_check_constraints = ON;"
+                      "INSERT INTO inbound_domain VALUES ('contoso-in', 'sender', 'exa mple.com');"
+                      "UPDATE inbound_connector SET on_failure = 'bounce' WHERE name = 'fabrikam-in';"
+                      "INSERT INTO inbound_connector (name) VALUES ('lonely');")
+    con.commit()
+    con.close()
+    r = tlsgate("--database-url", db, "lint")
+    assert r.returncode == 1
+    lines = r.stdout.splitlines()
+    assert "error: inbound_domain ('contoso-in', 'sender', 'exa mple.com') column pattern: invalid domain 'exa mple.com': bad label 'exa mple'" in lines
+    assert "error: inbound_connector ('fabrikam-in') column on_failure: 'bounce' is not one of reject, defer" in lines
+    assert any(line.startswith("warning: inbound_connector ('lonely')") and "matches no mail" in line for line in lines)
+    assert lines[-1].endswith("2 errors, 1 warnings")
+
+
+def test_connector_list_and_show(db: str) -> None:
+    r = tlsgate("--database-url", db, "connector", "list")
+    assert r.returncode == 0
+    assert r.stdout.splitlines()[0].split()[:4] == ["inbound", "contoso-in", "enforce", "reject"]
+    r = tlsgate("--database-url", db, "connector", "show", "onprem-in")
+    assert "client ranges:      192.0.2.0/24, 2001:db8:25::/48 (restricts the domains to these ranges)" in r.stdout
+    r = tlsgate("--database-url", db, "connector", "show", "nope")
+    assert r.returncode == 1 and r.stderr.strip() == "tlsgate: no connector named 'nope' (see `tlsgate connector list`)"
+
+
+def test_schema_command_prints_the_ddl() -> None:
+    r = tlsgate("db", "schema", "--dialect", "postgresql")
+    assert r.returncode == 0
+    assert r.stdout == (ROOT / "sql" / "postgresql.sql").read_text()
+
+
+def test_db_init_twice_and_upgrade(db: str) -> None:
+    r = tlsgate("--database-url", db, "db", "init")
+    assert r.returncode == 0 and "already has a tlsgate schema" in r.stdout
+    r = tlsgate("--database-url", db, "db", "upgrade")
+    assert r.returncode == 0 and "schema is at version 1" in r.stdout
+
+
+def test_unreachable_database_is_one_line_without_password() -> None:
+    r = tlsgate("--database-url", "postgresql://tlsgate:s3cret@127.0.0.1:1/rules", "lint")
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "s3cret" not in r.stderr and "***" in r.stderr
+
+
+def test_missing_schema_is_one_line(tmp_path: pathlib.Path) -> None:
+    r = tlsgate("--database-url", f"sqlite:///{tmp_path}/empty.sqlite", "lint")
+    assert r.returncode == 1
+    assert r.stderr.startswith("tlsgate: database sqlite:///") and "no such table" in r.stderr
+
+
+def test_bad_url_and_bad_config(tmp_path: pathlib.Path) -> None:
+    r = tlsgate("--database-url", "oracle://x/y", "lint")
+    assert r.returncode == 1 and "unsupported database 'oracle'" in r.stderr
+    conf = tmp_path / "tlsgate.conf"
+    conf.write_text("[database]\nurl = sqlite:////tmp/x.sqlite\npoll_intervall = 3\n")
+    r = tlsgate("-c", str(conf), "lint")
+    assert r.returncode == 78
+    assert r.stderr.strip().startswith(f"tlsgate: {conf}: [database] unknown key 'poll_intervall' (value '3')")
+    conf.write_text("[database]\npoll_interval = soon\n")
+    r = tlsgate("-c", str(conf), "lint")
+    assert r.returncode == 78 and "[database] poll_interval = 'soon': must be a number of seconds" in r.stderr
+
+
+def test_environment_overrides_the_database_url(db: str, tmp_path: pathlib.Path) -> None:
+    import os
+
+    env = dict(os.environ, TLSGATE_DATABASE_URL=db, TLSGATE_CONFIG=str(tmp_path / "none.conf"))
+    (tmp_path / "none.conf").write_text("[database]\nurl = sqlite:////nonexistent/dir/x.sqlite\n")
+    r = tlsgate("connector", "list", env=env)
+    assert r.returncode == 0 and "contoso-in" in r.stdout

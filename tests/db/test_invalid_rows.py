@@ -1,0 +1,97 @@
+"""Rows a database without constraints lets through: each becomes a named problem, the
+connector it belongs to fails closed in its scope, and every other connector keeps working.
+
+SQLite enforces CHECK and foreign keys only when asked, so an administrator's sqlite3 shell
+can write exactly these rows; the tests write them the same way.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+
+import pytest
+
+from tlsgate.engine import decide
+from tlsgate.model import FailAction, SessionFacts
+from tlsgate.patterns import parse_address
+from tlsgate.store import init_schema, load, open_engine
+
+NOW = datetime.now(UTC)
+TLS = dict(tls_protocol="TLSv1.3", tls_cipher="TLS_AES_256_GCM_SHA384", tls_cipher_bits=256)
+
+
+def loaded(tmp_path: object, *statements: str) -> object:
+    url = f"sqlite:///{tmp_path}/r.sqlite"
+    engine = open_engine(url)
+    init_schema(engine)
+    engine.dispose()
+    db = sqlite3.connect(f"{tmp_path}/r.sqlite")
+    db.execute("PRAGMA ignore_check_constraints = ON")
+    db.execute("PRAGMA foreign_keys = OFF")
+    db.executescript(
+        "INSERT INTO inbound_connector (name) VALUES ('good');"
+        "INSERT INTO inbound_domain VALUES ('good', 'sender', 'good.test');"
+        + "".join(s + ";" for s in statements)
+    )
+    db.commit()
+    db.close()
+    engine = open_engine(url)
+    try:
+        return load(engine)
+    finally:
+        engine.dispose()
+
+
+CASES = [
+    ("unknown mode", ["INSERT INTO inbound_connector (name, mode) VALUES ('bad', 'strict')",
+                      "INSERT INTO inbound_domain VALUES ('bad', 'sender', 'bad.test')"],
+     "inbound_connector ('bad') column mode: 'strict' is not one of enforce, monitor"),
+    ("unknown on_failure", ["INSERT INTO inbound_connector (name, on_failure) VALUES ('bad', 'bounce')",
+                            "INSERT INTO inbound_domain VALUES ('bad', 'sender', 'bad.test')"],
+     "column on_failure: 'bounce' is not one of reject, defer"),
+    ("unknown certificate", ["INSERT INTO inbound_connector (name, certificate) VALUES ('bad', 'maybe')",
+                             "INSERT INTO inbound_domain VALUES ('bad', 'sender', 'bad.test')"],
+     "column certificate: 'maybe'"),
+    ("bad boolean", ["INSERT INTO inbound_connector (name, require_tls) VALUES ('bad', 'sometimes')",
+                     "INSERT INTO inbound_domain VALUES ('bad', 'sender', 'bad.test')"],
+     "column require_tls: 'sometimes' is not a boolean"),
+    ("bad number", ["INSERT INTO inbound_connector (name, min_cipher_bits) VALUES ('bad', 'lots')",
+                    "INSERT INTO inbound_domain VALUES ('bad', 'sender', 'bad.test')"],
+     "column min_cipher_bits: 'lots' is not a whole number"),
+    ("unknown scope", ["INSERT INTO inbound_connector (name) VALUES ('bad')",
+                       "INSERT INTO inbound_domain VALUES ('bad', 'sender', 'bad.test')",
+                       "INSERT INTO inbound_domain VALUES ('bad', 'envelope', 'x.test')"],
+     "inbound_domain ('bad', 'envelope', 'x.test') column scope"),
+    ("dangling child row", ["INSERT INTO inbound_domain VALUES ('bad', 'sender', 'bad.test')"],
+     "inbound_domain ('bad') column connector: refers to inbound connector 'bad', which does not exist"),
+    ("names differing in case", ["INSERT INTO inbound_connector (name) VALUES ('bad')",
+                                 "INSERT INTO inbound_connector (name) VALUES ('BAD')",
+                                 "INSERT INTO inbound_domain VALUES ('bad', 'sender', 'bad.test')"],
+     "inbound_connector ('bad') column name: differs only in case from BAD"),
+    ("bad name", ["INSERT INTO inbound_connector (name) VALUES ('bad name!')",
+                  "INSERT INTO inbound_domain VALUES ('bad name!', 'sender', 'bad.test')"],
+     "column name: a name is 1 to 64"),
+    ("restrict without ranges", ["INSERT INTO inbound_connector (name, restrict_to_addresses) VALUES ('bad', 1)",
+                                 "INSERT INTO inbound_domain VALUES ('bad', 'sender', 'bad.test')"],
+     "column restrict_to_addresses: is set but the connector has no inbound_address rows"),
+    ("bad certificate PEM", ["INSERT INTO inbound_connector (name, certificate) VALUES ('bad', 'pinned')",
+                             "INSERT INTO inbound_domain VALUES ('bad', 'sender', 'bad.test')",
+                             "INSERT INTO inbound_certificate (connector, pem) VALUES ('bad', '-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n')"],
+     "column pem: PEM block 1 is a PRIVATE KEY, not a CERTIFICATE"),
+]
+
+
+@pytest.mark.parametrize(("statements", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_invalid_row_is_named_and_fails_closed(tmp_path: object, statements: list[str], message: str) -> None:
+    result = loaded(tmp_path, *statements)
+    errors = [str(p) for p in result.errors]  # type: ignore[attr-defined]
+    assert any(message in e for e in errors), errors
+    snap = result.snapshot  # type: ignore[attr-defined]
+    d = decide(snap, SessionFacts(parse_address("192.0.2.1"), "a@bad.test", "b@example.org", **TLS), NOW)
+    assert d.action is FailAction.DEFER and d.status == "4.3.5", d
+    assert "misconfigured" in (d.reason or "")
+    ok = decide(snap, SessionFacts(parse_address("192.0.2.1"), "a@good.test", "b@example.org", **TLS), NOW)
+    assert ok.action is None and ok.connector is not None and ok.connector.name == "good"
+    other = decide(snap, SessionFacts(parse_address("192.0.2.1"), "a@else.test", "b@example.org"), NOW)
+    assert other.connector is None and other.action is None

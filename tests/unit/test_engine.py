@@ -1,0 +1,228 @@
+"""The decision engine, table-driven: every field of a connector and every precedence rule."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tlsgate.engine import decide, find_candidates, has_forward_secrecy, version_key
+from tlsgate.model import (
+    CertRequirement,
+    FailAction,
+    InboundConnector,
+    Mode,
+    Outcome,
+    Pin,
+    SessionFacts,
+    Stage,
+)
+from tlsgate.patterns import CertNamePattern, DomainPattern, IssuerPattern, parse_network
+from tlsgate.snapshot import Snapshot
+
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+def conn(name: str, **kw: Any) -> InboundConnector:
+    """A connector from short keyword arguments: sender=, rcpt=, hfrom= take pattern strings."""
+    for key, field in (("sender", "sender_domains"), ("rcpt", "recipient_domains"), ("hfrom", "header_from_domains")):
+        if key in kw:
+            kw[field] = tuple(DomainPattern.parse(p) for p in kw.pop(key))
+    if "ranges" in kw:
+        kw["client_ranges"] = tuple(parse_network(n) for n in kw.pop("ranges"))
+    if "names" in kw:
+        kw["cert_names"] = tuple(CertNamePattern.parse(n) for n in kw.pop("names"))
+    if "issuers" in kw:
+        kw["issuer_names"] = tuple(IssuerPattern.parse(n) for n in kw.pop("issuers"))
+    return InboundConnector(name=name, **kw)
+
+
+def facts(**kw: Any) -> SessionFacts:
+    kw.setdefault("client_address", "203.0.113.5")
+    kw["client_address"] = ipaddress.ip_address(kw["client_address"])
+    kw.setdefault("sender", "a@contoso.com")
+    kw.setdefault("recipient", "b@example.org")
+    return SessionFacts(**kw)
+
+
+TLS13 = {"tls_protocol": "TLSv1.3", "tls_cipher": "TLS_AES_256_GCM_SHA384", "tls_cipher_bits": 256}
+TLS12 = {"tls_protocol": "TLSv1.2", "tls_cipher": "ECDHE-RSA-AES256-GCM-SHA384", "tls_cipher_bits": 256}
+TLS12_NOFS = {"tls_protocol": "TLSv1.2", "tls_cipher": "AES256-GCM-SHA384", "tls_cipher_bits": 256}
+CERT = {"cert_subject": "mail.contoso.com", "cert_issuer": "Contoso Issuing CA 1"}
+
+
+# (id, connectors, session, expected verdict "pass" | "reject" | "defer" | "monitor-…", winner, reason part)
+CASES: list[tuple[str, list[InboundConnector], dict[str, Any], str, str | None, str]] = [
+    ("no connector: plaintext passes", [], {}, "pass", None, ""),
+    ("other domain: opportunistic", [conn("c", sender=["contoso.com"])], {"sender": "x@other.com"}, "pass", None, ""),
+    ("require tls, plaintext, defer default", [conn("c", sender=["contoso.com"])], {}, "defer", "c", "TLS required by connector c"),
+    ("require tls, plaintext, reject", [conn("c", sender=["contoso.com"], on_failure=FailAction.REJECT)], {}, "reject", "c", "TLS required"),
+    ("require tls, tls used", [conn("c", sender=["contoso.com"])], TLS13, "pass", "c", ""),
+    ("require_tls off and nothing else: plaintext passes", [conn("c", sender=["contoso.com"], require_tls=False)], {}, "pass", "c", ""),
+    ("domain match is case-insensitive", [conn("c", sender=["Contoso.COM"])], {"sender": "A@CONTOSO.com"}, "defer", "c", ""),
+    ("wildcard matches subdomain", [conn("c", sender=["*.contoso.com"])], {"sender": "a@eu.mail.contoso.com"}, "defer", "c", ""),
+    ("wildcard does not match parent", [conn("c", sender=["*.contoso.com"])], {}, "pass", None, ""),
+    ("star matches all", [conn("c", sender=["*"])], {"sender": "a@anything.test"}, "defer", "c", ""),
+    ("IDN sender domain matches A-label pattern", [conn("c", sender=["bücher.example"])], {"sender": "a@xn--bcher-kva.example"}, "defer", "c", ""),
+    ("min version met", [conn("c", sender=["contoso.com"], min_tls_version="TLSv1.2")], TLS12, "pass", "c", ""),
+    ("min version unmet", [conn("c", sender=["contoso.com"], min_tls_version="TLSv1.3")], TLS12, "defer", "c", "TLSv1.2 is below the minimum TLSv1.3"),
+    ("forward secrecy ECDHE", [conn("c", sender=["contoso.com"], require_forward_secrecy=True)], TLS12, "pass", "c", ""),
+    ("forward secrecy missing", [conn("c", sender=["contoso.com"], require_forward_secrecy=True)], TLS12_NOFS, "defer", "c", "lacks forward secrecy"),
+    ("forward secrecy TLS 1.3", [conn("c", sender=["contoso.com"], require_forward_secrecy=True)], TLS13, "pass", "c", ""),
+    ("cipher bits met", [conn("c", sender=["contoso.com"], min_cipher_bits=256)], TLS13, "pass", "c", ""),
+    ("cipher bits unmet", [conn("c", sender=["contoso.com"], min_cipher_bits=256)], {**TLS13, "tls_cipher_bits": 128}, "defer", "c", "128 bits is below 256"),
+    ("trusted cert present", [conn("c", sender=["contoso.com"], certificate=CertRequirement.TRUSTED)], {**TLS13, **CERT}, "pass", "c", ""),
+    ("trusted cert absent", [conn("c", sender=["contoso.com"], certificate=CertRequirement.TRUSTED)], TLS13, "defer", "c", "no client certificate that chains"),
+    ("unverified cert (fingerprint only) is not trusted", [conn("c", sender=["contoso.com"], certificate=CertRequirement.TRUSTED)], {**TLS13, "cert_fingerprint": "AA:BB"}, "defer", "c", "no client certificate"),
+    ("cert name exact", [conn("c", sender=["contoso.com"], names=["mail.contoso.com"])], {**TLS13, **CERT}, "pass", "c", ""),
+    ("cert name wildcard one label", [conn("c", sender=["contoso.com"], names=["*.contoso.com"])], {**TLS13, **CERT}, "pass", "c", ""),
+    ("cert name wildcard not two labels", [conn("c", sender=["contoso.com"], names=["*.contoso.com"])], {**TLS13, "cert_subject": "a.mail.contoso.com"}, "defer", "c", "does not match *.contoso.com"),
+    ("cert name mismatch reason", [conn("c", sender=["contoso.com"], names=["*.contoso.com"])], {**TLS13, "cert_subject": "mail.fabrikam.com"}, "defer", "c", "certificate name mail.fabrikam.com does not match *.contoso.com"),
+    ("issuer glob match", [conn("c", sender=["contoso.com"], issuers=["contoso issuing ca*"])], {**TLS13, **CERT}, "pass", "c", ""),
+    ("issuer mismatch", [conn("c", sender=["contoso.com"], issuers=["DigiCert*"])], {**TLS13, **CERT}, "defer", "c", "does not match DigiCert*"),
+    ("client ranges as scope", [conn("c", ranges=["203.0.113.0/24"])], {}, "defer", "c", ""),
+    ("client ranges as scope, outside", [conn("c", ranges=["198.51.100.0/24"])], {}, "pass", None, ""),
+    ("restrict to ranges, inside", [conn("c", sender=["contoso.com"], ranges=["203.0.113.0/24"], restrict_to_ranges=True)], TLS13, "pass", "c", ""),
+    ("restrict to ranges, outside", [conn("c", sender=["contoso.com"], ranges=["198.51.100.0/24"], restrict_to_ranges=True)], TLS13, "defer", "c", "outside the ranges of connector c"),
+    ("restrict to ranges, IPv6 client vs IPv4 ranges", [conn("c", sender=["contoso.com"], ranges=["198.51.100.0/24"], restrict_to_ranges=True)], {**TLS13, "client_address": "2001:db8::1"}, "defer", "c", "outside"),
+    ("IPv6 range scope", [conn("c", ranges=["2001:db8::/32"])], {"client_address": "2001:db8:1::5"}, "defer", "c", ""),
+    ("recipient scope", [conn("c", rcpt=["example.org"])], {"sender": "x@other.com"}, "defer", "c", ""),
+    ("recipient scope, other recipient", [conn("c", rcpt=["example.org"])], {"recipient": "b@else.org"}, "pass", None, ""),
+    ("sender and recipient scopes are both required", [conn("c", sender=["contoso.com"], rcpt=["example.org"])], {"recipient": "b@else.org"}, "pass", None, ""),
+    ("null sender skips sender-scoped connectors", [conn("c", sender=["*"])], {"sender": ""}, "pass", None, ""),
+    ("null sender meets recipient-scoped connectors", [conn("c", rcpt=["example.org"])], {"sender": ""}, "defer", "c", ""),
+    ("monitor mode never blocks", [conn("c", sender=["contoso.com"], mode=Mode.MONITOR, on_failure=FailAction.REJECT)], {}, "monitor-reject", "c", "TLS required"),
+    ("disabled connector ignored", [conn("c", sender=["contoso.com"], enabled=False)], {}, "pass", None, ""),
+    ("misconfigured connector defers in its scope", [conn("c", sender=["contoso.com"], problems=("bad row",))], TLS13, "defer", "c", "misconfigured"),
+    ("misconfigured connector defers even reject ones", [conn("c", sender=["contoso.com"], on_failure=FailAction.REJECT, problems=("x",))], TLS13, "defer", "c", "misconfigured"),
+    ("connector without scope matches nothing", [conn("c")], {}, "pass", None, ""),
+    ("header From scope not judged at RCPT", [conn("c", hfrom=["contoso.com"])], {"sender": "x@other.com", "header_from": "a@contoso.com"}, "pass", None, ""),
+    ("header From scope judged at DATA", [conn("c", hfrom=["contoso.com"])], {"sender": "x@other.com", "header_from": "a@contoso.com", "stage": Stage.DATA}, "defer", "c", ""),
+    # precedence
+    ("exact beats wildcard", [conn("wild", sender=["*.contoso.com"], require_tls=False), conn("exact", sender=["mail.contoso.com"])], {"sender": "a@mail.contoso.com"}, "defer", "exact", ""),
+    ("exact beats wildcard (reverse)", [conn("wild", sender=["*.contoso.com"]), conn("exact", sender=["mail.contoso.com"], require_tls=False)], {"sender": "a@mail.contoso.com"}, "pass", "exact", ""),
+    ("longer wildcard beats shorter", [conn("a", sender=["*.com"]), conn("b", sender=["*.contoso.com"], require_tls=False)], {"sender": "a@x.contoso.com"}, "pass", "b", ""),
+    ("wildcard beats star", [conn("a", sender=["*"]), conn("b", sender=["*.com"], require_tls=False)], {}, "pass", "b", ""),
+    ("sender scope beats recipient-only", [conn("r", rcpt=["example.org"]), conn("s", sender=["contoso.com"], require_tls=False)], {}, "pass", "s", ""),
+    ("sender star beats recipient exact", [conn("r", rcpt=["example.org"], require_tls=False), conn("s", sender=["*"])], {}, "defer", "s", ""),
+    ("ties by name", [conn("b", sender=["contoso.com"], require_tls=False), conn("a", sender=["contoso.com"])], {}, "defer", "a", ""),
+    ("sender+recipient beats sender only", [conn("s", sender=["contoso.com"]), conn("sr", sender=["contoso.com"], rcpt=["example.org"], require_tls=False)], {}, "pass", "sr", ""),
+    ("longer prefix beats shorter", [conn("wide", ranges=["203.0.0.0/8"]), conn("narrow", ranges=["203.0.113.0/24"], require_tls=False)], {}, "pass", "narrow", ""),
+    ("a specific connector overrides a misconfigured broad one", [conn("broad", sender=["*"], problems=("bad",)), conn("c", sender=["contoso.com"], require_tls=False)], {}, "pass", "c", ""),
+]
+
+
+@pytest.mark.parametrize(("connectors", "session", "verdict", "winner", "reason"),
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_decision_table(connectors: list[InboundConnector], session: dict[str, Any], verdict: str,
+                        winner: str | None, reason: str) -> None:
+    from tlsgate.decisionlog import verdict_word
+
+    decision = decide(Snapshot(inbound=tuple(connectors)), facts(**session), NOW)
+    assert verdict_word(decision) == verdict
+    assert (decision.connector.name if decision.connector else None) == winner
+    if reason:
+        assert decision.reason is not None and reason in decision.reason
+
+
+def test_status_codes_follow_action_and_requirement() -> None:
+    c = conn("c", sender=["contoso.com"], on_failure=FailAction.REJECT, names=["mail.contoso.com"])
+    snap = Snapshot(inbound=(c,))
+    assert decide(snap, facts(), NOW).status == "5.7.10"
+    assert decide(snap, facts(**TLS13), NOW).status == "5.7.1"
+    deferring = Snapshot(inbound=(replace(c, on_failure=FailAction.DEFER),))
+    assert decide(deferring, facts(), NOW).status == "4.7.10"
+    broken = Snapshot(inbound=(replace(c, problems=("x",)),))
+    assert decide(broken, facts(), NOW).status == "4.3.5"
+
+
+def test_reply_text_replaces_reason_for_the_client_only() -> None:
+    c = conn("c", sender=["contoso.com"], reply_text="Contoso mail must use TLS")
+    d = decide(Snapshot(inbound=(c,)), facts(), NOW)
+    assert d.reply == "Contoso mail must use TLS"
+    assert d.reason == "TLS required by connector c"
+
+
+def test_candidates_show_the_override() -> None:
+    snap = Snapshot(inbound=(conn("broad", sender=["*.com"]), conn("exact", sender=["contoso.com"])))
+    cands = find_candidates(snap, facts())
+    assert [c.connector.name for c in cands] == ["exact", "broad"]
+
+
+def _pin(**kw: Any) -> Pin:
+    base: dict[str, Any] = dict(
+        cert_fingerprints=frozenset({"AA:01"}), pubkey_fingerprints=frozenset({"BB:01"}),
+        subject_cn="mail.partner.test", dns_names=("mail.partner.test",), organization="Partner Org",
+        unit="Mail", issuer_cn="Lab Test CA", key_type="RSA", key_bits=2048,
+        not_before=NOW - timedelta(days=10), not_after=NOW + timedelta(days=100), label="sha256 AA:01",
+    )
+    base.update(kw)
+    return Pin(**base)
+
+
+PIN_CASES: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
+    ("certificate fingerprint", {}, {"cert_fingerprint": "aa:01"}, "pass", ""),
+    ("public-key fingerprint", {}, {"pubkey_fingerprint": "BB:01"}, "pass", ""),
+    ("unknown fingerprint", {}, {"cert_fingerprint": "CC:01", "pubkey_fingerprint": "DD:01"}, "defer", "is not registered"),
+    ("no certificate", {}, {}, "defer", "no client certificate presented"),
+    ("expired", {"pin": {"not_after": NOW - timedelta(days=1)}}, {"cert_fingerprint": "AA:01"}, "defer", "expired on"),
+    ("not yet valid", {"pin": {"not_before": NOW + timedelta(days=1)}}, {"cert_fingerprint": "AA:01"}, "defer", "not valid before"),
+    ("organization", {"conn": {"require_organization": "Partner Org"}}, {"cert_fingerprint": "AA:01"}, "pass", ""),
+    ("organization mismatch", {"conn": {"require_organization": "Other"}}, {"cert_fingerprint": "AA:01"}, "defer", "is not Other"),
+    ("unit mismatch", {"conn": {"require_unit": "Sales"}}, {"cert_fingerprint": "AA:01"}, "defer", "is not Sales"),
+    ("weak RSA key", {"pin": {"key_bits": 1024}}, {"cert_fingerprint": "AA:01"}, "defer", "weaker than 2048"),
+    ("EC P-256 meets 2048", {"pin": {"key_type": "EC", "key_bits": 256}}, {"cert_fingerprint": "AA:01"}, "pass", ""),
+    ("EC P-256 below 4096", {"pin": {"key_type": "EC", "key_bits": 256}, "conn": {"min_key_bits": 4096}}, {"cert_fingerprint": "AA:01"}, "defer", "weaker"),
+    ("name vs SAN", {"conn": {"names": ["*.partner.test"]}}, {"cert_fingerprint": "AA:01"}, "pass", ""),
+    ("name mismatch", {"conn": {"names": ["mail.other.test"]}}, {"cert_fingerprint": "AA:01"}, "defer", "does not match mail.other.test"),
+    ("issuer", {"conn": {"issuers": ["Lab*"]}}, {"cert_fingerprint": "AA:01"}, "pass", ""),
+]
+
+
+@pytest.mark.parametrize(("setup", "session", "verdict", "reason"), [c[1:] for c in PIN_CASES],
+                         ids=[c[0] for c in PIN_CASES])
+def test_pinned(setup: dict[str, Any], session: dict[str, Any], verdict: str, reason: str) -> None:
+    from tlsgate.decisionlog import verdict_word
+
+    c = conn("p", sender=["partner.test"], certificate=CertRequirement.PINNED,
+             pins=(_pin(**setup.get("pin", {})),), **setup.get("conn", {}))
+    d = decide(Snapshot(inbound=(c,)), facts(sender="a@partner.test", **TLS13, **session), NOW)
+    assert verdict_word(d) == verdict
+    if reason:
+        assert d.reason is not None and reason in d.reason
+
+
+def test_renewal_with_same_key_passes_when_old_pin_expired() -> None:
+    old = _pin(cert_fingerprints=frozenset({"AA:01"}), not_after=NOW - timedelta(days=1))
+    new = _pin(cert_fingerprints=frozenset({"AA:02"}))
+    c = conn("p", sender=["partner.test"], certificate=CertRequirement.PINNED, pins=(old, new))
+    d = decide(Snapshot(inbound=(c,)), facts(sender="a@partner.test", pubkey_fingerprint="BB:01", **TLS13), NOW)
+    assert d.outcome is Outcome.PASS
+
+
+@pytest.mark.parametrize(("name", "key"), [("TLSv1", (1, 0)), ("TLSv1.3", (1, 3)), ("SSLv3", (0, 3)), ("bogus", None)])
+def test_version_key(name: str, key: tuple[int, int] | None) -> None:
+    assert version_key(name) == key
+
+
+@pytest.mark.parametrize(("protocol", "cipher", "fs"), [
+    ("TLSv1.3", "TLS_AES_128_GCM_SHA256", True),
+    ("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", True),
+    ("TLSv1.2", "DHE-RSA-AES256-GCM-SHA384", True),
+    ("TLSv1.2", "AES128-SHA", False),
+    ("TLSv1.2", None, False),
+])
+def test_forward_secrecy(protocol: str, cipher: str | None, fs: bool) -> None:
+    assert has_forward_secrecy(protocol, cipher) is fs
+
+
+def test_decision_cost_does_not_grow_with_connectors() -> None:
+    """100,000 connectors: the matching work is index probes, so the candidate set stays tiny."""
+    many = tuple(conn(f"c{i}", sender=[f"d{i}.example"], ranges=[f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}/32"])
+                 for i in range(100_000))
+    snap = Snapshot(inbound=many)
+    cands = find_candidates(snap, facts(sender="a@d99999.example", client_address="10.1.134.159"))
+    assert [c.connector.name for c in cands] == ["c99999"]
