@@ -44,7 +44,7 @@ run: venv $(VAR)/rules.sqlite
 	TLSGATE_CONFIG=$(VAR)/tlsgate.conf bash .ci/run-daemons
 
 lint: venv
-	$(BIN)/ruff check tlsgate policyd milter tests bench
+	$(BIN)/ruff check tlsgate policyd milter tests $(wildcard bench)
 
 typecheck: venv
 	$(BIN)/mypy
