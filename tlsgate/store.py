@@ -213,8 +213,11 @@ def upgrade_schema(engine: Engine) -> tuple[int, int]:
 
 def read_generation(engine: Engine) -> int:
     """The change counter: one indexed single-row read."""
-    with engine.connect() as conn:
-        value = conn.execute(text("SELECT generation FROM rules_generation WHERE id = 1")).scalar()
+    try:
+        with engine.connect() as conn:
+            value = conn.execute(text("SELECT generation FROM rules_generation WHERE id = 1")).scalar()
+    except SQLAlchemyError as exc:
+        raise StoreError(describe_db_error(engine, exc)) from None
     if value is None:
         raise StoreError("table rules_generation has no row with id = 1: run `tlsgate db upgrade`")
     return int(value)

@@ -1,0 +1,67 @@
+"""The configuration file: defaults, conversions, and one-line errors naming file, key, value."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from tlsgate.config import ConfigError, load_config
+
+
+def write(tmp_path: pathlib.Path, text: str) -> str:
+    path = tmp_path / "tlsgate.conf"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_without_a_file(tmp_path: pathlib.Path) -> None:
+    cfg = load_config(None, environ={})  # the default path does not exist on a test machine
+    assert cfg.database.poll_interval == 2.0
+    assert cfg.engine.unknown_rules_action == "defer"
+    assert cfg.policyd.socket_mode == 0o660
+
+
+def test_values_are_converted(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "[database]\nurl = sqlite:////tmp/r.sqlite\npoll_interval = 0.5\n"
+                           "[policyd]\nlisten = unix:/run/p.sock, inet:127.0.0.1:10040\nsocket_mode = 0600\n"
+                           "monitor_prepend = yes\nmax_line = 4096\n[log]\nlevel = debug\n")
+    cfg = load_config(path, environ={})
+    assert cfg.path == path
+    assert cfg.database.poll_interval == 0.5
+    assert cfg.policyd.listen == ("unix:/run/p.sock", "inet:127.0.0.1:10040")
+    assert cfg.policyd.socket_mode == 0o600 and cfg.policyd.monitor_prepend is True
+    assert cfg.policyd.max_line == 4096 and cfg.log.level == "debug"
+
+
+def test_environment_overrides_url(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "[database]\nurl = sqlite:////tmp/a.sqlite\n")
+    cfg = load_config(path, environ={"TLSGATE_DATABASE_URL": "postgresql://db/rules"})
+    assert cfg.database.url == "postgresql://db/rules"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[databse]\nurl = x\n", "unknown section [databse]"),
+    ("[database]\nulr = x\n", "[database] unknown key 'ulr' (value 'x')"),
+    ("[database]\npoll_interval = -1\n", "[database] poll_interval = '-1': must be between 0 and 86400 seconds"),
+    ("[policyd]\nsocket_mode = 999\n", "[policyd] socket_mode = '999': must be an octal mode"),
+    ("[policyd]\nmax_line = many\n", "[policyd] max_line = 'many': must be a positive whole number"),
+    ("[policyd]\nlisten = /run/p.sock\n", "'/run/p.sock' is not unix:/PATH or inet:HOST:PORT"),
+    ("[policyd]\nmonitor_prepend = perhaps\n", "[policyd] monitor_prepend = 'perhaps': must be yes or no"),
+    ("[engine]\nunknown_rules_action = dunno\n", "must be one of defer, reject"),
+    ("[log]\nlevel = loud\n", "[log] level = 'loud': must be one of debug, info, warning, error"),
+    ("[milter]\nheader_name = X Bad\n", "not a valid header field name"),
+    ("url = x\n", "File contains no section headers"),
+])
+def test_errors_name_file_key_and_value(tmp_path: pathlib.Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value).startswith(path + ": ")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_explicit_missing_file_is_an_error(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(str(tmp_path / "nope.conf"), environ={})

@@ -1,0 +1,109 @@
+"""RuleHolder: change detection, atomic swaps, and a database outage logged once."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tlsgate.config import DatabaseConfig
+from tlsgate.rules import RuleHolder
+from tlsgate.store import init_schema, open_engine
+
+
+def _seed(url: str) -> None:
+    engine = open_engine(url)
+    init_schema(engine)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO inbound_connector (name) VALUES ('a')"))
+        conn.execute(text("INSERT INTO inbound_domain VALUES ('a', 'sender', 'a.test')"))
+    engine.dispose()
+
+
+def test_reload_only_when_generation_moves(sqlite_url: str) -> None:
+    _seed(sqlite_url)
+    holder = RuleHolder(DatabaseConfig(url=sqlite_url))
+    assert holder.snapshot is None
+    assert holder.refresh() is True
+    first = holder.snapshot
+    assert first is not None and [c.name for c in first.inbound] == ["a"]
+    assert holder.refresh() is False
+    assert holder.snapshot is first
+    engine = open_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE inbound_connector SET mode = 'monitor' WHERE name = 'a'"))
+    engine.dispose()
+    assert holder.refresh() is True
+    second = holder.snapshot
+    assert second is not None and second is not first
+    assert second.generation > first.generation
+    assert second.inbound[0].mode.value == "monitor"
+    assert first.inbound[0].mode.value == "enforce"  # the old snapshot is untouched
+    holder.stop()
+
+
+def test_never_loaded_stays_none_and_logs_once(tmp_path: object, caplog: pytest.LogCaptureFixture) -> None:
+    holder = RuleHolder(DatabaseConfig(url=f"sqlite:///{tmp_path}/missing.sqlite"))
+    with caplog.at_level(logging.ERROR, logger="tlsgate.rules"):
+        assert holder.refresh() is False
+        assert holder.refresh() is False
+    assert holder.snapshot is None
+    assert not holder.healthy
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "answering temporary failures" in lines[0]
+
+
+@pytest.mark.postgresql
+def test_outage_keeps_last_snapshot_and_is_logged_once(pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    _seed(pg_url)
+    holder = RuleHolder(DatabaseConfig(url=pg_url, connect_timeout=2))
+    assert holder.refresh() is True
+    good = holder.snapshot
+    name = pg_url.rsplit("/", 1)[1]
+    admin = create_engine(pg_url.rsplit("/", 1)[0] + "/test", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false"))
+        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="tlsgate.rules"):
+            for _ in range(3):
+                assert holder.refresh() is False
+            assert holder.snapshot is good
+            assert not holder.healthy
+            outage = [r for r in caplog.records if r.levelno == logging.ERROR]
+            assert len(outage) == 1
+            assert "still deciding with rules generation" in outage[0].getMessage()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true"))
+        admin.dispose()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tlsgate.rules"):
+        holder.refresh()
+    assert holder.healthy
+    assert any("reachable again" in r.getMessage() for r in caplog.records)
+    holder.stop()
+
+
+def test_background_thread_and_forced_reload(sqlite_url: str) -> None:
+    _seed(sqlite_url)
+    swapped: list[int] = []
+    import threading
+
+    event = threading.Event()
+
+    def on_swap(snap: object) -> None:
+        swapped.append(getattr(snap, "generation"))
+        event.set()
+
+    holder = RuleHolder(DatabaseConfig(url=sqlite_url, poll_interval=3600), on_swap=on_swap)
+    holder.start()
+    try:
+        assert event.wait(10), "first load did not happen"
+        event.clear()
+        holder.request_reload()  # SIGHUP: a full load even though nothing changed
+        assert event.wait(10), "forced reload did not happen"
+        assert len(swapped) == 2 and swapped[0] == swapped[1]
+    finally:
+        holder.stop()
