@@ -41,7 +41,7 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class PolicydConfig:
-    listen: tuple[str, ...] = ("unix:/var/spool/postfix/private/tlsgate-policy",)
+    listen: tuple[str, ...] = ("unix:/var/spool/postfix/tlsgate/policy.sock",)
     socket_mode: int = 0o660
     socket_group: str = "postfix"
     max_line: int = 8192
@@ -55,7 +55,7 @@ class PolicydConfig:
 
 @dataclass(frozen=True)
 class MilterConfig:
-    listen: str = "unix:/var/spool/postfix/private/tlsgate-milter"
+    listen: str = "unix:/var/spool/postfix/tlsgate/milter.sock"
     socket_mode: int = 0o660
     socket_group: str = "postfix"
     timeout: float = 600.0
