@@ -40,6 +40,8 @@ STATUS_ENCRYPTION = "7.10"  # X.7.10 Encryption needed
 STATUS_POLICY = "7.1"  # X.7.1 Delivery not authorized
 STATUS_CONFIG = "3.5"  # X.3.5 System incorrectly configured
 
+DEFAULT_MIN_KEY_BITS = 2048  # RSA bits, or the RSA-equivalent strength of other keys
+
 _NO_MATCH = (-1, 0)
 _VERSION = re.compile(r"^(?:TLSv(\d+)(?:\.(\d+))?|SSLv(\d+))$")
 _FS_CIPHER = re.compile(r"^(?:TLS_)?(?:ECDHE|DHE|EECDH|EDH)[-_]", re.IGNORECASE)
@@ -128,14 +130,24 @@ def _needs_tls(c: InboundConnector) -> bool:
 
 
 def _pin_checks(c: InboundConnector, facts: SessionFacts, now: datetime) -> list[tuple[Check, str]]:
-    presented = {fp.upper() for fp in (facts.cert_fingerprint, facts.pubkey_fingerprint) if fp}
-    if not presented:
+    """Judge the presented certificate by the registered certificate it is.
+
+    A certificate fingerprint that is registered decides alone: the partner presents exactly
+    that certificate, so its own validity and names count (an expired certificate stays
+    refused even when a renewal with the same key is registered too). Otherwise a registered
+    public-key fingerprint identifies the partner's key (a renewal that was not registered
+    yet): any registered certificate with that key that is fully acceptable passes. Pins hold
+    every digest, so either of Postfix's fingerprint digests (sha256, md5) is recognised.
+    """
+    cert_fp = facts.cert_fingerprint.strip().upper() if facts.cert_fingerprint else None
+    key_fp = facts.pubkey_fingerprint.strip().upper() if facts.pubkey_fingerprint else None
+    if not (cert_fp or key_fp):
         return [(Check("pinned certificate", False, "no client certificate presented"), STATUS_POLICY)]
-    matching = [
-        p for p in c.pins if presented & (p.cert_fingerprints | p.pubkey_fingerprints)
-    ]
+    exact = [p for p in c.pins if cert_fp and cert_fp in p.cert_fingerprints]
+    same_key = [p for p in c.pins if key_fp and key_fp in p.pubkey_fingerprints]
+    matching = exact or same_key
     if not matching:
-        fp = facts.cert_fingerprint or facts.pubkey_fingerprint or ""
+        fp = cert_fp or key_fp or ""
         return [
             (
                 Check(
@@ -146,11 +158,11 @@ def _pin_checks(c: InboundConnector, facts: SessionFacts, now: datetime) -> list
                 STATUS_POLICY,
             )
         ]
-    # Several registered certificates may share the key (a renewal): any one that is fully
+    # Several registered certificates may share the key (renewals): any one that is fully
     # acceptable passes; otherwise report the problems of the first.
     best: list[tuple[Check, str]] | None = None
     for pin in matching:
-        checks = _check_pin(c, pin, now)
+        checks = _check_pin(c, pin, now, by_key=not exact)
         if all(ch.ok for ch, _ in checks):
             return checks
         if best is None:
@@ -159,15 +171,16 @@ def _pin_checks(c: InboundConnector, facts: SessionFacts, now: datetime) -> list
     return best
 
 
-def _check_pin(c: InboundConnector, pin: Pin, now: datetime) -> list[tuple[Check, str]]:
+def _check_pin(c: InboundConnector, pin: Pin, now: datetime, by_key: bool) -> list[tuple[Check, str]]:
     out: list[tuple[Check, str]] = []
     valid = pin.not_before <= now <= pin.not_after
+    what = f"pinned certificate {pin.label}" + (" (same public key)" if by_key else "")
     if now > pin.not_after:
-        detail = f"pinned certificate {pin.label} expired on {pin.not_after:%Y-%m-%d}"
+        detail = f"{what} expired on {pin.not_after:%Y-%m-%d}"
     elif now < pin.not_before:
-        detail = f"pinned certificate {pin.label} is not valid before {pin.not_before:%Y-%m-%d}"
+        detail = f"{what} is not valid before {pin.not_before:%Y-%m-%d}"
     else:
-        detail = f"pinned certificate {pin.label} valid until {pin.not_after:%Y-%m-%d}"
+        detail = f"{what} valid until {pin.not_after:%Y-%m-%d}"
     out.append((Check("pinned certificate", valid, detail), STATUS_POLICY))
     if c.require_organization is not None:
         ok = (pin.organization or "").casefold() == c.require_organization.casefold()
@@ -195,17 +208,15 @@ def _check_pin(c: InboundConnector, pin: Pin, now: datetime) -> list[tuple[Check
                 STATUS_POLICY,
             )
         )
-    min_bits = c.min_key_bits if c.min_key_bits is not None else 2048
-    ok = pin.key_bits >= min_bits if pin.key_type == "RSA" else True
-    if pin.key_type != "RSA":
-        # EC strength: a P-256 key is worth about RSA 3072; judge by the RSA-equivalent bits.
-        ok = _ec_equivalent_bits(pin.key_bits) >= min_bits
+    min_bits = c.min_key_bits if c.min_key_bits is not None else DEFAULT_MIN_KEY_BITS
+    ok = rsa_equivalent_bits(pin.key_type, pin.key_bits) >= min_bits
     out.append(
         (
             Check(
                 "key strength",
                 ok,
                 f"certificate key {pin.key_type} {pin.key_bits} bits"
+                + ("" if pin.key_type == "RSA" else f" (about RSA {rsa_equivalent_bits(pin.key_type, pin.key_bits)})")
                 + (f" meets {min_bits}" if ok else f" is weaker than {min_bits}"),
             ),
             STATUS_POLICY,
@@ -227,13 +238,15 @@ def _check_pin(c: InboundConnector, pin: Pin, now: datetime) -> list[tuple[Check
             )
         )
     if c.issuer_names:
-        ok = pin.issuer_cn is not None and any(p.matches(pin.issuer_cn) for p in c.issuer_names)
+        # The issuer of the leaf, and the intermediates and root when the chain was registered.
+        issuers = [n for n in dict.fromkeys((pin.issuer_cn, *pin.chain_issuers)) if n]
+        ok = any(p.matches(n) for p in c.issuer_names for n in issuers)
         out.append(
             (
                 Check(
                     "issuer",
                     ok,
-                    f"certificate issuer {pin.issuer_cn or '(none)'} "
+                    f"certificate issuer {', '.join(issuers) or '(none)'} "
                     + ("matches " if ok else "does not match ")
                     + ", ".join(str(p) for p in c.issuer_names),
                 ),
@@ -243,15 +256,20 @@ def _check_pin(c: InboundConnector, pin: Pin, now: datetime) -> list[tuple[Check
     return out
 
 
-def _ec_equivalent_bits(curve_bits: int) -> int:
-    """RSA-equivalent strength of an EC key (NIST SP 800-57 part 1, table 2)."""
-    if curve_bits >= 512:
+def rsa_equivalent_bits(key_type: str, key_bits: int) -> int:
+    """Strength of a key in RSA bits (NIST SP 800-57 part 1, table 2): an RSA key is its
+    size; a P-256 key is worth about RSA 3072, P-384 about 7680, Ed25519 like P-256."""
+    if key_type == "RSA":
+        return key_bits
+    if key_type not in ("EC", "Ed25519", "Ed448"):
+        return 0  # unknown kinds of key are never strong enough
+    if key_bits >= 512:
         return 15360
-    if curve_bits >= 384:
+    if key_bits >= 384:
         return 7680
-    if curve_bits >= 256:
+    if key_bits >= 256:
         return 3072
-    if curve_bits >= 224:
+    if key_bits >= 224:
         return 2048
     return 1024
 

@@ -86,6 +86,8 @@ class Pin:
     not_before: datetime
     not_after: datetime
     label: str  # how to name it in a reason: sha256 fingerprint prefix
+    # Issuer and root names of the registered chain above the leaf (issuer patterns see them).
+    chain_issuers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
@@ -377,7 +377,9 @@ def _check_names(
     return by_name
 
 
-def _load_inbound(conn: Connection, problems: list[RowProblem], now: datetime) -> list[InboundConnector]:
+def _load_inbound(
+    conn: Connection, problems: list[RowProblem], now: datetime, expiry_days: int = 30
+) -> list[InboundConnector]:
     parents = _select_all(
         conn,
         "inbound_connector",
@@ -491,9 +493,17 @@ def _load_inbound(conn: Connection, problems: list[RowProblem], now: datetime) -
                 problems.append(RowProblem("error", "inbound_certificate", (c.get("id"),), "pem", str(exc), name))
                 r.failed = True
                 continue
+            # An expired pin is an error to fix (the engine refuses it anyway, with that reason);
+            # one close to expiry is a warning while there is time to register the renewal.
             if pin.not_after < now:
+                problems.append(RowProblem("error", "inbound_certificate", (c.get("id"),), "pem",
+                                           f"certificate {pin.label} ({pin.subject_cn or '-'}) expired on "
+                                           f"{pin.not_after:%Y-%m-%d}", name))
+            elif pin.not_after < now + timedelta(days=expiry_days):
                 problems.append(RowProblem("warning", "inbound_certificate", (c.get("id"),), "pem",
-                                           f"certificate {pin.label} expired on {pin.not_after:%Y-%m-%d}", name))
+                                           f"certificate {pin.label} ({pin.subject_cn or '-'}) expires on "
+                                           f"{pin.not_after:%Y-%m-%d}, in {(pin.not_after - now).days} days",
+                                           name))
             pins.append(pin)
         kw["pins"] = tuple(pins)
 
@@ -576,8 +586,10 @@ def _load_outbound(conn: Connection, problems: list[RowProblem]) -> list[Outboun
     return out
 
 
-def load(engine: Engine, now: datetime | None = None) -> LoadResult:
+def load(engine: Engine, now: datetime | None = None, *, expiry_days: int = 30) -> LoadResult:
     """Read every rule table in one transaction and build a snapshot.
+
+    A pinned certificate that expires within ``expiry_days`` is a warning; an expired one an error.
 
     Raises StoreError when the database cannot be read at all; bad rows never raise.
     """
@@ -592,7 +604,7 @@ def load(engine: Engine, now: datetime | None = None) -> LoadResult:
                 generation = conn.execute(
                     text("SELECT generation FROM rules_generation WHERE id = 1")
                 ).scalar()
-                inbound = _load_inbound(conn, problems, moment)
+                inbound = _load_inbound(conn, problems, moment, expiry_days)
                 outbound = _load_outbound(conn, problems)
     except SQLAlchemyError as exc:
         raise StoreError(describe_db_error(engine, exc)) from None

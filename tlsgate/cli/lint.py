@@ -14,11 +14,26 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("lint", help="check every rule row; exit 1 when there are errors")
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    p.add_argument(
+        "--expiry-days", type=_days, default=30, metavar="N",
+        help="warn when a pinned certificate expires within N days (default 30); "
+        "an expired one is always an error",
+    )
     p.set_defaults(func=cmd_lint)
 
 
+def _days(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days") from None
+    if not 0 <= value <= 3650:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 3650 days")
+    return value
+
+
 def cmd_lint(args: argparse.Namespace, ctx: Context) -> int:
-    result = load(ctx.engine)
+    result = load(ctx.engine, expiry_days=args.expiry_days)
     for problem in result.problems:
         print(problem)
     errors = len(result.errors)
