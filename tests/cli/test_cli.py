@@ -154,3 +154,59 @@ def test_environment_overrides_the_database_url(db: str, tmp_path: pathlib.Path)
     (tmp_path / "none.conf").write_text("[database]\nurl = sqlite:////nonexistent/dir/x.sqlite\n")
     r = tlsgate("connector", "list", env=env)
     assert r.returncode == 0 and "contoso-in" in r.stdout
+
+
+def test_connector_add_set_remove(tmp_path: pathlib.Path) -> None:
+    url = f"sqlite:///{tmp_path}/rules.sqlite"
+    assert tlsgate("--database-url", url, "db", "init").returncode == 0
+    r = tlsgate("--database-url", url, "connector", "add", "contoso-in", "--sender", "contoso.com",
+                "--sender", "*.contoso.com", "--min-tls", "TLSv1.2", "--forward-secrecy", "yes",
+                "--on-failure", "reject", "--cert-name", "*.contoso.com", "--address", "192.0.2.0/24")
+    assert r.returncode == 0, r.stderr
+    r = tlsgate("--database-url", url, "connector", "show", "contoso-in")
+    assert "sender domains:     *.contoso.com, contoso.com" in r.stdout  # loaded in key order
+    assert "forward secrecy:    required" in r.stdout and "on failure:         reject" in r.stdout
+    r = tlsgate("--database-url", url, "connector", "set", "contoso-in", "--mode", "monitor", "--recipient", "example.org")
+    assert r.returncode == 0, r.stderr
+    r = tlsgate("--database-url", url, "connector", "show", "contoso-in")
+    assert "mode:               monitor" in r.stdout and "recipient domains:  example.org" in r.stdout
+    assert tlsgate("--database-url", url, "lint").returncode == 0
+    r = tlsgate("--database-url", url, "connector", "add", "Contoso-IN", "--sender", "x.test")
+    assert r.returncode == 1 and "a connector named 'contoso-in' already exists" in r.stderr
+    r = tlsgate("--database-url", url, "connector", "remove", "contoso-in")
+    assert r.returncode == 0
+    con = sqlite3.connect(f"{tmp_path}/rules.sqlite")
+    assert con.execute("SELECT count(*) FROM inbound_domain").fetchone() == (0,)
+    con.close()
+    r = tlsgate("--database-url", url, "connector", "remove", "contoso-in")
+    assert r.returncode == 1 and "no connector named 'contoso-in'" in r.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--sender", "exa mple.com"], "argument --sender: invalid domain 'exa mple.com'"),
+    (["--address", "192.0.2.1/24"], "argument --address: invalid address range '192.0.2.1/24'"),
+    (["--cert-name", "m*.example.com"], "argument --cert-name: invalid certificate name pattern"),
+    (["--sender", "a.test", "--require-tls", "maybe"], "argument --require-tls: 'maybe' is not yes or no"),
+    ([], "a connector needs a scope"),
+    (["--sender", "a.test", "--min-cipher-bits", "-1"], "--min-cipher-bits -1 is out of range"),
+])
+def test_connector_add_refuses_bad_values(tmp_path: pathlib.Path, args: list[str], message: str) -> None:
+    url = f"sqlite:///{tmp_path}/rules.sqlite"
+    assert tlsgate("--database-url", url, "db", "init").returncode == 0
+    r = tlsgate("--database-url", url, "connector", "add", "c1", *args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_outbound_add(tmp_path: pathlib.Path) -> None:
+    url = f"sqlite:///{tmp_path}/rules.sqlite"
+    assert tlsgate("--database-url", url, "db", "init").returncode == 0
+    r = tlsgate("--database-url", url, "outbound", "add", "contoso-out", "--domain", "contoso.com",
+                "--tls-level", "secure", "--match", "mail.contoso.com", "--min-tls", "TLSv1.2",
+                "--smart-host", "[relay.contoso.com]:2525")
+    assert r.returncode == 0, r.stderr
+    r = tlsgate("--database-url", url, "connector", "show", "contoso-out")
+    assert "smart hosts:        relay.contoso.com:2525" in r.stdout and "TLS level:          secure" in r.stdout
+    r = tlsgate("--database-url", url, "outbound", "add", "x", "--domain", "a.test", "--smart-host", "h:99999")
+    assert r.returncode == 2 and "is not HOST or HOST:PORT" in r.stderr

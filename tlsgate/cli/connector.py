@@ -1,13 +1,31 @@
-"""``tlsgate connector list | show NAME``: the connectors as the daemons see them."""
+"""``tlsgate connector list | show | add | set | remove`` and ``tlsgate outbound add``.
+
+The commands write the same rows an administrator would write by hand, after checking every
+value with the parsers the daemons use, so a typo is refused with one line before it reaches
+the database. ``list`` and ``show`` print the connectors as the daemons see them.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from tlsgate import schema
 from tlsgate.cli import CommandError
 from tlsgate.model import InboundConnector, OutboundConnector
-from tlsgate.store import load
+from tlsgate.patterns import (
+    CertNamePattern,
+    DomainPattern,
+    IssuerPattern,
+    PatternError,
+    parse_network,
+    to_a_label,
+)
+from tlsgate.store import NAME_RE, describe_db_error, load
 
 if TYPE_CHECKING:
     from tlsgate.cli import Context
@@ -21,6 +39,236 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show = csub.add_parser("show", help="every setting of one connector")
     show.add_argument("name")
     show.set_defaults(func=cmd_show)
+    add = csub.add_parser("add", help="create an inbound connector")
+    add.add_argument("name")
+    _inbound_options(add, creating=True)
+    add.set_defaults(func=cmd_add)
+    change = csub.add_parser("set", help="change an inbound connector; list options add to its rows")
+    change.add_argument("name")
+    _inbound_options(change, creating=False)
+    change.set_defaults(func=cmd_set)
+    rm = csub.add_parser("remove", help="delete a connector (inbound or outbound) and all its rows")
+    rm.add_argument("name")
+    rm.set_defaults(func=cmd_remove)
+
+    out = sub.add_parser("outbound", help="create outbound connectors")
+    osub = out.add_subparsers(dest="outbound_command", metavar="ACTION", required=True)
+    oadd = osub.add_parser("add", help="create an outbound connector")
+    oadd.add_argument("name")
+    oadd.add_argument("--domain", action="append", default=[], metavar="PATTERN", required=True,
+                      help="recipient domain (repeatable) [RecipientDomains]")
+    oadd.add_argument("--tls-level", choices=schema.TLS_LEVELS, default="secure", help="[TlsSettings]")
+    oadd.add_argument("--match", action="append", default=[], metavar="NAME",
+                      help="certificate name the partner's server must present (repeatable) [TlsDomain]")
+    oadd.add_argument("--min-tls", choices=schema.TLS_VERSIONS)
+    oadd.add_argument("--smart-host", action="append", default=[], metavar="HOST[:PORT]",
+                      help="relay to this host instead of the MX (repeatable) [SmartHosts]")
+    oadd.add_argument("--comment")
+    oadd.add_argument("--disabled", action="store_true")
+    oadd.set_defaults(func=cmd_outbound_add)
+
+
+def _yes_no(text: str) -> bool:
+    low = text.lower()
+    if low in ("yes", "true", "on", "1"):
+        return True
+    if low in ("no", "false", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not yes or no")
+
+
+def _checked(parser: Callable[[str], Any]) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        try:
+            parser(text)
+        except PatternError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text.strip()
+    return check
+
+
+def _inbound_options(p: argparse.ArgumentParser, *, creating: bool) -> None:
+    none = None
+    p.add_argument("--sender", action="append", default=[], type=_checked(DomainPattern.parse), metavar="PATTERN",
+                   help="envelope sender domain (repeatable) [SenderDomains]")
+    p.add_argument("--recipient", action="append", default=[], type=_checked(DomainPattern.parse),
+                   metavar="PATTERN", help="recipient domain on our side (repeatable) [AssociatedAcceptedDomains]")
+    p.add_argument("--header-from", action="append", default=[], type=_checked(DomainPattern.parse),
+                   metavar="PATTERN", help="header From domain, judged by the milter (repeatable)")
+    p.add_argument("--address", action="append", default=[], type=_checked(parse_network), metavar="CIDR",
+                   help="client address range (repeatable) [SenderIPAddresses]")
+    p.add_argument("--cert-name", action="append", default=[], type=_checked(CertNamePattern.parse),
+                   metavar="NAME", help="certificate name pattern (repeatable) [TlsSenderCertificateName]")
+    p.add_argument("--issuer", action="append", default=[], type=_checked(IssuerPattern.parse), metavar="NAME",
+                   help="issuer name pattern (repeatable)")
+    p.add_argument("--require-tls", type=_yes_no, default=none, metavar="yes|no", help="[RequireTls]")
+    p.add_argument("--min-tls", choices=schema.TLS_VERSIONS, default=none)
+    p.add_argument("--forward-secrecy", type=_yes_no, default=none, metavar="yes|no")
+    p.add_argument("--min-cipher-bits", type=int, default=none, metavar="N")
+    p.add_argument("--certificate", choices=schema.CERT_REQUIREMENTS, default=none)
+    p.add_argument("--organization", default=none, help="required subject O (pinned)")
+    p.add_argument("--unit", default=none, help="required subject OU (pinned)")
+    p.add_argument("--min-key-bits", type=int, default=none, metavar="N")
+    p.add_argument("--restrict-to-addresses", type=_yes_no, default=none, metavar="yes|no",
+                   help="[RestrictDomainsToIPAddresses]")
+    p.add_argument("--on-failure", choices=schema.FAIL_ACTIONS, default=none)
+    p.add_argument("--reply-text", default=none)
+    p.add_argument("--mode", choices=schema.MODES, default=none, help="monitor: log only [TestMode]")
+    p.add_argument("--enabled", type=_yes_no, default=none, metavar="yes|no")
+    p.add_argument("--comment", default=none)
+
+
+_COLUMNS = {
+    "require_tls": "require_tls", "min_tls": "min_tls_version", "forward_secrecy": "require_forward_secrecy",
+    "min_cipher_bits": "min_cipher_bits", "certificate": "certificate", "organization": "require_organization",
+    "unit": "require_unit", "min_key_bits": "min_key_bits", "restrict_to_addresses": "restrict_to_addresses",
+    "on_failure": "on_failure", "reply_text": "reply_text", "mode": "mode", "enabled": "enabled",
+    "comment": "comment",
+}
+
+
+def _columns(args: argparse.Namespace) -> dict[str, Any]:
+    values = {col: getattr(args, opt) for opt, col in _COLUMNS.items() if getattr(args, opt) is not None}
+    for col in ("min_cipher_bits", "min_key_bits"):
+        if col in values and values[col] < (0 if col == "min_cipher_bits" else 1):
+            raise CommandError(f"--{col.replace('_', '-')} {values[col]} is out of range", 2)
+    if "reply_text" in values and ("\n" in values["reply_text"] or len(values["reply_text"]) > 255):
+        raise CommandError("--reply-text must be one line of at most 255 characters", 2)
+    return values
+
+
+def _child_rows(name: str, args: argparse.Namespace) -> list[tuple[Any, dict[str, Any]]]:
+    t = schema.Base.metadata.tables
+    rows: list[tuple[Any, dict[str, Any]]] = []
+    for scope, values in (("sender", args.sender), ("recipient", args.recipient),
+                          ("header_from", args.header_from)):
+        rows += [(t["inbound_domain"], {"connector": name, "scope": scope, "pattern": v}) for v in values]
+    rows += [(t["inbound_address"], {"connector": name, "address": v}) for v in args.address]
+    rows += [(t["inbound_cert_name"], {"connector": name, "field": "subject", "pattern": v}) for v in args.cert_name]
+    rows += [(t["inbound_cert_name"], {"connector": name, "field": "issuer", "pattern": v}) for v in args.issuer]
+    return rows
+
+
+def _write(ctx: Context, work: Callable[[Any], None]) -> None:
+    engine = ctx.engine
+    try:
+        with engine.begin() as conn:
+            work(conn)
+    except IntegrityError as exc:
+        raise CommandError(describe_db_error(engine, exc)) from None
+    except SQLAlchemyError as exc:
+        raise CommandError(describe_db_error(engine, exc)) from None
+
+
+def _check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise CommandError(f"connector name {name!r}: 1 to 64 letters, digits, '.', '_' or '-'", 2)
+
+
+def cmd_add(args: argparse.Namespace, ctx: Context) -> int:
+    _check_name(args.name)
+    values = _columns(args)
+    children = _child_rows(args.name, args)
+    if not children:
+        raise CommandError("a connector needs a scope: --sender, --recipient, --header-from or --address", 2)
+    table = schema.Base.metadata.tables["inbound_connector"]
+
+    def work(conn: Any) -> None:
+        existing = conn.execute(select(table.c.name)).scalars().all()
+        clash = [n for n in existing if n.casefold() == args.name.casefold()]
+        if clash:
+            raise CommandError(f"a connector named {clash[0]!r} already exists")
+        conn.execute(insert(table).values(name=args.name, **values))
+        for child, row in children:
+            conn.execute(insert(child).values(**row))
+
+    _write(ctx, work)
+    print(f"added inbound connector {args.name}")
+    return 0
+
+
+def cmd_set(args: argparse.Namespace, ctx: Context) -> int:
+    values = _columns(args)
+    children = _child_rows(args.name, args)
+    if not values and not children:
+        raise CommandError("nothing to change: give at least one option", 2)
+    table = schema.Base.metadata.tables["inbound_connector"]
+
+    def work(conn: Any) -> None:
+        if conn.execute(select(table.c.name).where(table.c.name == args.name)).first() is None:
+            raise CommandError(f"no inbound connector named {args.name!r}")
+        if values:
+            conn.execute(update(table).where(table.c.name == args.name).values(**values))
+        for child, row in children:
+            conn.execute(insert(child).values(**row))
+
+    _write(ctx, work)
+    print(f"changed inbound connector {args.name}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace, ctx: Context) -> int:
+    removed = 0
+    tables = schema.Base.metadata.tables
+
+    def work(conn: Any) -> None:
+        nonlocal removed
+        for parent, children in (
+            ("inbound_connector", ("inbound_domain", "inbound_address", "inbound_cert_name", "inbound_certificate")),
+            ("outbound_connector", ("outbound_domain", "outbound_match_name", "outbound_smart_host")),
+        ):
+            # Children first: SQLite databases opened without foreign keys do not cascade.
+            for child in children:
+                conn.execute(delete(tables[child]).where(tables[child].c.connector == args.name))
+            removed += conn.execute(delete(tables[parent]).where(tables[parent].c.name == args.name)).rowcount
+
+    _write(ctx, work)
+    if not removed:
+        raise CommandError(f"no connector named {args.name!r}")
+    print(f"removed connector {args.name}")
+    return 0
+
+
+def _smart_host(text: str) -> tuple[str, int]:
+    raw = text.strip()
+    if raw.startswith("["):  # Postfix's [host]:port spelling
+        host, _, rest = raw[1:].partition("]")
+        port = rest.removeprefix(":")
+    else:
+        host, _, port = raw.partition(":")
+    try:
+        number = int(port) if port else 25
+        if not 0 < number < 65536:
+            raise ValueError(port)
+        return to_a_label(host), number
+    except (PatternError, ValueError):
+        raise CommandError(f"--smart-host {text!r} is not HOST or HOST:PORT", 2) from None
+
+
+def cmd_outbound_add(args: argparse.Namespace, ctx: Context) -> int:
+    _check_name(args.name)
+    try:
+        domains = [str(DomainPattern.parse(d)) for d in args.domain]
+        matches = [m if m.startswith(".") else str(CertNamePattern.parse(m)) for m in args.match]
+    except PatternError as exc:
+        raise CommandError(str(exc), 2) from None
+    hosts = [_smart_host(h) for h in args.smart_host]
+    t = schema.Base.metadata.tables
+
+    def work(conn: Any) -> None:
+        conn.execute(insert(t["outbound_connector"]).values(
+            name=args.name, tls_level=args.tls_level, min_tls_version=args.min_tls, comment=args.comment,
+            enabled=not args.disabled))
+        for d in domains:
+            conn.execute(insert(t["outbound_domain"]).values(connector=args.name, pattern=d))
+        for m in matches:
+            conn.execute(insert(t["outbound_match_name"]).values(connector=args.name, name=m))
+        for host, port in hosts:
+            conn.execute(insert(t["outbound_smart_host"]).values(connector=args.name, host=host, port=port))
+
+    _write(ctx, work)
+    print(f"added outbound connector {args.name}")
+    return 0
 
 
 def _scope(c: InboundConnector) -> str:
