@@ -325,18 +325,18 @@ def describe_inbound(c: InboundConnector) -> list[str]:
         f"  enabled:            {'yes' if c.enabled else 'no'}",
         f"  mode:               {c.mode.value}",
         f"  comment:            {c.comment or '-'}",
-        f"  sender domains:     {', '.join(str(p) for p in c.sender_domains) or '-'}",
-        f"  recipient domains:  {', '.join(str(p) for p in c.recipient_domains) or '-'}",
-        f"  header From:        {', '.join(str(p) for p in c.header_from_domains) or '-'}",
-        f"  client ranges:      {', '.join(str(n) for n in c.client_ranges) or '-'}"
+        f"  sender domains:     {', '.join(sorted(str(p) for p in c.sender_domains)) or '-'}",
+        f"  recipient domains:  {', '.join(sorted(str(p) for p in c.recipient_domains)) or '-'}",
+        f"  header From:        {', '.join(sorted(str(p) for p in c.header_from_domains)) or '-'}",
+        f"  client ranges:      {', '.join(sorted(str(n) for n in c.client_ranges)) or '-'}"
         + (" (restricts the domains to these ranges)" if c.restrict_to_ranges else ""),
         f"  require TLS:        {'yes' if c.require_tls else 'no'}",
         f"  minimum TLS:        {c.min_tls_version or '-'}",
         f"  forward secrecy:    {'required' if c.require_forward_secrecy else '-'}",
         f"  minimum cipher:     {c.min_cipher_bits or '-'}",
         f"  certificate:        {c.certificate.value}",
-        f"  certificate names:  {', '.join(str(p) for p in c.cert_names) or '-'}",
-        f"  issuer names:       {', '.join(str(p) for p in c.issuer_names) or '-'}",
+        f"  certificate names:  {', '.join(sorted(str(p) for p in c.cert_names)) or '-'}",
+        f"  issuer names:       {', '.join(sorted(str(p) for p in c.issuer_names)) or '-'}",
     ]
     if c.certificate.value == "pinned":
         lines.append(f"  organization:       {c.require_organization or '-'}")
