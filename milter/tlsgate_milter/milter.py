@@ -1,0 +1,486 @@
+"""The milter: one :class:`TlsgateMilter` per SMTP connection, judging with the shared engine.
+
+Postfix (or Sendmail) tells the milter the client address at connect and the TLS state in
+macros; each recipient is judged at RCPT (a refusal refuses that recipient only), and
+connectors scoped by the RFC 5322 header From domain are judged at end of message, where
+the strictest verdict refuses the whole message. The verdict is recorded in a trace header
+after every incoming header of that name was removed. The engine and the rules are reached
+through a :class:`Judge` handed to each handler by the factory; nothing is module-global
+except what pymilter itself requires (``Milter.factory``). Any exception in a callback
+answers TEMPFAIL: the milter never accepts by accident.
+"""
+
+from __future__ import annotations
+
+import functools
+import grp
+import importlib
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import Milter
+
+from tlsgate.config import Config
+from tlsgate.decisionlog import decision_line
+from tlsgate.engine import decide
+from tlsgate.model import (
+    CertRequirement,
+    Decision,
+    FailAction,
+    Outcome,
+    Scope,
+    SessionFacts,
+    Stage,
+)
+from tlsgate.patterns import Address, address_domain
+from tlsgate.snapshot import Snapshot
+from tlsgate_milter.translate import (
+    TlsFacts,
+    client_address,
+    client_name,
+    envelope_address,
+    header_from_authors,
+    reply_text,
+    tls_from_macros,
+    trace_value,
+)
+
+log = logging.getLogger("tlsgate.milter")
+
+# pymilter's C extension is the top-level module "milter"; the repository's milter/ source
+# folder has the same name, so it is looked up by name (a namespace folder never wins
+# over a real module at run time, but it confuses the type checker).
+libmilter: Any = importlib.import_module("milter")
+
+CONTINUE: int = Milter.CONTINUE
+REJECT: int = Milter.REJECT
+TEMPFAIL: int = Milter.TEMPFAIL
+
+NAME = "tlsgate-milter"
+MAX_QUEUE_ID = 32
+
+# The requirements a connector that pins certificates checks against the registered
+# certificate; a milter under Postfix never learns the fingerprint, so these cannot pass.
+_PIN_REQUIREMENTS = frozenset(
+    {"pinned certificate", "organization", "organizational unit", "key strength",
+     "certificate name", "issuer"}
+)
+
+
+@dataclass(frozen=True)
+class MilterSettings:
+    """The parts of the configuration a connection handler needs."""
+
+    trace_header: bool = True
+    header_name: str = "X-TLSgate"
+    pinned_action: str = "tempfail"  # or "policyd"
+    unknown_rules_action: str = "defer"  # or "reject"
+    unknown_rules_text: str = "TLS policy rules are not available, try again later"
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> MilterSettings:
+        return cls(
+            trace_header=cfg.milter.trace_header,
+            header_name=cfg.milter.header_name,
+            pinned_action=cfg.milter.pinned_action,
+            unknown_rules_action=cfg.engine.unknown_rules_action,
+            unknown_rules_text=cfg.engine.unknown_rules_text,
+        )
+
+
+class Activity:
+    """How many messages are between MAIL FROM and their end, so a stop can wait for them."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def begin(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def end(self) -> None:
+        with self._idle:
+            self._count = max(0, self._count - 1)
+            if self._count == 0:
+                self._idle.notify_all()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout)
+
+
+@dataclass(frozen=True)
+class Judge:
+    """Everything a handler decides with: the current snapshot, the settings, the clock."""
+
+    snapshot: Callable[[], Snapshot | None]
+    settings: MilterSettings = field(default_factory=MilterSettings)
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    activity: Activity = field(default_factory=Activity)
+
+    def decide(self, snapshot: Snapshot, facts: SessionFacts) -> Decision:
+        """The engine's verdict, with pinned-certificate connectors handled as configured."""
+        decision = decide(snapshot, facts, self.clock())
+        if not _unverifiable_pin(decision) or decision.action is None:
+            return decision
+        assert decision.connector is not None
+        name = decision.connector.name
+        if self.settings.pinned_action == "policyd":
+            return replace(
+                decision,
+                outcome=Outcome.PASS,
+                action=None,
+                status=None,
+                reason=f"connector {name} pins certificates: left to the policy daemon",
+                reply=None,
+            )
+        reason = (
+            f"connector {name} requires a pinned certificate, which the milter cannot check "
+            "(no certificate fingerprint macro)"
+        )
+        return replace(
+            decision,
+            action=FailAction.DEFER,
+            status="4.3.5",
+            reason=reason,
+            reply=f"TLS policy of connector {name} cannot be checked here, try again later",
+        )
+
+
+def _unverifiable_pin(decision: Decision) -> bool:
+    connector = decision.connector
+    if connector is None or connector.certificate is not CertRequirement.PINNED:
+        return False
+    if decision.outcome is Outcome.PASS:
+        return False
+    failed = next((check for check in decision.checks if not check.ok), None)
+    return failed is not None and failed.requirement in _PIN_REQUIREMENTS
+
+
+def _severity(decision: Decision) -> int:
+    if decision.action is FailAction.REJECT:
+        return 2
+    if decision.action is FailAction.DEFER:
+        return 1
+    return 0
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _guarded(callback: _F) -> _F:
+    """Answer TEMPFAIL, logged with the queue id, when a callback raises."""
+
+    @functools.wraps(callback)
+    def wrapper(self: TlsgateMilter, *args: Any) -> Any:
+        try:
+            return callback(self, *args)
+        except Exception:  # noqa: BLE001 - any failure must answer TEMPFAIL, never accept
+            return self._internal_error(callback.__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class TlsgateMilter(Milter.Base):  # type: ignore[misc]
+    """The state of one SMTP connection, and the callbacks that judge its messages."""
+
+    def __init__(self, judge: Judge) -> None:
+        self._judge = judge
+        self._client: Address | None = None
+        self._client_name: str | None = None
+        self._tls = TlsFacts()
+        self._host: str | None = None
+        self._queue_id: str | None = None
+        self._in_message = False
+        self._reset_message()
+
+    # --------------------------------------------------------------- per message state
+
+    def _reset_message(self) -> None:
+        self._sender: str | None = None
+        self._accepted: list[tuple[str, Decision]] = []
+        self._from_values: list[str] = []
+        self._trace_count = 0
+        self._queue_id = None
+        if self._in_message:
+            self._in_message = False
+            self._judge.activity.end()
+
+    def _macro(self, name: str) -> str | None:
+        value = self.getsymval(name)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        return value if isinstance(value, str) and value else None
+
+    def _refresh(self) -> None:
+        """Read the macros this callback carries; later ones add to what is known."""
+        self._tls = self._tls.merged(tls_from_macros(self._macro))
+        queue_id = self._macro("i")
+        if queue_id:
+            self._queue_id = queue_id[:MAX_QUEUE_ID]
+        host = self._macro("j")
+        if host:
+            self._host = host[:255]
+
+    def _facts(self, stage: Stage, recipient: str | None, header_from: str | None = None) -> SessionFacts:
+        tls = self._tls
+        return SessionFacts(
+            client_address=self._client,
+            sender=self._sender,
+            recipient=recipient,
+            header_from=header_from,
+            tls_protocol=tls.protocol,
+            tls_cipher=tls.cipher,
+            tls_cipher_bits=tls.cipher_bits,
+            cert_subject=tls.cert_subject,
+            cert_issuer=tls.cert_issuer,
+            stage=stage,
+            queue_id=self._queue_id,
+            client_name=self._client_name,
+        )
+
+    def _log(self, facts: SessionFacts, decision: Decision) -> None:
+        line = decision_line(facts, decision, stage=facts.stage.value)
+        if decision.connector is None:
+            log.debug("%s", line)
+        else:
+            log.info("%s", line)
+
+    def _refuse(self, decision: Decision) -> int:
+        code = str(decision.smtp_code or 450)
+        status = decision.status or ("5.7.1" if code.startswith("5") else "4.7.1")
+        self.setreply(code, status, reply_text(decision.reply, "TLS policy not met"))
+        return REJECT if decision.action is FailAction.REJECT else TEMPFAIL
+
+    def _refuse_unknown_rules(self) -> int:
+        settings = self._judge.settings
+        text = reply_text(settings.unknown_rules_text, "TLS policy rules are not available")
+        log.warning(
+            "%s: %s client=%s[%s]: no rules loaded yet",
+            self._queue_id or "NOQUEUE",
+            "reject" if settings.unknown_rules_action == "reject" else "defer",
+            self._client_name or "unknown",
+            self._client or "unknown",
+        )
+        if settings.unknown_rules_action == "reject":
+            self.setreply("550", "5.3.5", text)
+            return REJECT
+        self.setreply("451", "4.3.5", text)
+        return TEMPFAIL
+
+    def _internal_error(self, callback: str) -> int:
+        log.exception(
+            "%s: %s callback failed, answering TEMPFAIL", self._queue_id or "NOQUEUE", callback
+        )
+        if callback in ("close", "abort"):
+            return CONTINUE
+        try:
+            self.setreply("451", "4.3.0", "tlsgate-milter internal error, try again later")
+        except Exception:
+            log.exception("%s: cannot set the reply", self._queue_id or "NOQUEUE")
+        return TEMPFAIL
+
+    # --------------------------------------------------------------- callbacks
+
+    def negotiate(self, opts: list[int]) -> int:
+        rc: int = super().negotiate(opts)
+        if rc != CONTINUE:
+            return rc
+        wanted = Milter.ADDHDRS | Milter.CHGHDRS if self._judge.settings.trace_header else 0
+        if opts[0] & wanted != wanted:
+            log.warning("the MTA does not offer header changes: the trace header cannot be written")
+        opts[0] = self._actions = opts[0] & wanted
+        return rc
+
+    @_guarded
+    def connect(self, hostname: str, family: int, hostaddr: object) -> int:
+        self._client = client_address(family, hostaddr)
+        self._client_name = client_name(hostname)
+        self._refresh()
+        return CONTINUE
+
+    @_guarded
+    def hello(self, heloname: str) -> int:
+        self._refresh()
+        return CONTINUE
+
+    @_guarded
+    def envfrom(self, mailfrom: str, *params: str) -> int:
+        self._reset_message()
+        self._in_message = True
+        self._judge.activity.begin()
+        self._refresh()
+        self._sender = envelope_address(mailfrom)
+        return CONTINUE
+
+    @_guarded
+    def envrcpt(self, to: str, *params: str) -> int:
+        self._refresh()
+        snapshot = self._judge.snapshot()
+        if snapshot is None:
+            return self._refuse_unknown_rules()
+        recipient = envelope_address(to)
+        facts = self._facts(Stage.RCPT, recipient)
+        decision = self._judge.decide(snapshot, facts)
+        self._log(facts, decision)
+        if decision.action is not None:
+            return self._refuse(decision)
+        self._accepted.append((recipient, decision))
+        return CONTINUE
+
+    @_guarded
+    def header(self, name: str, value: str) -> int:
+        lowered = name.lower()
+        if lowered == "from":
+            self._from_values.append(value)
+        elif lowered == self._judge.settings.header_name.lower():
+            self._trace_count += 1
+        return CONTINUE
+
+    @_guarded
+    def eom(self) -> int:
+        try:
+            return self._end_of_message()
+        finally:
+            self._reset_message()
+
+    def _end_of_message(self) -> int:
+        self._refresh()
+        snapshot = self._judge.snapshot()
+        if snapshot is None:
+            return self._refuse_unknown_rules()
+        # Only author domains some header-From connector is scoped to can change a verdict;
+        # the others need no per-recipient decision.
+        index = snapshot.domains[Scope.HEADER_FROM]
+        authors = [
+            author for author in header_from_authors(self._from_values)
+            if index.lookup(address_domain(author) or "")
+        ]
+        standing: list[Decision] = []
+        refusal: Decision | None = None
+        for recipient, at_rcpt in self._accepted:
+            verdict = at_rcpt
+            for author in authors:
+                facts = self._facts(Stage.DATA, recipient, author)
+                decision = self._judge.decide(snapshot, facts)
+                connector = decision.connector
+                if connector is None or not connector.header_from_domains:
+                    continue  # judged at RCPT already
+                self._log(facts, decision)
+                if decision.outcome is Outcome.FAIL or verdict.connector is None:
+                    verdict = decision
+                if decision.action is not None and (
+                    refusal is None or _severity(decision) > _severity(refusal)
+                ):
+                    refusal = decision
+            standing.append(verdict)
+        if refusal is not None:
+            return self._refuse(refusal)
+        settings = self._judge.settings
+        if settings.trace_header:
+            # Delete from the last occurrence up, so earlier indexes stay valid whether or
+            # not the MTA renumbers after a deletion.
+            for index_ in range(self._trace_count, 0, -1):
+                self.chgheader(settings.header_name, index_, "")
+            value = trace_value(self._host, self._facts(Stage.DATA, None), standing)
+            self.addheader(settings.header_name, value, 0)
+        return CONTINUE
+
+    @_guarded
+    def abort(self) -> int:
+        self._reset_message()
+        return CONTINUE
+
+    @_guarded
+    def close(self) -> int:
+        self._reset_message()
+        return CONTINUE
+
+
+# ------------------------------------------------------------------- running the milter
+
+
+def libmilter_address(listen: str) -> str:
+    """Postfix-style ``unix:/path`` or ``inet:HOST:PORT`` -> libmilter's ``inet:PORT@HOST``."""
+    if listen.startswith("unix:"):
+        return listen
+    if not listen.startswith("inet:"):
+        raise ValueError(f"{listen!r} is not unix:/PATH or inet:HOST:PORT")
+    host, sep, port = listen[len("inet:"):].rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ValueError(f"{listen!r} is not unix:/PATH or inet:HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        return f"inet6:{port}@{host[1:-1]}"
+    return f"inet:{port}@{host}"
+
+
+def socket_path(listen: str) -> str | None:
+    return listen[len("unix:"):] if listen.startswith("unix:") else None
+
+
+def _install_callbacks() -> None:
+    # What Milter.runmilter does before it opens the socket; done here so that the socket
+    # can get its mode and group between opensocket() and main().
+    libmilter.set_connect_callback(Milter.connect_callback)
+    libmilter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    libmilter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    libmilter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    libmilter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    libmilter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    libmilter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    libmilter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    libmilter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    libmilter.set_close_callback(Milter.close_callback)
+
+
+def open_socket(judge: Judge, listen: str, mode: int, group: str | None, timeout: float) -> None:
+    """Register the milter with libmilter and create its listening socket.
+
+    A unix socket is created under a umask that already denies what ``mode`` denies, then
+    given ``group`` and exactly ``mode``, so it is never more open than configured.
+    """
+    # pymilter calls this global to make one handler per connection; the partial carries
+    # the judge, so the handler class itself has no global state.
+    Milter.factory = functools.partial(TlsgateMilter, judge)
+    _install_callbacks()
+    libmilter.setconn(libmilter_address(listen))
+    libmilter.settimeout(max(1, int(timeout)))
+    libmilter.register(
+        NAME,
+        data=lambda ctx: ctx.getpriv().data(),
+        unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+        negotiate=Milter.negotiate_callback,
+    )
+    path = socket_path(listen)
+    old_umask = os.umask(0o777 & ~mode) if path else None
+    try:
+        libmilter.opensocket(True)
+    finally:
+        if old_umask is not None:
+            os.umask(old_umask)
+    if path:
+        if group:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(path, mode)
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise OSError(f"{path} is not a socket after opening it")
+
+
+def serve() -> None:
+    """Run libmilter's accept loop until :func:`stop`; blocks the calling thread."""
+    libmilter.main()
+
+
+def stop() -> None:
+    libmilter.stop()

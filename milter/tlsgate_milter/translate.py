@@ -1,0 +1,207 @@
+"""Pure translations between what an MTA gives a milter and tlsgate's values, with no I/O.
+
+Macros become TLS facts (Postfix and Sendmail spell "verified" differently), the connect
+callback's address becomes an IP address, RFC 5322 From header fields become the author
+addresses to judge, and a decision becomes the trace header's value and a reply text that
+libmilter accepts. Every input is bounded, so a hostile header cannot make the milter work
+hard or write an unbounded header.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from tlsgate.decisionlog import verdict_word
+from tlsgate.model import Decision, Outcome, SessionFacts
+from tlsgate.patterns import Address, address_domain, parse_address
+
+#: the macros read at every callback; Postfix sends them only where milter_*_macros say so
+TLS_MACROS = ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}")
+#: Sendmail only: the verification result; "OK" is the one value meaning a verified chain
+VERIFY_MACRO = "{verify}"
+
+MAX_MACRO = 1024  # a certificate name longer than this is cut, never trusted in full
+MAX_FROM_FIELDS = 16  # more From fields than this are malformed; the first ones are judged
+MAX_FROM_VALUE = 8192
+MAX_AUTHORS = 32
+MAX_REPLY = 400  # an SMTP reply line is 512 octets with the code and status
+MAX_TRACE_VALUE = 900  # a header line stays under 998 octets
+
+MacroGetter = Callable[[str], "str | None"]
+
+_CN = re.compile(r"(?:^|[/,]\s*)CN=((?:\\.|[^/,\\])+)", re.IGNORECASE)
+_BARE_DOMAIN = re.compile(r"@([A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFacts:
+    """The TLS state of one SMTP session as the MTA's macros describe it."""
+
+    protocol: str | None = None
+    cipher: str | None = None
+    cipher_bits: int = 0
+    cert_subject: str | None = None  # verified chain only
+    cert_issuer: str | None = None  # verified chain only
+
+    def merged(self, newer: TlsFacts) -> TlsFacts:
+        """A session cannot leave TLS: keep what is known, let later macros add to it."""
+        if newer.protocol is None:
+            return self
+        return newer
+
+
+def _clean(value: str | None) -> str | None:
+    if value is None:
+        return None
+    text = _UNSAFE.sub("", value).strip()[:MAX_MACRO]
+    return text or None
+
+
+def common_name(subject: str) -> str:
+    """The CN of a distinguished name (Sendmail's ``/C=US/O=X/CN=mx.example``), else the text.
+
+    Postfix already gives the CN alone; a value without ``CN=`` is returned unchanged.
+    """
+    found = _CN.findall(subject)
+    if not found:
+        return subject
+    return str(found[-1]).replace("\\", "").strip()
+
+
+def tls_from_macros(get: MacroGetter) -> TlsFacts:
+    """Read the TLS macros through ``get`` (a milter's getsymval).
+
+    Postfix sends ``{cert_subject}``/``{cert_issuer}`` only for a chain that verified against
+    smtpd_tls_CAfile. Sendmail sends them for any certificate and says in ``{verify}``
+    whether it verified: there, only ``OK`` makes the names count.
+    """
+    protocol = _clean(get("{tls_version}"))
+    if protocol is None:
+        return TlsFacts()
+    cipher = _clean(get("{cipher}"))
+    bits_text = _clean(get("{cipher_bits}")) or ""
+    bits = int(bits_text) if bits_text.isdigit() and len(bits_text) <= 5 else 0
+    subject = _clean(get("{cert_subject}"))
+    issuer = _clean(get("{cert_issuer}"))
+    verify = _clean(get(VERIFY_MACRO))
+    if verify is not None and verify.upper() != "OK":
+        subject = issuer = None  # Sendmail: a certificate was shown but did not verify
+    if subject is not None:
+        subject = common_name(subject)
+        issuer = common_name(issuer) if issuer is not None else None
+    else:
+        issuer = None  # an issuer without a verified subject means nothing
+    return TlsFacts(protocol, cipher, bits, subject, issuer)
+
+
+def client_address(family: int, hostaddr: object) -> Address | None:
+    """The client IP from the connect callback; None for a local (unix) or unknown client.
+
+    pymilter gives ``(ip, port)`` for AF_INET, ``(ip, port, flowinfo, scope)`` for AF_INET6
+    and the socket path for AF_UNIX; a bare string is accepted for IP families too.
+    """
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    if isinstance(hostaddr, tuple) and hostaddr:
+        hostaddr = hostaddr[0]
+    if not isinstance(hostaddr, str):
+        return None
+    return parse_address(hostaddr[:64])
+
+
+def client_name(hostname: str | None) -> str | None:
+    """The verified PTR name, or None where the MTA shows the bracketed address instead."""
+    name = _clean(hostname)
+    if name is None or name.startswith("["):
+        return None
+    return name[:255]
+
+
+def envelope_address(value: str) -> str:
+    """``<a@b>`` -> ``a@b``; ``<>`` -> ``""`` (the null sender)."""
+    text = _UNSAFE.sub("", value).strip()[:MAX_MACRO]
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    return text.strip()
+
+
+def header_from_authors(values: Sequence[str]) -> tuple[str, ...]:
+    """The author addresses of the From header fields, each with a domain, at most MAX_AUTHORS.
+
+    RFC 5322 wants one From field; it may list several mailboxes. Every mailbox is judged,
+    so adding a second author cannot dilute a connector's scope. When a non-empty field
+    yields no address getaddresses understands, the ``@domain`` parts of its raw text are
+    judged instead, so a malformed From cannot slip past a header-From connector either.
+    """
+    fields = [v[:MAX_FROM_VALUE] for v in values[:MAX_FROM_FIELDS]]
+    authors: list[str] = []
+    for field in fields:
+        found = [
+            addr for _, addr in email.utils.getaddresses([field])
+            if "@" in addr and address_domain(addr) is not None
+        ]
+        if not found and field.strip():
+            found = [f"unparsed@{d}" for d in _BARE_DOMAIN.findall(field)
+                     if address_domain(f"x@{d}") is not None]
+        for addr in found:
+            if addr not in authors:
+                authors.append(addr)
+    return tuple(authors[:MAX_AUTHORS])
+
+
+def reply_text(text: str | None, fallback: str) -> str:
+    """A one-line reply text libmilter accepts: no control characters, ``%`` doubled."""
+    line = _UNSAFE.sub(" ", text or fallback).strip()[:MAX_REPLY] or fallback
+    return line.replace("%", "%%")
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def trace_value(
+    host: str | None,
+    facts: SessionFacts,
+    decisions: Iterable[Decision],
+) -> str:
+    """The trace header's value for one message.
+
+    ``decisions`` are the verdicts that stand for the accepted recipients; the most severe
+    one is the headline (a failure over a monitored failure over a connector's pass over no
+    connector), and every connector met is listed.
+    """
+    chosen = list(decisions)
+    headline = max(chosen, key=_severity) if chosen else None
+    parts = [host or "localhost"]
+    parts.append(f"verdict={verdict_word(headline) if headline else 'pass'}")
+    names = sorted({d.connector.name for d in chosen if d.connector is not None})
+    parts.append(f"connector={','.join(names) if names else 'none'}")
+    if headline is not None and headline.status:
+        parts.append(f"status={headline.status}")
+    if facts.tls_protocol:
+        parts.append(f"tls={facts.tls_protocol}")
+        parts.append(f"cipher={facts.tls_cipher or 'unknown'}")
+        parts.append(f"bits={facts.tls_cipher_bits}")
+        parts.append(f"verified={'yes' if facts.cert_subject else 'no'}")
+        if facts.cert_subject:
+            parts.append(f"cert={_quoted(facts.cert_subject[:200])}")
+            if facts.cert_issuer:
+                parts.append(f"issuer={_quoted(facts.cert_issuer[:200])}")
+    else:
+        parts.append("tls=none")
+    if headline is not None and headline.reason and headline.outcome is Outcome.FAIL:
+        parts.append(f"reason={_quoted(headline.reason[:300])}")
+    value = "; ".join(parts)
+    return _UNSAFE.sub(" ", value)[:MAX_TRACE_VALUE]
+
+
+def _severity(decision: Decision) -> tuple[int, int]:
+    permanent = 1 if (decision.status or "").startswith("5") else 0
+    if decision.outcome is Outcome.FAIL:
+        return (3 if decision.action is not None else 2, permanent)
+    return (1 if decision.connector is not None else 0, 0)

@@ -1,0 +1,381 @@
+"""The milter's callbacks driven in-process with pymilter's Milter.testctx.TestCtx, against
+rules loaded from a real SQLite database: per-recipient refusals at RCPT, header-From
+connectors at end of message, pinned connectors, monitor mode, the trace header (forged
+copies removed), unknown rules and exceptions answering TEMPFAIL."""
+
+from __future__ import annotations
+
+import email.message
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import Milter
+import pytest
+from Milter import testctx
+from tlsgate_milter.milter import Judge, MilterSettings, TlsgateMilter
+
+from tests.milter.milterhelp import make_rules_db
+from tlsgate.snapshot import Snapshot
+from tlsgate.store import load, open_engine
+
+RULES = """
+INSERT INTO inbound_connector (name, require_tls, on_failure) VALUES ('contoso-in', 1, 'reject');
+INSERT INTO inbound_domain VALUES ('contoso-in', 'sender', 'contoso.test');
+INSERT INTO inbound_connector (name, require_tls, certificate, on_failure)
+    VALUES ('fabrikam-in', 1, 'trusted', 'reject');
+INSERT INTO inbound_domain VALUES ('fabrikam-in', 'sender', 'fabrikam.test');
+INSERT INTO inbound_cert_name VALUES ('fabrikam-in', 'subject', 'mx.fabrikam.test');
+INSERT INTO inbound_connector (name, require_tls, on_failure) VALUES ('hr-in', 1, 'defer');
+INSERT INTO inbound_domain VALUES ('hr-in', 'recipient', 'hr.example.test');
+INSERT INTO inbound_connector (name, require_tls, on_failure) VALUES ('bank-hdr', 1, 'reject');
+INSERT INTO inbound_domain VALUES ('bank-hdr', 'header_from', 'bank.test');
+INSERT INTO inbound_connector (name, require_tls, on_failure) VALUES ('soft-hdr', 1, 'defer');
+INSERT INTO inbound_domain VALUES ('soft-hdr', 'header_from', 'soft.test');
+INSERT INTO inbound_connector (name, require_tls, certificate, on_failure)
+    VALUES ('pinned-in', 1, 'pinned', 'reject');
+INSERT INTO inbound_domain VALUES ('pinned-in', 'sender', 'pinned.test');
+INSERT INTO inbound_connector (name, require_tls, mode, on_failure) VALUES ('watch-in', 1, 'monitor', 'reject');
+INSERT INTO inbound_domain VALUES ('watch-in', 'sender', 'watch.test');
+"""
+
+TLS13 = {"{tls_version}": "TLSv1.3", "{cipher}": "TLS_AES_256_GCM_SHA384", "{cipher_bits}": "256"}
+
+
+class FixedCtx(testctx.TestCtx):  # type: ignore[misc]
+    """TestCtx of pymilter 1.0.5 with two bugs worked around.
+
+    Its getsymval compares ``self._stage >= 0`` while the header callback (and any code
+    between callbacks) runs with ``_stage = None``: a TypeError. And negotiation writes into
+    the class-level ``default_opts`` list, leaking one test's options into the next.
+    """
+
+    def getsymval(self, name: str) -> str | None:
+        if getattr(self, "_stage", None) is None:
+            value: str | None = self._macros.get(name)
+            return value
+        result: str | None = super().getsymval(name)
+        return result
+
+    def _negotiate(self) -> int:
+        testctx.TestCtx.default_opts = [Milter.CURR_ACTS, 0x1FFFFF, 0, 0]
+        rc: int = super()._negotiate()
+        return rc
+
+
+@dataclass
+class Session:
+    """One SMTP session through the milter, step by step, with what it answered."""
+
+    ctx: FixedCtx
+    replies: dict[str, tuple[int, tuple[object, ...] | None]] = field(default_factory=dict)
+
+    def macros(self, values: dict[str, str]) -> None:
+        for name, value in values.items():
+            self.ctx._setsymval(name, value)
+
+    def message(
+        self,
+        sender: str,
+        recipients: list[str],
+        headers: list[tuple[str, str]] | None = None,
+    ) -> tuple[int | None, email.message.Message]:
+        """MAIL, RCPT each, then DATA to end of message for the accepted ones.
+
+        Returns the end-of-message answer (None when no recipient was accepted) and the
+        message as the milter left it.
+        """
+        ctx = self.ctx
+        ctx._reply = None
+        assert ctx._envfrom(f"<{sender}>") == Milter.CONTINUE
+        accepted = []
+        for rcpt in recipients:
+            ctx._reply = None
+            rc = ctx._envrcpt(f"<{rcpt}>")
+            self.replies[rcpt] = (rc, ctx._reply)
+            if rc == Milter.CONTINUE:
+                accepted.append(rcpt)
+        msg = email.message.Message()
+        for name, value in headers if headers is not None else [("From", sender)]:
+            msg[name] = value
+        msg["Subject"] = "test"
+        msg.set_payload("hello\n")
+        if not accepted:
+            return None, msg
+        ctx._msg = msg
+        ctx._reply = None
+        assert ctx._data() == Milter.CONTINUE
+        for name, value in msg.items():
+            assert ctx._header(name, value) == Milter.CONTINUE
+        ctx._eoh()
+        return ctx._eom(), msg
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Snapshot:
+    path: Path = tmp_path_factory.mktemp("rules") / "rules.sqlite"
+    engine = open_engine(make_rules_db(path, RULES))
+    try:
+        result = load(engine)
+    finally:
+        engine.dispose()
+    assert not result.errors
+    return result.snapshot
+
+
+@pytest.fixture
+def connect(snapshot: Snapshot) -> Iterator[Callable[..., Session]]:
+    def start(
+        ip: str = "192.0.2.7",
+        tls: dict[str, str] | None = None,
+        settings: MilterSettings | None = None,
+        snap: Snapshot | None = snapshot,
+    ) -> Session:
+        judge = Judge(snapshot=lambda: snap, settings=settings or MilterSettings())
+        Milter.factory = lambda: TlsgateMilter(judge)
+        ctx = FixedCtx()
+        session = Session(ctx)
+        session.macros({"j": "mx.example.test"})
+        if tls:
+            session.macros(tls)
+        assert ctx._connect(host="client.example", helo="client.example", ip=ip) == Milter.CONTINUE
+        sessions.append(session)
+        return session
+
+    sessions: list[Session] = []
+    yield start
+    for session in sessions:
+        session.ctx._close()
+
+
+def test_negotiates_only_header_actions_and_skips_the_body(connect: Callable[..., Session]) -> None:
+    session = connect()
+    milter = session.ctx.getpriv()
+    assert milter._actions == Milter.ADDHDRS | Milter.CHGHDRS
+    assert session.ctx._protocol & Milter.P_NOBODY
+    assert not session.ctx._protocol & Milter.P_NOHDRS
+
+
+def test_negotiates_no_action_without_the_trace_header(connect: Callable[..., Session]) -> None:
+    session = connect(settings=MilterSettings(trace_header=False))
+    assert session.ctx.getpriv()._actions == 0
+
+
+def test_plaintext_refused_per_recipient_for_a_recipient_connector(connect: Callable[..., Session]) -> None:
+    session = connect()
+    rc, msg = session.message("a@else.test", ["x@hr.example.test", "y@example.test"])
+    assert session.replies["x@hr.example.test"] == (
+        Milter.TEMPFAIL, ("450", "4.7.10", "TLS required by connector hr-in")
+    )
+    assert session.replies["y@example.test"] == (Milter.CONTINUE, None)
+    assert rc == Milter.CONTINUE  # the other recipient's message goes on
+    assert "verdict=pass; connector=none; tls=none" in msg["X-TLSgate"]
+
+
+def test_require_tls_sender_plaintext_rejected(connect: Callable[..., Session]) -> None:
+    session = connect()
+    rc, _ = session.message("a@contoso.test", ["b@example.test"])
+    assert rc is None
+    assert session.replies["b@example.test"] == (
+        Milter.REJECT, ("550", "5.7.10", "TLS required by connector contoso-in")
+    )
+
+
+def test_require_tls_sender_over_tls_accepted_with_trace_header(connect: Callable[..., Session]) -> None:
+    session = connect(tls=TLS13)
+    rc, msg = session.message("a@contoso.test", ["b@example.test"])
+    assert rc == Milter.CONTINUE
+    assert msg["X-TLSgate"] == (
+        "mx.example.test; verdict=pass; connector=contoso-in; tls=TLSv1.3; "
+        "cipher=TLS_AES_256_GCM_SHA384; bits=256; verified=no"
+    )
+
+
+def test_trusted_certificate_name(connect: Callable[..., Session]) -> None:
+    good = connect(tls={**TLS13, "{cert_subject}": "mx.fabrikam.test", "{cert_issuer}": "Lab Test CA"})
+    rc, msg = good.message("a@fabrikam.test", ["b@example.test"])
+    assert rc == Milter.CONTINUE
+    assert 'verified=yes; cert="mx.fabrikam.test"; issuer="Lab Test CA"' in msg["X-TLSgate"]
+    wrong = connect(tls={**TLS13, "{cert_subject}": "mx.other.test", "{cert_issuer}": "Lab Test CA"})
+    wrong.message("a@fabrikam.test", ["b@example.test"])
+    rc, reply = wrong.replies["b@example.test"]
+    assert rc == Milter.REJECT
+    assert reply is not None and reply[:2] == ("550", "5.7.1")
+    unverified = connect(tls=TLS13)  # Postfix sends no {cert_subject} for an untrusted chain
+    unverified.message("a@fabrikam.test", ["b@example.test"])
+    assert unverified.replies["b@example.test"][0] == Milter.REJECT
+
+
+def test_sendmail_verify_macro_decides_whether_the_name_counts(connect: Callable[..., Session]) -> None:
+    subject = "/C=US/O=Fabrikam/CN=mx.fabrikam.test"
+    ok = connect(tls={**TLS13, "{cert_subject}": subject, "{cert_issuer}": "/CN=Lab Test CA", "{verify}": "OK"})
+    rc, msg = ok.message("a@fabrikam.test", ["b@example.test"])
+    assert rc == Milter.CONTINUE
+    assert 'cert="mx.fabrikam.test"; issuer="Lab Test CA"' in msg["X-TLSgate"]
+    failed = connect(tls={**TLS13, "{cert_subject}": subject, "{verify}": "FAIL"})
+    failed.message("a@fabrikam.test", ["b@example.test"])
+    assert failed.replies["b@example.test"][0] == Milter.REJECT
+
+
+def test_header_from_connector_refuses_at_end_of_message(connect: Callable[..., Session]) -> None:
+    session = connect()
+    rc, _ = session.message("bounce@mailer.test", ["b@example.test", "c@example.test"],
+                            [("From", "Bank <alerts@bank.test>")])
+    assert session.replies["b@example.test"] == (Milter.CONTINUE, None)  # envelope is fine
+    assert rc == Milter.REJECT
+    assert session.ctx._reply == ("550", "5.7.10", "TLS required by connector bank-hdr")
+
+
+def test_header_from_connector_passes_over_tls(connect: Callable[..., Session]) -> None:
+    session = connect(tls=TLS13)
+    rc, msg = session.message("bounce@mailer.test", ["b@example.test"], [("From", "alerts@bank.test")])
+    assert rc == Milter.CONTINUE
+    assert "verdict=pass; connector=bank-hdr; tls=TLSv1.3" in msg["X-TLSgate"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("From", "someone@else.test, alerts@bank.test")],  # several authors in one field
+        [("From", "someone@else.test"), ("From", "alerts@bank.test")],  # two From fields
+        [("From", "Alerts <alerts@bank.test")],  # malformed: the raw @domain is judged
+    ],
+    ids=["two-mailboxes", "two-fields", "malformed"],
+)
+def test_every_author_is_judged(connect: Callable[..., Session], headers: list[tuple[str, str]]) -> None:
+    session = connect()
+    rc, _ = session.message("bounce@mailer.test", ["b@example.test"], headers)
+    assert rc == Milter.REJECT
+
+
+def test_strictest_header_from_verdict_wins(connect: Callable[..., Session]) -> None:
+    session = connect()
+    rc, _ = session.message("x@mailer.test", ["b@example.test"], [("From", "a@soft.test, b@bank.test")])
+    assert rc == Milter.REJECT
+    soft = connect()
+    rc, _ = soft.message("x@mailer.test", ["b@example.test"], [("From", "a@soft.test")])
+    assert rc == Milter.TEMPFAIL
+    assert soft.ctx._reply[:2] == ("450", "4.7.10")
+
+
+def test_no_from_header_matches_no_header_from_connector(connect: Callable[..., Session]) -> None:
+    session = connect()
+    rc, msg = session.message("x@mailer.test", ["b@example.test"], [])
+    assert rc == Milter.CONTINUE
+    assert "connector=none" in msg["X-TLSgate"]
+
+
+def test_forged_trace_headers_are_removed(connect: Callable[..., Session]) -> None:
+    session = connect(tls=TLS13)
+    forged = [("From", "a@contoso.test"), ("X-TLSgate", "verdict=pass; forged"),
+              ("x-tlsgate", "another forged one")]
+    rc, msg = session.message("a@contoso.test", ["b@example.test"], forged)
+    assert rc == Milter.CONTINUE
+    values = msg.get_all("X-TLSgate")
+    assert values is not None and len(values) == 1
+    assert "forged" not in values[0] and "connector=contoso-in" in values[0]
+    milter = session.ctx.getpriv()
+    assert milter._trace_count == 0  # reset for the next message
+
+
+def test_trace_header_can_be_renamed_or_disabled(connect: Callable[..., Session]) -> None:
+    renamed = connect(settings=MilterSettings(header_name="X-Gate"))
+    _, msg = renamed.message("a@else.test", ["b@example.test"])
+    assert msg["X-Gate"] is not None and msg["X-TLSgate"] is None
+    off = connect(settings=MilterSettings(trace_header=False))
+    rc, msg = off.message("a@else.test", ["b@example.test"], [("From", "a@else.test"), ("X-TLSgate", "kept")])
+    assert rc == Milter.CONTINUE
+    assert msg["X-TLSgate"] == "kept"
+
+
+def test_monitor_mode_accepts_and_records_what_would_have_happened(connect: Callable[..., Session]) -> None:
+    session = connect()
+    rc, msg = session.message("a@watch.test", ["b@example.test"])
+    assert session.replies["b@example.test"] == (Milter.CONTINUE, None)
+    assert rc == Milter.CONTINUE
+    value = msg["X-TLSgate"]
+    assert "verdict=monitor-reject; connector=watch-in; status=5.7.10; tls=none" in value
+    assert 'reason="TLS required by connector watch-in"' in value
+
+
+def test_pinned_connector_tempfails_by_default(connect: Callable[..., Session]) -> None:
+    session = connect(tls=TLS13)
+    session.message("a@pinned.test", ["b@example.test"])
+    rc, reply = session.replies["b@example.test"]
+    assert rc == Milter.TEMPFAIL
+    assert reply is not None and reply[:2] == ("450", "4.3.5")
+    assert "cannot be checked here" in str(reply[2])
+
+
+def test_pinned_connector_left_to_the_policy_daemon(connect: Callable[..., Session]) -> None:
+    session = connect(tls=TLS13, settings=MilterSettings(pinned_action="policyd"))
+    rc, msg = session.message("a@pinned.test", ["b@example.test"])
+    assert rc == Milter.CONTINUE
+    assert "connector=pinned-in" in msg["X-TLSgate"]
+
+
+def test_pinned_connector_still_refuses_what_the_milter_can_see(connect: Callable[..., Session]) -> None:
+    session = connect(settings=MilterSettings(pinned_action="policyd"))  # no TLS at all
+    session.message("a@pinned.test", ["b@example.test"])
+    assert session.replies["b@example.test"] == (
+        Milter.REJECT, ("550", "5.7.10", "TLS required by connector pinned-in")
+    )
+
+
+def test_no_rules_yet_is_a_temporary_failure(connect: Callable[..., Session]) -> None:
+    session = connect(snap=None)
+    session.message("a@else.test", ["b@example.test"])
+    assert session.replies["b@example.test"] == (
+        Milter.TEMPFAIL, ("451", "4.3.5", "TLS policy rules are not available, try again later")
+    )
+
+
+def test_ipv6_client_and_queue_id_reach_the_log(
+    connect: Callable[..., Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tlsgate.milter")
+    session = connect(ip="2001:db8::25")
+    session.macros({"i": "4F2A1C3B"})
+    session.message("a@contoso.test", ["b@example.test"])
+    assert (
+        "4F2A1C3B: reject connector=contoso-in stage=rcpt client=client.example[2001:db8::25] "
+        "from=<a@contoso.test> to=<b@example.test> tls=none status=5.7.10"
+    ) in caplog.text
+
+
+def test_an_exception_answers_tempfail_and_is_logged_with_the_queue_id(
+    connect: Callable[..., Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> Snapshot:
+        raise RuntimeError("boom")
+
+    judge = Judge(snapshot=broken)
+    Milter.factory = lambda: TlsgateMilter(judge)
+    ctx = FixedCtx()
+    ctx._setsymval("i", "ABCDEF12")
+    assert ctx._connect(host="client.example", helo="client.example", ip="192.0.2.7") == Milter.CONTINUE
+    assert ctx._envfrom("<a@contoso.test>") == Milter.CONTINUE
+    assert ctx._envrcpt("<b@example.test>") == Milter.TEMPFAIL
+    assert ctx._reply == ("451", "4.3.0", "tlsgate-milter internal error, try again later")
+    assert "ABCDEF12: envrcpt callback failed, answering TEMPFAIL" in caplog.text
+    assert "RuntimeError: boom" in caplog.text
+    ctx._close()
+
+
+def test_a_percent_in_a_reply_text_is_doubled_for_libmilter(tmp_path: Path) -> None:
+    url = make_rules_db(tmp_path / "r.sqlite", """
+        INSERT INTO inbound_connector (name, require_tls, on_failure, reply_text)
+            VALUES ('pct', 1, 'reject', '100% TLS please');
+        INSERT INTO inbound_domain VALUES ('pct', 'sender', 'pct.test');""")
+    engine = open_engine(url)
+    snap = load(engine).snapshot
+    engine.dispose()
+    judge = Judge(snapshot=lambda: snap)
+    Milter.factory = lambda: TlsgateMilter(judge)
+    ctx = FixedCtx()
+    ctx._connect(host="client.example", helo="client.example", ip="192.0.2.7")
+    ctx._envfrom("<a@pct.test>")
+    assert ctx._envrcpt("<b@example.test>") == Milter.REJECT
+    assert ctx._reply == ("550", "5.7.10", "100%% TLS please")
+    ctx._close()

@@ -1,0 +1,122 @@
+"""The milter's pure translations: macros to TLS facts, connect addresses, From header
+authors, reply texts, and Postfix-style socket names to libmilter's."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+from tlsgate_milter.milter import libmilter_address
+from tlsgate_milter.translate import (
+    MAX_REPLY,
+    TlsFacts,
+    client_address,
+    client_name,
+    common_name,
+    envelope_address,
+    header_from_authors,
+    reply_text,
+    tls_from_macros,
+)
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ("unix:/run/tlsgate/milter.sock", "unix:/run/tlsgate/milter.sock"),
+        ("inet:127.0.0.1:8891", "inet:8891@127.0.0.1"),
+        ("inet:localhost:8891", "inet:8891@localhost"),
+        ("inet:[::1]:8891", "inet6:8891@::1"),
+    ],
+)
+def test_libmilter_address(listen: str, expected: str) -> None:
+    assert libmilter_address(listen) == expected
+
+
+@pytest.mark.parametrize("listen", ["inet:127.0.0.1", "inet::25", "inet:host:0", "tcp:1.2.3.4:25", "inet:h:99999"])
+def test_libmilter_address_rejects(listen: str) -> None:
+    with pytest.raises(ValueError):
+        libmilter_address(listen)
+
+
+def _getter(values: dict[str, str]):  # type: ignore[no-untyped-def]
+    return values.get
+
+
+@pytest.mark.parametrize(
+    ("macros", "expected"),
+    [
+        ({}, TlsFacts()),
+        ({"{cipher}": "X"}, TlsFacts()),  # no version: no TLS
+        ({"{tls_version}": "TLSv1.3", "{cipher}": "TLS_AES_128_GCM_SHA256", "{cipher_bits}": "128"},
+         TlsFacts("TLSv1.3", "TLS_AES_128_GCM_SHA256", 128)),
+        ({"{tls_version}": "TLSv1.2", "{cipher_bits}": "lots"}, TlsFacts("TLSv1.2", None, 0)),
+        ({"{tls_version}": "TLSv1.3", "{cert_subject}": "mx.a.test", "{cert_issuer}": "CA"},
+         TlsFacts("TLSv1.3", None, 0, "mx.a.test", "CA")),
+        ({"{tls_version}": "TLSv1.3", "{cert_issuer}": "CA"}, TlsFacts("TLSv1.3")),
+        ({"{tls_version}": "TLSv1.3", "{cert_subject}": "/O=A/CN=mx.a.test", "{verify}": "OK"},
+         TlsFacts("TLSv1.3", None, 0, "mx.a.test")),
+        ({"{tls_version}": "TLSv1.3", "{cert_subject}": "/O=A/CN=mx.a.test", "{verify}": "FAIL"},
+         TlsFacts("TLSv1.3")),
+        ({"{tls_version}": "TLSv1.3", "{cert_subject}": "mx\r\n.a.test"}, TlsFacts("TLSv1.3", None, 0, "mx.a.test")),
+    ],
+)
+def test_tls_from_macros(macros: dict[str, str], expected: TlsFacts) -> None:
+    assert tls_from_macros(_getter(macros)) == expected
+
+
+def test_tls_facts_never_go_back_to_plaintext() -> None:
+    tls = TlsFacts("TLSv1.3", "C", 256)
+    assert tls.merged(TlsFacts()) is tls
+    assert TlsFacts().merged(tls) is tls
+
+
+@pytest.mark.parametrize(
+    ("dn", "cn"),
+    [("mx.a.test", "mx.a.test"), ("/C=US/O=A/CN=mx.a.test", "mx.a.test"),
+     ("CN=mx.a.test, O=A", "mx.a.test"), ("/O=A\\/B/CN=x.test", "x.test")],
+)
+def test_common_name(dn: str, cn: str) -> None:
+    assert common_name(dn) == cn
+
+
+def test_client_address_per_family() -> None:
+    assert client_address(socket.AF_INET, ("192.0.2.1", 4711)) == ipaddress.ip_address("192.0.2.1")
+    assert client_address(socket.AF_INET6, ("2001:db8::1", 25, 0, 0)) == ipaddress.ip_address("2001:db8::1")
+    assert client_address(socket.AF_INET6, ("::ffff:192.0.2.9", 25, 0, 0)) == ipaddress.ip_address("192.0.2.9")
+    assert client_address(socket.AF_INET, "192.0.2.1") == ipaddress.ip_address("192.0.2.1")
+    assert client_address(socket.AF_UNIX, "/var/run/x") is None
+    assert client_address(0, None) is None
+    assert client_address(socket.AF_INET, ("garbage", 1)) is None
+
+
+def test_client_name_and_envelope() -> None:
+    assert client_name("[192.0.2.1]") is None
+    assert client_name("mail.a.test") == "mail.a.test"
+    assert envelope_address("<a@b.test>") == "a@b.test"
+    assert envelope_address("<>") == ""
+
+
+@pytest.mark.parametrize(
+    ("values", "authors"),
+    [
+        ([], ()),
+        (["Alice <a@a.test>"], ("a@a.test",)),
+        (["a@a.test, Bob <b@b.test>"], ("a@a.test", "b@b.test")),
+        (["a@a.test", "b@b.test", "a@a.test"], ("a@a.test", "b@b.test")),
+        (["undisclosed-recipients:;"], ()),
+        (["Alice <a@a.test"], ("a@a.test",)),  # getaddresses copes
+        (["Bank <@b.test>"], ("unparsed@b.test",)),  # nothing parsed: raw @domain judged
+        (['"ceo@bank.test" <evil@evil.test>'], ("evil@evil.test",)),  # display names are not authors
+        (["=?utf-8?q?Al=C3=AFce?= <a@a.test>"], ("a@a.test",)),
+    ],
+)
+def test_header_from_authors(values: list[str], authors: tuple[str, ...]) -> None:
+    assert header_from_authors(values) == authors
+
+
+def test_reply_text_is_one_bounded_line_with_percent_doubled() -> None:
+    assert reply_text("50% off\r\nnext", "x") == "50%% off  next"
+    assert reply_text(None, "fallback") == "fallback"
+    assert len(reply_text("a" * 5000, "x")) == MAX_REPLY
