@@ -310,3 +310,58 @@ def test_pinned_partner(
         assert text in got_text
         assert not delivered
         assert instance.delivered(recipient) == []
+
+
+@pytest.mark.postfix
+def test_engine_decides_on_the_attributes_postfix_sends(
+    recording_postfix: tuple[PrivatePostfix, _Recorder], partners: dict[str, IssuedCert], tmp_path: Path
+) -> None:
+    """Without the daemon: the decision engine, fed the exact fingerprints a real Postfix
+    sent (sha256, then md5), with rules registered by `tlsgate cert add`."""
+    from tlsgate.engine import decide
+    from tlsgate.model import SessionFacts
+    from tlsgate.store import load, open_engine
+
+    database = tmp_path / "rules.sqlite"
+    assert _tlsgate(database, "db", "init").returncode == 0
+    with sqlite3.connect(database) as conn:
+        conn.execute(
+            "INSERT INTO inbound_connector (name, certificate, require_organization, require_unit, on_failure) "
+            "VALUES ('partner-in', 'pinned', 'Partner Org', 'Mail', 'reject')"
+        )
+        conn.execute(f"INSERT INTO inbound_domain VALUES ('partner-in', 'sender', '{PARTNER_DOMAIN}')")
+    for name in ("pinned", "expired", "other-org", "other-unit"):
+        added = _tlsgate(database, "cert", "add", "partner-in", str(partners[name].cert_path))
+        assert added.returncode == 0, added.stderr
+    engine = open_engine(f"sqlite:///{database}")
+    snapshot = load(engine).snapshot
+    engine.dispose()
+    expected = {
+        "pinned": None, "renewed": None, "impostor": "is not registered", "expired": "expired on",
+        "other-org": "organization Other Org", "other-unit": "organizational unit Sales",
+    }
+    instance, recorder = recording_postfix
+    for digest in ("sha256", "md5"):
+        instance.reload({"smtpd_tls_fingerprint_digest": digest})
+        for name, reason in expected.items():
+            recipient = f"engine-{digest}-{name}@tlsgate.test"
+            result = send(instance.port, f"a@{PARTNER_DOMAIN}", [recipient], starttls=True,
+                          cert=partners[name].cert_path, key=partners[name].key_path)
+            assert result.delivered, result
+            request = recorder.for_recipient(recipient)
+            facts = SessionFacts(
+                client_address=None,
+                sender=request["sender"],
+                recipient=request["recipient"],
+                tls_protocol=request["encryption_protocol"] or None,
+                tls_cipher=request["encryption_cipher"] or None,
+                cert_fingerprint=request["ccert_fingerprint"] or None,
+                pubkey_fingerprint=request["ccert_pubkey_fingerprint"] or None,
+            )
+            decision = decide(snapshot, facts, _now())
+            assert decision.connector is not None and decision.connector.name == "partner-in"
+            if reason is None:
+                assert decision.action is None, (digest, name, decision.reason)
+            else:
+                assert decision.action is not None and decision.status == "5.7.1", (digest, name)
+                assert reason in (decision.reason or ""), (digest, name, decision.reason)
