@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from tlsgate.store import load
+from tlsgate.model import CertRequirement
+from tlsgate.store import RowProblem, load
 
 if TYPE_CHECKING:
     from tlsgate.cli import Context
@@ -34,6 +35,17 @@ def _days(text: str) -> int:
 
 def cmd_lint(args: argparse.Namespace, ctx: Context) -> int:
     result = load(ctx.engine, expiry_days=args.expiry_days)
+    if ctx.config.milter.pinned_action == "tempfail":
+        # A milter never sees a certificate fingerprint under Postfix: tlsgate-milter
+        # answers 4xx for these connectors unless the policy daemon is trusted with them.
+        result.problems.extend(
+            RowProblem("warning", "inbound_connector", (c.name,), "certificate",
+                       "is 'pinned', which only tlsgate-policyd can check: tlsgate-milter defers "
+                       "this connector's mail ([milter] pinned_action = tempfail); enforce it with "
+                       "tlsgate-policyd and set pinned_action = policyd", c.name)
+            for c in result.snapshot.inbound
+            if c.enabled and c.certificate is CertRequirement.PINNED
+        )
     for problem in result.problems:
         print(problem)
     errors = len(result.errors)
