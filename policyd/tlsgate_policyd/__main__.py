@@ -1,0 +1,142 @@
+"""``tlsgate-policyd``: start, readiness, reload and graceful stop of the policy daemon.
+
+One place owns the lifecycle: the configuration is read and checked first (exit 78 with one
+line on any problem); rules load in the background, so the daemon is READY as soon as it
+listens and answers a temporary failure until the first snapshot exists; SIGHUP reloads the
+rules now; SIGTERM stops accepting, lets requests in flight finish and exits 0.
+``--spawn`` serves one connection on stdin/stdout, for a ``spawn`` service in master.cf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from tlsgate import logsetup, sdnotify
+from tlsgate.config import EX_CONFIG, Config, ConfigError, load_config
+from tlsgate.rules import RuleHolder
+from tlsgate.store import safe_url
+from tlsgate_policyd.protocol import Limits, ProtocolError, RequestReader, encode
+from tlsgate_policyd.server import PolicyServer, Responder
+
+log = logging.getLogger("tlsgate.policyd")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="tlsgate-policyd",
+        description="Postfix SMTP access policy daemon that enforces tlsgate's TLS connectors.",
+    )
+    p.add_argument("-c", "--config", help="configuration file (default /etc/tlsgate/tlsgate.conf)")
+    p.add_argument("--check-config", action="store_true", help="check the configuration and exit")
+    p.add_argument("--spawn", action="store_true",
+                   help="serve one connection on stdin/stdout (a spawn service in master.cf)")
+    return p.parse_args(argv)
+
+
+async def serve(config: Config, holder: RuleHolder) -> int:
+    loop = asyncio.get_running_loop()
+    server = PolicyServer(config, Responder(config, lambda: holder.snapshot))
+    fds = [fd for fd, _name in sdnotify.listen_fds()]
+    try:
+        await server.start(fds)
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        return 1
+    stop = asyncio.Event()
+
+    async def reload() -> None:
+        sdnotify.notify("RELOADING=1", "STATUS=reloading rules")
+        log.info("SIGHUP: reloading rules")
+        await loop.run_in_executor(None, holder.refresh, True)
+        sdnotify.notify("READY=1", _status(holder))
+
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    sdnotify.notify("READY=1", _status(holder))
+    log.info("tlsgate-policyd ready; rules from %s", safe_url(config.database.url))
+
+    interval = sdnotify.watchdog_interval()
+    watchdog = loop.create_task(_watchdog(interval, holder)) if interval else None
+    await stop.wait()
+    sdnotify.notify("STOPPING=1", "STATUS=stopping")
+    log.info("stopping: finishing requests in flight")
+    if watchdog is not None:
+        watchdog.cancel()
+    await server.shutdown()
+    return 0
+
+
+def _status(holder: RuleHolder) -> str:
+    snap = holder.snapshot
+    if snap is None:
+        return "STATUS=no rules loaded yet: answering temporary failures"
+    return f"STATUS=rules generation {snap.generation}: {len(snap.inbound)} inbound connectors"
+
+
+async def _watchdog(interval: float, holder: RuleHolder) -> None:
+    # A ping proves the event loop still turns; systemd restarts the daemon if it stops.
+    while True:
+        sdnotify.notify("WATCHDOG=1", _status(holder))
+        await asyncio.sleep(interval)
+
+
+def spawn(config: Config, holder: RuleHolder) -> int:
+    """One connection on stdin/stdout; Postfix's spawn(8) ends it by closing stdin."""
+    holder.refresh()
+    responder = Responder(config, lambda: holder.snapshot)
+    cfg = config.policyd
+    parser = RequestReader(Limits(cfg.max_line, cfg.max_attributes, cfg.max_request))
+    stdout = sys.stdout.buffer
+    while True:
+        data = os.read(sys.stdin.fileno(), 65536)
+        if not data:
+            return 0
+        try:
+            for request in parser.feed(data):
+                stdout.write(encode(responder.respond(request)))
+        except ProtocolError as exc:
+            log.warning("closing spawned connection: %s", exc)
+            return 0
+        stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"tlsgate-policyd: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.check_config:
+        print(f"tlsgate-policyd: configuration {config.path or '(defaults)'} is valid")
+        return 0
+    logsetup.configure(config.log, "tlsgate-policyd")
+    holder = RuleHolder(config.database)
+    try:
+        if args.spawn:
+            return spawn(config, holder)
+        holder.start()
+        return asyncio.run(serve(config, holder))
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        holder.stop()
+        logsetup.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

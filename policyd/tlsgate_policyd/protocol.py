@@ -1,0 +1,186 @@
+"""Postfix's SMTP access policy delegation protocol: bytes in, values out.
+
+A request is ``name=value`` lines ending in an empty line; the answer is ``action=...``
+followed by an empty line (Postfix SMTPD_POLICY_README). :class:`RequestReader` takes bytes as
+they arrive and yields complete requests, enforcing limits on line length, attribute count and
+request size; each framing failure is its own exception so the server can log it and close
+that connection. :func:`facts_from_request` maps attributes to :class:`SessionFacts` and
+:func:`answer` a decision to the action line. No sockets here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from tlsgate.decisionlog import verdict_word
+from tlsgate.model import Decision, FailAction, SessionFacts, Stage
+from tlsgate.patterns import parse_address
+
+
+class ProtocolError(ValueError):
+    """A request that breaks the framing; the connection it came on is closed."""
+
+
+class LineTooLong(ProtocolError):
+    pass
+
+
+class TooManyAttributes(ProtocolError):
+    pass
+
+
+class RequestTooLarge(ProtocolError):
+    pass
+
+
+class MalformedLine(ProtocolError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_line: int = 8192
+    max_attributes: int = 256
+    max_request: int = 65536
+
+
+class RequestReader:
+    """Incremental parser: ``feed(data)`` yields each complete request as a dict.
+
+    Later values of a repeated name win, as in Postfix's own attribute reader. Names and
+    values are decoded as UTF-8 with replacement: an address in another encoding must not
+    end the connection, and the engine only ever compares ASCII domains.
+    """
+
+    def __init__(self, limits: Limits = Limits()) -> None:
+        self._limits = limits
+        self._buffer = bytearray()
+        self._attrs: dict[str, str] = {}
+        self._size = 0
+
+    @property
+    def pending(self) -> bool:
+        """True while a request has started but not ended (bytes or attributes held)."""
+        return bool(self._buffer or self._attrs)
+
+    def feed(self, data: bytes) -> Iterator[dict[str, str]]:
+        self._buffer += data
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > self._limits.max_line:
+                    raise LineTooLong(f"line longer than {self._limits.max_line} bytes")
+                return
+            if end > self._limits.max_line:
+                raise LineTooLong(f"line longer than {self._limits.max_line} bytes")
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            self._size += end + 1
+            if self._size > self._limits.max_request:
+                raise RequestTooLarge(f"request larger than {self._limits.max_request} bytes")
+            if not line:
+                attrs, self._attrs, self._size = self._attrs, {}, 0
+                yield attrs
+                continue
+            name, sep, value = line.partition(b"=")
+            if not sep or not name:
+                shown = line[:40].decode("utf-8", "replace")
+                raise MalformedLine(f"line without name=value: {shown!r}")
+            self._attrs[name.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+            if len(self._attrs) > self._limits.max_attributes:
+                raise TooManyAttributes(f"more than {self._limits.max_attributes} attributes")
+
+
+_XTEXT = re.compile(r"\+([0-9A-Fa-f]{2})")
+
+
+def xtext_decode(value: str) -> str:
+    """RFC 3461 xtext, as Postfix encodes ccert_subject and ccert_issuer (``Lab+20Test+20CA``)."""
+    if "+" not in value:
+        return value
+    return _XTEXT.sub(lambda m: chr(int(m.group(1), 16)), value)
+
+
+_STAGES = {
+    "CONNECT": Stage.CONNECT,
+    "EHLO": Stage.CONNECT,
+    "HELO": Stage.CONNECT,
+    "MAIL": Stage.MAIL,
+    "RCPT": Stage.RCPT,
+    "VRFY": Stage.RCPT,
+    "ETRN": Stage.CONNECT,
+    "DATA": Stage.DATA,
+    "END-OF-MESSAGE": Stage.DATA,
+    "BDAT": Stage.DATA,
+}
+
+
+def _opt(attrs: Mapping[str, str], name: str) -> str | None:
+    value = attrs.get(name, "").strip()
+    return value or None
+
+
+def facts_from_request(attrs: Mapping[str, str]) -> SessionFacts:
+    """Session facts from one request. Empty and missing attributes mean the same: absent.
+
+    ``header_from`` is never known to a policy server, so header From connectors are left to
+    the milter even at END-OF-MESSAGE.
+    """
+    bits_text = attrs.get("encryption_keysize", "").strip()
+    bits = int(bits_text) if bits_text.isdigit() and len(bits_text) < 6 else 0
+    subject = _opt(attrs, "ccert_subject")
+    issuer = _opt(attrs, "ccert_issuer")
+    state = attrs.get("protocol_state", "").strip().upper()
+    recipient = _opt(attrs, "recipient")
+    sender = attrs.get("sender")
+    return SessionFacts(
+        client_address=parse_address(attrs.get("client_address", "")),
+        client_name=_opt(attrs, "client_name"),
+        sender=sender.strip() if sender is not None else None,
+        recipient=recipient,
+        tls_protocol=_opt(attrs, "encryption_protocol"),
+        tls_cipher=_opt(attrs, "encryption_cipher"),
+        tls_cipher_bits=bits,
+        cert_subject=xtext_decode(subject) if subject else None,
+        cert_issuer=xtext_decode(issuer) if issuer else None,
+        cert_fingerprint=(_opt(attrs, "ccert_fingerprint") or "").upper() or None,
+        pubkey_fingerprint=(_opt(attrs, "ccert_pubkey_fingerprint") or "").upper() or None,
+        stage=Stage.RCPT if state == "RCPT" else _STAGES.get(state, Stage.RCPT),
+        queue_id=_opt(attrs, "queue_id"),
+    )
+
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _text(value: str) -> str:
+    """One line of printable text: a reply must never break the protocol."""
+    return _UNSAFE.sub(" ", value).strip()[:400]
+
+
+def answer(decision: Decision, *, monitor_header: str | None = None) -> str:
+    """The action for a decision: DUNNO to let the restriction list go on, never OK."""
+    if decision.action is FailAction.REJECT:
+        return f"REJECT {decision.status} {_text(decision.reply or decision.reason or '')}"
+    if decision.action is FailAction.DEFER:
+        return f"DEFER {decision.status} {_text(decision.reply or decision.reason or '')}"
+    if monitor_header and decision.monitored and decision.reason:
+        name = decision.connector.name if decision.connector else "?"
+        would = verdict_word(decision).removeprefix("monitor-")
+        return f"PREPEND {monitor_header}: {would} connector={name} reason={_text(decision.reason)}"
+    return "DUNNO"
+
+
+def unknown_rules_answer(action: str, text: str) -> str:
+    """What to answer before any rules could be loaded: a failure, never a pass."""
+    verb = "REJECT" if action == "reject" else "DEFER"
+    code = "5.3.5" if action == "reject" else "4.3.5"
+    return f"{verb} {code} {_text(text)}"
+
+
+def encode(action: str) -> bytes:
+    return f"action={action}\n\n".encode()
