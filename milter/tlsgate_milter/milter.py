@@ -478,9 +478,5 @@ def open_socket(judge: Judge, listen: str, mode: int, group: str | None, timeout
 
 
 def serve() -> None:
-    """Run libmilter's accept loop until :func:`stop`; blocks the calling thread."""
+    """Run libmilter's accept loop; blocks the calling thread until the process ends."""
     libmilter.main()
-
-
-def stop() -> None:
-    libmilter.stop()

@@ -226,3 +226,36 @@ mt.disconnect(conn)
     assert "SIGTERM: stopping, 0 messages in progress" in log
     assert "stopped in" in log
     assert not milter.sock.exists()
+
+
+def test_sigterm_lets_a_message_in_progress_finish(milter: MilterProcess, workdir: Path) -> None:
+    flag = workdir / "go"
+    script = workdir / "inflight.lua"
+    script.write_text(PRELUDE + f"""
+conn = session("{milter.sock}", "192.0.2.7", true)
+mail(conn, "<a@contoso.test>")
+if mt.rcptto(conn, "<b@example.test>") ~= nil then fail("rcpt") end
+-- wait until the test has sent SIGTERM and says go
+while io.open("{flag}") == nil do mt.sleep(0.02) end
+mt.header(conn, "From", "a@contoso.test")
+if mt.eom(conn) ~= nil then fail("eom") end
+if mt.getreply(conn) ~= SMFIR_CONTINUE then fail("message in progress not accepted") end
+print("FINISHED")
+mt.disconnect(conn)
+""")
+    assert MILTERTEST is not None
+    client = subprocess.Popen([MILTERTEST, "-s", str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        milter.wait_log("to=<b@example.test>")
+        milter.signal(signal.SIGTERM)
+        milter.wait_log("SIGTERM: stopping, 1 messages in progress")
+        assert not milter.sock.exists()  # no new connections from here on
+        flag.touch()
+        out, _ = client.communicate(timeout=30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 0 and "FINISHED" in out, milter.log()
+    assert milter.stop() == 0
+    assert "still in progress" not in milter.log()
