@@ -393,7 +393,7 @@ def _load_inbound(
     domains = _group(_select_all(conn, "inbound_domain", ("connector", "scope", "pattern")))
     addresses = _group(_select_all(conn, "inbound_address", ("connector", "address")))
     names = _group(_select_all(conn, "inbound_cert_name", ("connector", "field", "pattern")))
-    certs = _group(_select_all(conn, "inbound_certificate", ("id", "connector", "pem")))
+    certs = _group(_select_all(conn, "inbound_certificate", ("id", "connector", "pem", "cert_sha256")))
     case_dupes = {p.connector for p in problems if p.table == "inbound_connector" and p.column == "name"}
 
     out: list[InboundConnector] = []
@@ -493,6 +493,11 @@ def _load_inbound(
                 problems.append(RowProblem("error", "inbound_certificate", (c.get("id"),), "pem", str(exc), name))
                 r.failed = True
                 continue
+            stored = _str(c.get("cert_sha256"))
+            if stored and stored.strip().upper() not in pin.cert_fingerprints:
+                # The PEM was replaced by hand without its derived columns: the PEM counts.
+                problems.append(RowProblem("warning", "inbound_certificate", (c.get("id"),), "cert_sha256",
+                                           f"does not match the PEM ({pin.label}); the PEM is used", name))
             # An expired pin is an error to fix (the engine refuses it anyway, with that reason);
             # one close to expiry is a warning while there is time to register the renewal.
             if pin.not_after < now:

@@ -78,7 +78,7 @@ CASES = [
     ("bad certificate PEM", ["INSERT INTO inbound_connector (name, certificate) VALUES ('bad', 'pinned')",
                              "INSERT INTO inbound_domain VALUES ('bad', 'sender', 'bad.test')",
                              "INSERT INTO inbound_certificate (connector, pem) VALUES ('bad', '-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n')"],
-     "column pem: PEM block 1 is a PRIVATE KEY, not a CERTIFICATE"),
+     "column pem: PEM block 1 (line 1) is a private key (PRIVATE KEY), not a certificate"),
 ]
 
 
