@@ -213,3 +213,24 @@ def test_milter_down_tempfails_then_accepts_once_back(stack: tuple[PrivatePostfi
     back = send(postfix.port, "a@contoso.test", ["down@tlsgate.test"], starttls=True)
     assert back.delivered, back
     assert len(postfix.wait_delivered("down@tlsgate.test")) == 1
+
+
+def test_without_tls_macros_at_mail_a_client_skipping_ehlo_looks_plaintext(
+    stack: tuple[PrivatePostfix, MilterProcess],
+) -> None:
+    # Why docs/milter.md asks for the TLS macros in milter_mail_macros: with Postfix's
+    # default list the milter never hears of TLS from such a client, and refuses (the safe
+    # way round) a connector that requires it.
+    postfix, _ = stack
+    default_mail_macros = "i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} {mail_mailer}"
+    postfix.reload({"milter_mail_macros": default_mail_macros})
+    try:
+        result = send(postfix.port, "a@contoso.test", ["noehlo-default@tlsgate.test"],
+                      starttls=True, ehlo_after_tls=False)
+        assert result.tls_version == "TLSv1.3"
+        reply = result.rcpt["noehlo-default@tlsgate.test"]
+        assert reply.code == 550 and "TLS required by connector contoso-in" in reply.text
+        greeted = send(postfix.port, "a@contoso.test", ["ehlo-default@tlsgate.test"], starttls=True)
+        assert greeted.delivered, greeted
+    finally:
+        postfix.reload({"milter_mail_macros": MAIL_MACROS})
