@@ -171,7 +171,7 @@ class Policyd:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [str(POLICYD), "--config", str(self.config), "--foreground"],
+                [str(POLICYD), "--config", str(self.config)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "TLSGATE_CONFIG": str(self.config)},
             )
