@@ -38,6 +38,9 @@ from tlsgate_policyd.protocol import (
 log = logging.getLogger("tlsgate.policyd")
 
 READ_SIZE = 65536
+# Every smtpd process may connect at once after a restart; the default backlog of 100 would
+# make some of them fail (EAGAIN on unix sockets) and answer default_action.
+BACKLOG = 1024
 
 
 class Responder:
@@ -122,7 +125,8 @@ class PolicyServer:
                     if not ipaddress.ip_address(host).is_loopback:
                         log.warning("listening on %s: the policy protocol has no authentication; "
                                     "anyone who can reach it learns the rules' verdicts", listen)
-                server = await asyncio.start_server(self._accept, host, int(port), reuse_address=True)
+                server = await asyncio.start_server(self._accept, host, int(port), reuse_address=True,
+                                                    backlog=BACKLOG)
                 self._servers.append(server)
                 log.info("listening on %s", listen)
 
@@ -134,7 +138,8 @@ class PolicyServer:
             os.unlink(path)  # a stale socket from a previous run
         old = os.umask(0o177)
         try:
-            server = await asyncio.start_unix_server(self._accept, path, limit=self._limits.max_line)
+            server = await asyncio.start_unix_server(self._accept, path, limit=self._limits.max_line,
+                                                     backlog=BACKLOG)
         finally:
             os.umask(old)
         self._unix_paths.append(path)

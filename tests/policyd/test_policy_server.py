@@ -1,0 +1,245 @@
+"""tlsgate-policyd over real unix sockets: many clients, bad clients, reloads, outages, stop."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.policyd.policydhelp import PolicyClient, PolicydProcess, request, write_config
+from tlsgate.store import init_schema, open_engine
+
+RULES = """
+INSERT INTO inbound_connector (name, on_failure) VALUES ('contoso-in', 'reject');
+INSERT INTO inbound_domain VALUES ('contoso-in', 'sender', 'contoso.com');
+"""
+
+
+def make_db(path: Path, sql: str = RULES) -> str:
+    url = f"sqlite:///{path}"
+    engine = open_engine(url)
+    init_schema(engine)
+    engine.dispose()
+    db = sqlite3.connect(path)
+    db.executescript(sql)
+    db.commit()
+    db.close()
+    return url
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="tlsgate-policyd-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(work: Path) -> Iterator[PolicydProcess]:
+    url = make_db(work / "rules.sqlite")
+    sock = work / "policy.sock"
+    config = write_config(work, url, f"unix:{sock}", max_line="1024", max_attributes="64",
+                          idle_timeout="30", request_timeout="1")
+    proc = PolicydProcess(config, sock, work / "policyd.log").start()
+    try:
+        yield proc
+    finally:
+        assert proc.stop() == 0, proc.log()
+
+
+def test_answers_and_persistent_connection(daemon: PolicydProcess) -> None:
+    client = PolicyClient(daemon.sock)
+    for _ in range(3):
+        assert client.ask(request()) == "REJECT 5.7.10 TLS required by connector contoso-in"
+    tls = request(encryption_protocol="TLSv1.3", encryption_cipher="TLS_AES_256_GCM_SHA384", encryption_keysize="256")
+    assert client.ask(tls) == "DUNNO"
+    assert client.ask(request(sender="a@other.test")) == "DUNNO"
+    client.close()
+    log = daemon.log()
+    assert "NOQUEUE: reject connector=contoso-in client=mail.example.net[203.0.113.5] from=<a@contoso.com>" in log
+    assert 'reason="TLS required by connector contoso-in"' in log
+
+
+def test_socket_mode(daemon: PolicydProcess) -> None:
+    assert oct(os.stat(daemon.sock).st_mode & 0o777) == "0o666"
+
+
+def test_many_concurrent_connections(daemon: PolicydProcess) -> None:
+    clients = [PolicyClient(daemon.sock) for _ in range(200)]
+    errors: list[str] = []
+
+    def work(c: PolicyClient) -> None:
+        for _ in range(5):
+            got = c.ask(request())
+            if not got.startswith("REJECT"):
+                errors.append(got)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    for c in clients:
+        c.close()
+
+
+def test_a_stuck_client_does_not_block_others(daemon: PolicydProcess) -> None:
+    stuck = PolicyClient(daemon.sock)
+    stuck.sock.sendall(b"request=smtpd_access_policy\nsender=a@contoso.com\n")  # never finishes
+    other = PolicyClient(daemon.sock)
+    assert other.ask(request()).startswith("REJECT")
+    # The incomplete request is dropped after request_timeout (1 s here), the other stays served.
+    assert stuck.closed_by_peer()
+    assert other.ask(request()).startswith("REJECT")
+    daemon.wait_log("request incomplete after 1s")
+
+
+@pytest.mark.parametrize("bad", [
+    b"this is not a policy request\n",
+    b"sender=" + b"x" * 5000 + b"\n",
+    b"".join(b"a%d=1\n" % i for i in range(100)),
+    b"\xff\xfe\x00garbage\n",
+])
+def test_bad_input_closes_only_that_connection(daemon: PolicydProcess, bad: bytes) -> None:
+    good = PolicyClient(daemon.sock)
+    assert good.ask(request()).startswith("REJECT")
+    evil = PolicyClient(daemon.sock)
+    evil.sock.sendall(bad)
+    assert evil.closed_by_peer()
+    assert good.ask(request()).startswith("REJECT")
+    daemon.wait_log("WARNING: closing connection from")
+
+
+def test_rows_changed_apply_without_restart_and_sighup(daemon: PolicydProcess, work: Path) -> None:
+    client = PolicyClient(daemon.sock)
+    assert client.ask(request()).startswith("REJECT")
+    db = sqlite3.connect(work / "rules.sqlite")
+    db.execute("UPDATE inbound_connector SET on_failure = 'defer' WHERE name = 'contoso-in'")
+    db.commit()
+    db.close()
+    daemon.wait_log("loaded rules generation", count=2)
+    assert client.ask(request()) == "DEFER 4.7.10 TLS required by connector contoso-in"
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("SIGHUP: reloading rules")
+    daemon.wait_log("loaded rules generation", count=3)
+    assert client.ask(request()).startswith("DEFER 4.7.10")
+
+
+@pytest.mark.postgresql
+def test_database_outage_keeps_the_last_rules(work: Path, pg_url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = open_engine(pg_url)
+    init_schema(engine)
+    with engine.begin() as conn:
+        for stmt in RULES.strip().split(";\n"):
+            conn.exec_driver_sql(stmt.strip().rstrip(";"))
+    engine.dispose()
+    sock = work / "policy.sock"
+    proc = PolicydProcess(write_config(work, pg_url, f"unix:{sock}"), sock, work / "policyd.log").start()
+    name = pg_url.rsplit("/", 1)[1]
+    admin = create_engine(pg_url.rsplit("/", 1)[0] + "/test", isolation_level="AUTOCOMMIT")
+    try:
+        client = PolicyClient(sock)
+        assert client.ask(request()).startswith("REJECT")
+        with admin.connect() as conn:
+            conn.execute(text(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false"))
+            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+        proc.wait_log("cannot reach the rule database")
+        for _ in range(3):
+            assert client.ask(request()).startswith("REJECT")
+        with admin.connect() as conn:
+            conn.execute(text(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true"))
+        proc.wait_log("is reachable again")
+        assert proc.log().count("cannot reach the rule database") == 1
+        assert client.ask(request()).startswith("REJECT")
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true"))
+        admin.dispose()
+        assert proc.stop() == 0
+
+
+def test_never_loaded_answers_a_temporary_failure(work: Path) -> None:
+    sock = work / "policy.sock"
+    config = write_config(work, f"sqlite:///{work}/absent.sqlite", f"unix:{sock}")
+    proc = PolicydProcess(config, sock, work / "policyd.log").start(wait_rules=False)
+    try:
+        proc.wait_log("cannot load rules")
+        client = PolicyClient(sock)
+        assert client.ask(request(sender="a@anything.test")).startswith("DEFER 4.3.5 ")
+        assert client.ask(request()).startswith("DEFER 4.3.5 ")
+        # The rules arrive: the daemon starts deciding without a restart.
+        make_db(work / "absent.sqlite")
+        proc.wait_log("loaded rules generation")
+        assert client.ask(request(sender="a@anything.test")) == "DUNNO"
+    finally:
+        assert proc.stop() == 0
+
+
+def test_sigterm_finishes_the_request_in_flight(daemon: PolicydProcess) -> None:
+    idle = PolicyClient(daemon.sock)
+    busy = PolicyClient(daemon.sock)
+    first, rest = request()[:40], request()[40:]
+    busy.sock.sendall(first)
+    daemon.wait_log("ready")
+    assert daemon.proc is not None
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_log("stopping: finishing requests in flight")
+    busy.sock.sendall(rest)
+    assert busy.read_answer().startswith("REJECT")
+    assert idle.closed_by_peer()
+    assert daemon.proc.wait(15) == 0
+    assert not daemon.sock.exists()
+
+
+def test_tcp_listener_and_check_config(work: Path) -> None:
+    import subprocess
+
+    from tests.policyd.policydhelp import BIN
+
+    url = make_db(work / "rules.sqlite")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write_config(work, url, f"inet:127.0.0.1:{port}")
+    r = subprocess.run([BIN / "tlsgate-policyd", "--config", config, "--check-config"], capture_output=True, text=True)
+    assert r.returncode == 0 and "is valid" in r.stdout
+    proc = PolicydProcess(config, work / "none", work / "policyd.log").start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(request())
+            assert s.recv(1000).startswith(b"action=REJECT 5.7.10")
+    finally:
+        assert proc.stop() == 0
+    bad = work / "bad.conf"
+    bad.write_text("[policyd]\nlisten = tcp:1234\n")
+    r = subprocess.run([BIN / "tlsgate-policyd", "--config", bad], capture_output=True, text=True)
+    assert r.returncode == 78
+    assert r.stderr.strip() == (f"tlsgate-policyd: {bad}: [policyd] listen = 'tcp:1234': "
+                                "'tcp:1234' is not unix:/PATH or inet:HOST:PORT")
+
+
+def test_spawn_mode(work: Path) -> None:
+    import subprocess
+
+    from tests.policyd.policydhelp import BIN
+
+    url = make_db(work / "rules.sqlite")
+    config = write_config(work, url, f"unix:{work}/unused.sock")
+    r = subprocess.run([BIN / "tlsgate-policyd", "--config", config, "--spawn"],
+                       input=request() + request(sender="a@else.test"), capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (b"action=REJECT 5.7.10 TLS required by connector contoso-in\n\n"
+                        b"action=DUNNO\n\n")
