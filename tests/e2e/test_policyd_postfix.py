@@ -1,0 +1,243 @@
+"""tlsgate-policyd through a real private Postfix.
+
+The daemon runs from the installed console script on a socket inside the instance's queue
+directory, referenced relatively (``unix:tlsgate/policy.sock``) exactly as the documented
+main.cf line does; rules are SQLite rows written with plain SQL; clients are smtplib and
+swaks, with and without STARTTLS and client certificates, from several 127.x addresses.
+Deliveries are checked in the maildirs, refusals by the SMTP reply.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import ssl
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import tests.support.postfix as harness
+from tests.policyd.policydhelp import PolicydProcess, write_config
+from tests.support.pki import Pki
+from tests.support.postfix import PrivatePostfix, send, skip_reason, swaks
+from tlsgate.store import init_schema, open_engine
+
+pytestmark = pytest.mark.postfix
+
+RULES = """
+INSERT INTO inbound_connector (name, on_failure) VALUES ('contoso-in', 'reject');
+INSERT INTO inbound_domain VALUES ('contoso-in', 'sender', 'contoso.test');
+INSERT INTO inbound_connector (name, on_failure) VALUES ('defer-in', 'defer');
+INSERT INTO inbound_domain VALUES ('defer-in', 'sender', 'defer.test');
+INSERT INTO inbound_connector (name, certificate, on_failure) VALUES ('partner-in', 'trusted', 'reject');
+INSERT INTO inbound_domain VALUES ('partner-in', 'sender', 'partner.test');
+INSERT INTO inbound_cert_name VALUES ('partner-in', 'subject', 'mail.partner.test');
+INSERT INTO inbound_cert_name VALUES ('partner-in', 'issuer', 'Lab Test*');
+INSERT INTO inbound_connector (name, certificate, on_failure) VALUES ('wrongname-in', 'trusted', 'reject');
+INSERT INTO inbound_domain VALUES ('wrongname-in', 'sender', 'wrongname.test');
+INSERT INTO inbound_cert_name VALUES ('wrongname-in', 'subject', '*.other.test');
+INSERT INTO inbound_connector (name, certificate, on_failure) VALUES ('issuer-in', 'trusted', 'reject');
+INSERT INTO inbound_domain VALUES ('issuer-in', 'sender', 'issuer.test');
+INSERT INTO inbound_cert_name VALUES ('issuer-in', 'issuer', 'Other CA*');
+INSERT INTO inbound_connector (name, min_tls_version, on_failure) VALUES ('v13-in', 'TLSv1.3', 'reject');
+INSERT INTO inbound_domain VALUES ('v13-in', 'sender', 'v13.test');
+INSERT INTO inbound_connector (name, require_forward_secrecy, on_failure) VALUES ('fs-in', 1, 'reject');
+INSERT INTO inbound_domain VALUES ('fs-in', 'sender', 'fs.test');
+INSERT INTO inbound_connector (name, require_tls, restrict_to_addresses, on_failure) VALUES ('onprem-in', 0, 1, 'reject');
+INSERT INTO inbound_domain VALUES ('onprem-in', 'sender', 'onprem.test');
+INSERT INTO inbound_address VALUES ('onprem-in', '127.0.0.2/32');
+INSERT INTO inbound_connector (name, on_failure) VALUES ('example-rcpt', 'defer');
+INSERT INTO inbound_domain VALUES ('example-rcpt', 'recipient', 'example.test');
+INSERT INTO inbound_connector (name, mode, on_failure) VALUES ('watch-in', 'monitor', 'reject');
+INSERT INTO inbound_domain VALUES ('watch-in', 'sender', 'watch.test');
+INSERT INTO inbound_connector (name, require_tls, on_failure) VALUES ('change-in', 0, 'reject');
+INSERT INTO inbound_domain VALUES ('change-in', 'sender', 'change.test');
+"""
+
+
+@pytest.fixture(scope="module")
+def pki() -> Iterator[Pki]:
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    directory = Path(tempfile.mkdtemp(prefix="tlsgate-pki-"))
+    try:
+        yield Pki(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class Stack:
+    def __init__(self, postfix: PrivatePostfix, policyd: PolicydProcess, db: Path) -> None:
+        self.postfix = postfix
+        self.policyd = policyd
+        self.db = db
+
+    def sql(self, statement: str) -> None:
+        con = sqlite3.connect(self.db)
+        con.execute(statement)
+        con.commit()
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def stack(pki: Pki) -> Iterator[Stack]:
+    instance = PrivatePostfix(pki)
+    work = Path(tempfile.mkdtemp(prefix="tlsgate-policyd-e2e-"))
+    policyd: PolicydProcess | None = None
+    try:
+        sockdir = instance.queue_dir / "tlsgate"
+        sockdir.mkdir(mode=0o755)
+        sock = sockdir / "policy.sock"
+        db = work / "rules.sqlite"
+        engine = open_engine(f"sqlite:///{db}")
+        init_schema(engine)
+        engine.dispose()
+        con = sqlite3.connect(db)
+        con.executescript(RULES)
+        con.commit()
+        con.close()
+        policyd = PolicydProcess(write_config(work, f"sqlite:///{db}", f"unix:{sock}"), sock,
+                                 work / "policyd.log").start()
+        instance.start({
+            "smtpd_recipient_restrictions": "reject_unauth_destination, check_policy_service "
+            "{ unix:tlsgate/policy.sock, timeout=10s, default_action=DEFER_IF_PERMIT }",
+        })
+        yield Stack(instance, policyd, db)
+    finally:
+        if policyd is not None:
+            policyd.stop()
+        instance.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def rcpt_code(result: harness.SendResult, rcpt: str) -> int:
+    return result.rcpt[rcpt].code
+
+
+def test_no_connector_plaintext_delivered(stack: Stack) -> None:
+    result = send(stack.postfix.port, "a@other.test", ["open@tlsgate.test"])
+    assert result.delivered, result
+    assert stack.postfix.wait_delivered("open@tlsgate.test")
+
+
+def test_require_tls_reject_and_defer(stack: Stack) -> None:
+    result = send(stack.postfix.port, "a@contoso.test", ["r@tlsgate.test"])
+    reply = result.rcpt["r@tlsgate.test"]
+    assert reply.code == 554, reply
+    assert reply.text == "5.7.10 <r@tlsgate.test>: Recipient address rejected: TLS required by connector contoso-in"
+    assert result.data is None
+    result = send(stack.postfix.port, "a@defer.test", ["d@tlsgate.test"])
+    reply = result.rcpt["d@tlsgate.test"]
+    assert reply.code == 450, reply
+    assert reply.text == "4.7.10 <d@tlsgate.test>: Recipient address rejected: TLS required by connector defer-in"
+    ok = send(stack.postfix.port, "a@contoso.test", ["r-tls@tlsgate.test"], starttls=True)
+    assert ok.delivered, ok
+    assert stack.postfix.wait_delivered("r-tls@tlsgate.test")
+    log = stack.policyd.wait_log("from=<a@defer.test>")
+    assert "defer connector=defer-in client=localhost[127.0.0.1] from=<a@defer.test> to=<d@tlsgate.test> tls=none" in log
+
+
+def test_swaks_plaintext_and_tls(stack: Stack) -> None:
+    refused = swaks(stack.postfix.port, sender="b@contoso.test", recipients=["sw@tlsgate.test"])
+    assert "554 5.7.10" in refused.output
+    accepted = swaks(stack.postfix.port, sender="b@contoso.test", recipients=["sw-tls@tlsgate.test"], tls=True)
+    assert accepted.returncode == 0, accepted.output
+    assert stack.postfix.wait_delivered("sw-tls@tlsgate.test")
+
+
+def test_trusted_certificate_name_and_issuer(stack: Stack, pki: Pki) -> None:
+    good = send(stack.postfix.port, "a@partner.test", ["p@tlsgate.test"], starttls=True,
+                cert=pki.partner.cert_path, key=pki.partner.key_path)
+    assert good.delivered, good
+    for cert in (None, pki.self_signed, pki.untrusted_client):
+        bad = send(stack.postfix.port, "a@partner.test", ["p-bad@tlsgate.test"], starttls=True,
+                   cert=cert.cert_path if cert else None, key=cert.key_path if cert else None)
+        reply = bad.rcpt["p-bad@tlsgate.test"]
+        assert reply.code == 554 and "no client certificate that chains to a trusted CA" in reply.text, reply
+    wrong = send(stack.postfix.port, "a@wrongname.test", ["w@tlsgate.test"], starttls=True,
+                 cert=pki.partner.cert_path, key=pki.partner.key_path)
+    assert "certificate name mail.partner.test does not match *.other.test" in wrong.rcpt["w@tlsgate.test"].text
+    issuer = send(stack.postfix.port, "a@issuer.test", ["i@tlsgate.test"], starttls=True,
+                  cert=pki.partner.cert_path, key=pki.partner.key_path)
+    assert "certificate issuer Lab Test CA does not match Other CA*" in issuer.rcpt["i@tlsgate.test"].text
+    assert stack.postfix.wait_delivered("p@tlsgate.test")
+
+
+def test_minimum_tls_version(stack: Stack) -> None:
+    old = send(stack.postfix.port, "a@v13.test", ["v@tlsgate.test"], starttls=True,
+               tls_max_version=ssl.TLSVersion.TLSv1_2)
+    assert old.tls_version == "TLSv1.2"
+    reply = old.rcpt["v@tlsgate.test"]
+    assert reply.code == 554 and "TLSv1.2 is below the minimum TLSv1.3" in reply.text
+    new = send(stack.postfix.port, "a@v13.test", ["v13@tlsgate.test"], starttls=True)
+    assert new.delivered
+
+
+def test_forward_secrecy(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    fs = send(stack.postfix.port, "a@fs.test", ["fs@tlsgate.test"], starttls=True,
+              tls_max_version=ssl.TLSVersion.TLSv1_2)
+    assert fs.delivered and fs.tls_cipher is not None and "ECDHE" in fs.tls_cipher
+    original = harness.client_tls_context
+
+    def static_rsa(*args: object, **kwargs: object) -> ssl.SSLContext:
+        context = original(*args, **kwargs)  # type: ignore[arg-type]
+        context.set_ciphers("AES256-GCM-SHA384")  # RSA key exchange: no forward secrecy
+        return context
+
+    monkeypatch.setattr(harness, "client_tls_context", static_rsa)
+    nofs = send(stack.postfix.port, "a@fs.test", ["nofs@tlsgate.test"], starttls=True,
+                tls_max_version=ssl.TLSVersion.TLSv1_2)
+    assert nofs.tls_cipher == "AES256-GCM-SHA384", nofs
+    reply = nofs.rcpt["nofs@tlsgate.test"]
+    assert reply.code == 554 and "cipher AES256-GCM-SHA384 lacks forward secrecy" in reply.text
+
+
+def test_restrict_to_client_ranges(stack: Stack) -> None:
+    inside = send(stack.postfix.port, "a@onprem.test", ["in@tlsgate.test"], source_address="127.0.0.2")
+    assert inside.delivered, inside
+    outside = send(stack.postfix.port, "a@onprem.test", ["out@tlsgate.test"], source_address="127.0.0.3")
+    reply = outside.rcpt["out@tlsgate.test"]
+    assert reply.code == 554 and "client 127.0.0.3 is outside the ranges of connector onprem-in" in reply.text
+
+
+def test_recipient_scope_refuses_only_that_recipient(stack: Stack) -> None:
+    result = send(stack.postfix.port, "a@other.test", ["scoped@example.test", "free@tlsgate.test"])
+    assert rcpt_code(result, "scoped@example.test") == 450
+    assert rcpt_code(result, "free@tlsgate.test") == 250
+    assert result.delivered
+    assert stack.postfix.wait_delivered("free@tlsgate.test")
+    assert stack.postfix.delivered("scoped@example.test") == []
+
+
+def test_monitor_mode_accepts_and_logs(stack: Stack) -> None:
+    result = send(stack.postfix.port, "a@watch.test", ["watch@tlsgate.test"])
+    assert result.delivered
+    log = stack.policyd.wait_log("monitor-reject connector=watch-in")
+    assert 'from=<a@watch.test> to=<watch@tlsgate.test> tls=none status=5.7.10' in log
+
+
+def test_row_change_applies_without_restart(stack: Stack) -> None:
+    before = send(stack.postfix.port, "a@change.test", ["c1@tlsgate.test"])
+    assert before.delivered
+    loads = stack.policyd.log().count("loaded rules generation")
+    stack.sql("UPDATE inbound_connector SET require_tls = 1 WHERE name = 'change-in'")
+    stack.policyd.wait_log("loaded rules generation", count=loads + 1)
+    after = send(stack.postfix.port, "a@change.test", ["c2@tlsgate.test"])
+    assert rcpt_code(after, "c2@tlsgate.test") == 554
+
+
+def test_daemon_down_gives_4xx_then_the_same_message_is_accepted(stack: Stack) -> None:
+    assert stack.policyd.stop() == 0
+    try:
+        down = send(stack.postfix.port, "a@other.test", ["retry@tlsgate.test"])
+        reply = down.rcpt["retry@tlsgate.test"]
+        assert 400 <= reply.code < 500, reply
+        assert down.data is None
+    finally:
+        stack.policyd.start()
+    again = send(stack.postfix.port, "a@other.test", ["retry@tlsgate.test"])
+    assert again.delivered, again
+    assert len(stack.postfix.wait_delivered("retry@tlsgate.test")) == 1
