@@ -40,7 +40,7 @@ from tlsgate_milter.milter import (
 log = logging.getLogger("tlsgate.milter")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-#: how long a stop waits for messages between MAIL FROM and end of data
+#: how long a stop waits for sessions that started a message to close
 STOP_GRACE = 2.0
 EX_SOFTWARE = 70
 
@@ -145,7 +145,7 @@ def _serve() -> None:
 def _shutdown(cfg: Config, holder: RuleHolder, judge: Judge, why: str) -> int:
     started = time.monotonic()
     sdnotify.notify("STOPPING=1")
-    log.info("%s: stopping, %d messages in progress", why, judge.activity.count)
+    log.info("%s: stopping, %d sessions with messages in progress", why, judge.activity.count)
     # libmilter's smfi_stop() is not called: it blocks until its listener's next poll
     # (measured 4.7 s) and cuts the sessions in progress. Removing a unix socket refuses new
     # connections at once; the process exit below ends the accept loop.
@@ -157,7 +157,7 @@ def _shutdown(cfg: Config, holder: RuleHolder, judge: Judge, why: str) -> int:
             pass
     if not judge.activity.wait_idle(STOP_GRACE):
         log.warning(
-            "%d messages still in progress after %.1fs; the MTA applies milter_default_action to them",
+            "%d sessions still open after %.1fs; the MTA applies milter_default_action to them",
             judge.activity.count,
             STOP_GRACE,
         )

@@ -95,7 +95,12 @@ class MilterSettings:
 
 
 class Activity:
-    """How many messages are between MAIL FROM and their end, so a stop can wait for them."""
+    """How many sessions started a message and are not closed yet, so a stop can wait for them.
+
+    A session counts until it closes (or aborts), not just until end of data: the reply to
+    end of data is written by libmilter after the callback returns, and exiting in between
+    would lose it.
+    """
 
     def __init__(self) -> None:
         self._count = 0
@@ -202,7 +207,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         self._tls = TlsFacts()
         self._host: str | None = None
         self._queue_id: str | None = None
-        self._in_message = False
+        self._busy = False  # counted in Activity from MAIL FROM until abort or close
         self._reset_message()
 
     # --------------------------------------------------------------- per message state
@@ -213,8 +218,11 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         self._from_values: list[str] = []
         self._trace_count = 0
         self._queue_id = None
-        if self._in_message:
-            self._in_message = False
+
+    def _leave(self) -> None:
+        """The session is done with its messages (abort or close)."""
+        if self._busy:
+            self._busy = False
             self._judge.activity.end()
 
     def _macro(self, name: str) -> str | None:
@@ -318,8 +326,9 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
     @_guarded
     def envfrom(self, mailfrom: str, *params: str) -> int:
         self._reset_message()
-        self._in_message = True
-        self._judge.activity.begin()
+        if not self._busy:
+            self._busy = True
+            self._judge.activity.begin()
         self._refresh()
         self._sender = envelope_address(mailfrom)
         return CONTINUE
@@ -400,11 +409,13 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
     @_guarded
     def abort(self) -> int:
         self._reset_message()
+        self._leave()
         return CONTINUE
 
     @_guarded
     def close(self) -> int:
         self._reset_message()
+        self._leave()
         return CONTINUE
 
 

@@ -1,7 +1,9 @@
 """tlsgate-milter through a real private Postfix: the installed console script on a unix
 socket in the instance's socket directory, rules in SQLite written with plain SQL, and
 smtplib clients with and without STARTTLS and client certificates. Refusals are checked by
-the SMTP reply codes, acceptance by the maildirs, the trace header in the delivered files."""
+the SMTP reply codes, acceptance by the maildirs, the trace header in the delivered files.
+The last tests run both daemons: tlsgate-policyd checks pinned certificates at RCPT while
+the milter ([milter] pinned_action = policyd) still judges header-From connectors."""
 
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ import email.message
 import email.parser
 import email.utils
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.milter.milterhelp import MilterProcess, make_rules_db, write_config
+from tests.milter.milterhelp import POLICYD, MilterProcess, make_rules_db, write_config
 from tests.support.pki import PARTNER_CN, Pki
 from tests.support.postfix import PrivatePostfix, send, skip_reason
 
@@ -216,21 +219,96 @@ def test_milter_down_tempfails_then_accepts_once_back(stack: tuple[PrivatePostfi
 
 
 def test_without_tls_macros_at_mail_a_client_skipping_ehlo_looks_plaintext(
-    stack: tuple[PrivatePostfix, MilterProcess],
+    stack: tuple[PrivatePostfix, MilterProcess], pki: Pki,
 ) -> None:
     # Why docs/milter.md asks for the TLS macros in milter_mail_macros: with Postfix's
     # default list the milter never hears of TLS from such a client, and refuses (the safe
-    # way round) a connector that requires it.
-    postfix, _ = stack
-    default_mail_macros = "i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} {mail_mailer}"
-    postfix.reload({"milter_mail_macros": default_mail_macros})
-    try:
-        result = send(postfix.port, "a@contoso.test", ["noehlo-default@tlsgate.test"],
+    # way round) a connector that requires it. A second instance with the default macros
+    # shares the milter (a reload of the first one is not seen by every smtpd at once).
+    _, milter = stack
+    settings = {
+        "smtpd_milters": f"unix:{milter.sock}",
+        "milter_default_action": "tempfail",
+        "smtpd_helo_required": "no",
+    }
+    with PrivatePostfix(pki, main_cf=settings) as default:
+        assert "{tls_version}" not in default.postconf("milter_mail_macros")
+        result = send(default.port, "a@contoso.test", ["noehlo-default@tlsgate.test"],
                       starttls=True, ehlo_after_tls=False)
         assert result.tls_version == "TLSv1.3"
         reply = result.rcpt["noehlo-default@tlsgate.test"]
         assert reply.code == 550 and "TLS required by connector contoso-in" in reply.text
-        greeted = send(postfix.port, "a@contoso.test", ["ehlo-default@tlsgate.test"], starttls=True)
+        greeted = send(default.port, "a@contoso.test", ["ehlo-default@tlsgate.test"], starttls=True)
         assert greeted.delivered, greeted
+
+
+# ---------------------------------------------------------------- with the policy daemon
+
+BOTH_RULES = """
+INSERT INTO inbound_connector (name, require_tls, certificate, on_failure)
+    VALUES ('pinned-in', 1, 'pinned', 'reject');
+INSERT INTO inbound_domain VALUES ('pinned-in', 'sender', 'pinned.test');
+INSERT INTO inbound_connector (name, require_tls, on_failure) VALUES ('bank-hdr', 1, 'reject');
+INSERT INTO inbound_domain VALUES ('bank-hdr', 'header_from', 'bank.test');
+"""
+
+
+@pytest.fixture(scope="module")
+def both(pki: Pki) -> Iterator[PrivatePostfix]:
+    """Postfix with tlsgate-policyd at RCPT and tlsgate-milter, pinned connectors left to
+    the policy daemon."""
+    instance = PrivatePostfix(pki)
+    work = Path(tempfile.mkdtemp(prefix="tlsgate-both-"))
+    daemons: list[MilterProcess] = []
+    try:
+        milter_sock = instance.socket_dir / "milter.sock"
+        policy_sock = instance.socket_dir / "policy.sock"
+        url = make_rules_db(work / "rules.sqlite", BOTH_RULES)
+        pem = pki.partner.cert_path.read_text()
+        con = sqlite3.connect(work / "rules.sqlite")
+        con.execute("INSERT INTO inbound_certificate (connector, pem) VALUES ('pinned-in', ?)", (pem,))
+        con.commit()
+        con.close()
+        config = write_config(
+            work, url, f"unix:{milter_sock}",
+            extra=f"pinned_action = policyd\n\n[policyd]\nlisten = unix:{policy_sock}\n"
+                  "socket_mode = 0666\nsocket_group = root\n",
+        )
+        daemons.append(MilterProcess(config, milter_sock, work / "milter.log").start())
+        daemons.append(MilterProcess(config, policy_sock, work / "policyd.log", POLICYD).start())
+        instance.start({
+            "smtpd_recipient_restrictions":
+                f"check_policy_service unix:{policy_sock}, reject_unauth_destination",
+            "smtpd_milters": f"unix:{milter_sock}",
+            "milter_default_action": "tempfail",
+            "milter_helo_macros": TLS_MACROS,
+            "milter_mail_macros": MAIL_MACROS,
+        })
+        yield instance
     finally:
-        postfix.reload({"milter_mail_macros": MAIL_MACROS})
+        for daemon in daemons:
+            daemon.stop()
+        instance.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_both_pinned_certificate_checked_by_the_policy_daemon(both: PrivatePostfix, pki: Pki) -> None:
+    good = send(both.port, "a@pinned.test", ["pin@tlsgate.test"], starttls=True,
+                cert=pki.partner.cert_path, key=pki.partner.key_path)
+    assert good.delivered, good
+    trace = headers(both.wait_delivered("pin@tlsgate.test")[0])["X-TLSgate"]
+    assert "verdict=pass; connector=pinned-in; tls=TLSv1.3" in trace
+    for cert in (pki.self_signed, pki.untrusted_client):  # same name, other keys
+        bad = send(both.port, "a@pinned.test", ["nopin@tlsgate.test"], starttls=True,
+                   cert=cert.cert_path, key=cert.key_path)
+        reply = bad.rcpt["nopin@tlsgate.test"]
+        assert reply.code == 554 and "5.7.1" in reply.text, reply  # the policy daemon's REJECT
+        assert bad.data is None
+
+
+def test_both_header_from_still_judged_by_the_milter(both: PrivatePostfix) -> None:
+    body = message("bounce@mailer.test", "alerts@bank.test", ["both-hdr@tlsgate.test"])
+    plain = send(both.port, "bounce@mailer.test", ["both-hdr@tlsgate.test"], data=body)
+    assert plain.rcpt["both-hdr@tlsgate.test"].code == 250
+    assert plain.data is not None and plain.data.code == 550
+    assert both.delivered("both-hdr@tlsgate.test") == []

@@ -16,6 +16,7 @@ from pathlib import Path
 from tlsgate.store import init_schema, open_engine
 
 MILTER = str(Path(sys.executable).parent / "tlsgate-milter")
+POLICYD = str(Path(sys.executable).parent / "tlsgate-policyd")
 START_TIMEOUT = 20.0
 
 
@@ -65,9 +66,11 @@ def _connectable(path: Path) -> bool:
 
 
 class MilterProcess:
-    """``tlsgate-milter --config CONFIG`` with its stderr in ``log_path``."""
+    """``tlsgate-milter --config CONFIG`` (or another tlsgate daemon, ``program``) with its
+    stderr in ``log_path``."""
 
-    def __init__(self, config: Path, sock: Path, log_path: Path) -> None:
+    def __init__(self, config: Path, sock: Path, log_path: Path, program: str = MILTER) -> None:
+        self.program = program
         self.config = config
         self.sock = sock
         self.log_path = log_path
@@ -75,21 +78,23 @@ class MilterProcess:
 
     def start(self, *, wait_rules: bool = True) -> MilterProcess:
         """Start; return once the socket accepts and (with ``wait_rules``) rules are loaded."""
+        offset = len(self.log())  # a restart appends to the same log
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [MILTER, "--config", str(self.config)],
+                [self.program, "--config", str(self.config)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
             )
         deadline = time.monotonic() + START_TIMEOUT
         # Ready when the socket accepts and the first rules are loaded (the log says so).
         while not (
-            _connectable(self.sock) and (not wait_rules or "loaded rules generation" in self.log())
+            _connectable(self.sock)
+            and (not wait_rules or "loaded rules generation" in self.log()[offset:])
         ):
             if self.proc.poll() is not None:
-                raise RuntimeError(f"tlsgate-milter exited {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(f"{self.program} exited {self.proc.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"tlsgate-milter did not get ready:\n{self.log()}")
+                raise RuntimeError(f"{self.program} did not get ready:\n{self.log()}")
             time.sleep(0.05)
         return self
 
