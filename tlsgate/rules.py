@@ -44,6 +44,8 @@ class RuleHolder:
         self._lock = threading.Lock()  # one load at a time
         self._thread: threading.Thread | None = None
         self._force = False
+        #: set once the first load has been tried, whatever its outcome
+        self.first_attempt = threading.Event()
         self.loads = 0
         self.db_errors = 0
 
@@ -131,6 +133,7 @@ class RuleHolder:
             force = self._force
             self._force = False
             self.refresh(force=force)
+            self.first_attempt.set()
             self._wake.wait(self._cfg.poll_interval)
             self._wake.clear()
 
