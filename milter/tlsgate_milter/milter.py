@@ -41,6 +41,9 @@ from tlsgate.model import (
 from tlsgate.patterns import Address, address_domain
 from tlsgate.snapshot import Snapshot
 from tlsgate_milter.translate import (
+    MAX_FROM_FIELDS,
+    MAX_FROM_VALUE,
+    MAX_PROTECTED_DOMAINS,
     TlsFacts,
     client_address,
     client_name,
@@ -216,6 +219,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         self._sender: str | None = None
         self._accepted: list[tuple[str, Decision]] = []
         self._from_values: list[str] = []
+        self._from_malformed: str | None = None
         self._trace_count = 0
         self._queue_id = None
 
@@ -287,6 +291,19 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         self.setreply("451", "4.3.5", text)
         return TEMPFAIL
 
+    def _refuse_malformed_from(self, problem: str) -> int:
+        """A From header that cannot be judged in full could hide a protected author."""
+        log.info(
+            "%s: reject stage=data client=%s[%s] from=<%s> reason=\"%s\"",
+            self._queue_id or "NOQUEUE",
+            self._client_name or "unknown",
+            self._client or "unknown",
+            self._sender or "",
+            problem,
+        )
+        self.setreply("550", "5.7.1", reply_text(f"Message refused: {problem}", "Message refused"))
+        return REJECT
+
     def _internal_error(self, callback: str) -> int:
         log.exception(
             "%s: %s callback failed, answering TEMPFAIL", self._queue_id or "NOQUEUE", callback
@@ -352,7 +369,12 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
     def header(self, name: str, value: str) -> int:
         lowered = name.lower()
         if lowered == "from":
-            self._from_values.append(value)
+            if len(self._from_values) >= MAX_FROM_FIELDS:
+                self._from_malformed = f"more than {MAX_FROM_FIELDS} From header fields"
+            elif len(value) > MAX_FROM_VALUE:
+                self._from_malformed = f"a From header field longer than {MAX_FROM_VALUE} characters"
+            else:
+                self._from_values.append(value)
         elif lowered == self._judge.settings.header_name.lower():
             self._trace_count += 1
         return CONTINUE
@@ -370,12 +392,19 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         if snapshot is None:
             return self._refuse_unknown_rules()
         # Only author domains some header-From connector is scoped to can change a verdict;
-        # the others need no per-recipient decision.
+        # the others need no per-recipient decision, and one author per domain is enough.
         index = snapshot.domains[Scope.HEADER_FROM]
-        authors = [
-            author for author in header_from_authors(self._from_values)
-            if index.lookup(address_domain(author) or "")
-        ]
+        protected: dict[str, str] = {}
+        for author in header_from_authors(self._from_values):
+            domain = address_domain(author)
+            if domain is not None and index.lookup(domain):
+                protected.setdefault(domain, author)
+        problem = self._from_malformed
+        if problem is None and len(protected) > MAX_PROTECTED_DOMAINS:
+            problem = f"authors from more than {MAX_PROTECTED_DOMAINS} protected domains"
+        if problem is not None and any(c.enabled and c.header_from_domains for c in snapshot.inbound):
+            return self._refuse_malformed_from(problem)
+        authors = list(protected.values())
         standing: list[Decision] = []
         refusal: Decision | None = None
         for recipient, at_rcpt in self._accepted:

@@ -25,9 +25,11 @@ TLS_MACROS = ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{
 VERIFY_MACRO = "{verify}"
 
 MAX_MACRO = 1024  # a certificate name longer than this is cut, never trusted in full
-MAX_FROM_FIELDS = 16  # more From fields than this are malformed; the first ones are judged
+# From fields beyond these bounds are not judged in part: the message is refused whole
+# (see TlsgateMilter.header), since an ignored remainder could hide a protected author.
+MAX_FROM_FIELDS = 16
 MAX_FROM_VALUE = 8192
-MAX_AUTHORS = 32
+MAX_PROTECTED_DOMAINS = 50  # distinct in-scope author domains judged per message
 MAX_REPLY = 400  # an SMTP reply line is 512 octets with the code and status
 MAX_TRACE_VALUE = 900  # a header line stays under 998 octets
 
@@ -131,16 +133,15 @@ def envelope_address(value: str) -> str:
 
 
 def header_from_authors(values: Sequence[str]) -> tuple[str, ...]:
-    """The author addresses of the From header fields, each with a domain, at most MAX_AUTHORS.
+    """The distinct author addresses of the From header fields that have a domain.
 
     RFC 5322 wants one From field; it may list several mailboxes. Every mailbox is judged,
     so adding a second author cannot dilute a connector's scope. When a non-empty field
     yields no address getaddresses understands, the ``@domain`` parts of its raw text are
     judged instead, so a malformed From cannot slip past a header-From connector either.
     """
-    fields = [v[:MAX_FROM_VALUE] for v in values[:MAX_FROM_FIELDS]]
     authors: list[str] = []
-    for field in fields:
+    for field in values:
         found = [
             addr for _, addr in email.utils.getaddresses([field])
             if "@" in addr and address_domain(addr) is not None
@@ -151,7 +152,7 @@ def header_from_authors(values: Sequence[str]) -> tuple[str, ...]:
         for addr in found:
             if addr not in authors:
                 authors.append(addr)
-    return tuple(authors[:MAX_AUTHORS])
+    return tuple(authors)
 
 
 def reply_text(text: str | None, fallback: str) -> str:

@@ -31,6 +31,7 @@ INSERT INTO inbound_connector (name, require_tls, on_failure) VALUES ('hr-in', 1
 INSERT INTO inbound_domain VALUES ('hr-in', 'recipient', 'hr.example.test');
 INSERT INTO inbound_connector (name, require_tls, on_failure) VALUES ('bank-hdr', 1, 'reject');
 INSERT INTO inbound_domain VALUES ('bank-hdr', 'header_from', 'bank.test');
+INSERT INTO inbound_domain VALUES ('bank-hdr', 'header_from', '*.bank.test');
 INSERT INTO inbound_connector (name, require_tls, on_failure) VALUES ('soft-hdr', 1, 'defer');
 INSERT INTO inbound_domain VALUES ('soft-hdr', 'header_from', 'soft.test');
 INSERT INTO inbound_connector (name, require_tls, certificate, on_failure)
@@ -257,6 +258,33 @@ def test_strictest_header_from_verdict_wins(connect: Callable[..., Session]) -> 
     rc, _ = soft.message("x@mailer.test", ["b@example.test"], [("From", "a@soft.test")])
     assert rc == Milter.TEMPFAIL
     assert soft.ctx._reply[:2] == ("450", "4.7.10")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("From", f"x{i}@junk.test") for i in range(16)] + [("From", "alerts@bank.test")],
+        [("From", "Someone " + "x" * 9000 + " <alerts@bank.test>")],
+        [("From", ", ".join(f"a@d{i}.bank.test" for i in range(51)))],
+    ],
+    ids=["17-fields", "long-field", "51-protected-domains"],
+)
+def test_a_from_header_too_big_to_judge_whole_is_refused(
+    connect: Callable[..., Session], headers: list[tuple[str, str]]
+) -> None:
+    # Judging only a part could miss a protected author hidden after the bound.
+    session = connect(tls=TLS13)
+    rc, _ = session.message("x@mailer.test", ["b@example.test"], headers)
+    assert rc == Milter.REJECT
+    assert session.ctx._reply[:2] == ("550", "5.7.1")
+
+
+def test_many_authors_from_unprotected_domains_are_fine(connect: Callable[..., Session]) -> None:
+    session = connect(tls=TLS13)
+    many = ", ".join(f"a@d{i}.junk.test" for i in range(300)) + ", alerts@bank.test"
+    rc, msg = session.message("x@mailer.test", ["b@example.test"], [("From", many)])
+    assert rc == Milter.CONTINUE
+    assert "connector=bank-hdr" in msg["X-TLSgate"]
 
 
 def test_no_from_header_matches_no_header_from_connector(connect: Callable[..., Session]) -> None:
