@@ -35,13 +35,25 @@ deps: venv
 
 $(VAR)/tlsgate.conf:
 	mkdir -p $(VAR)
-	printf '[database]\nurl = sqlite:///$(VAR)/rules.sqlite\npoll_interval = 1\n\n[policyd]\nlisten = unix:$(VAR)/policy.sock inet:127.0.0.1:10040\nsocket_mode = 0666\n\n[milter]\nlisten = unix:$(VAR)/milter.sock\nsocket_mode = 0666\n\n[log]\ntarget = stderr\n' > $@
+	printf '%s\n' '[database]' 'url = sqlite:///$(VAR)/rules.sqlite' 'poll_interval = 1' '' \
+	  '[policyd]' 'listen = unix:$(VAR)/policy.sock inet:127.0.0.1:10040' 'socket_mode = 0666' '' \
+	  '[milter]' 'listen = unix:$(VAR)/milter.sock' 'socket_mode = 0666' '' \
+	  '[log]' 'target = stderr' > $@
 
 $(VAR)/rules.sqlite: | $(VAR)/tlsgate.conf venv
 	$(BIN)/tlsgate -c $(VAR)/tlsgate.conf db init --examples sql/examples.sql
 
+# The daemons in the foreground on var/rules.sqlite; Ctrl-C stops both. Rows changed with
+# `sqlite3 var/rules.sqlite` or `.venv/bin/tlsgate -c var/tlsgate.conf connector ...` apply at once.
 run: venv $(VAR)/rules.sqlite
-	TLSGATE_CONFIG=$(VAR)/tlsgate.conf bash .ci/run-daemons
+	@$(BIN)/tlsgate -c $(VAR)/tlsgate.conf connector list
+	@echo; $(BIN)/tlsgate -c $(VAR)/tlsgate.conf postfix-config --queue-directory $(VAR) --no-outbound
+	@echo; echo "tlsgate-policyd: unix:$(VAR)/policy.sock and inet:127.0.0.1:10040; tlsgate-milter: unix:$(VAR)/milter.sock"
+	@echo "Ctrl-C stops both."; echo
+	@trap 'kill $$policyd $$milter 2>/dev/null; wait' INT TERM EXIT; \
+	  $(BIN)/tlsgate-policyd -c $(VAR)/tlsgate.conf & policyd=$$!; \
+	  $(BIN)/tlsgate-milter -c $(VAR)/tlsgate.conf & milter=$$!; \
+	  wait
 
 lint: venv
 	$(BIN)/ruff check tlsgate policyd milter tests $(wildcard bench)
