@@ -67,6 +67,15 @@ class MilterConfig:
 
 
 @dataclass(frozen=True)
+class SocketmapConfig:
+    listen: tuple[str, ...] = ("unix:/var/spool/postfix/tlsgate/socketmap.sock",)
+    socket_mode: int = 0o660
+    socket_group: str = "postfix"
+    idle_timeout: float = 300.0
+    max_connections: int = 2000
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     target: str = "auto"  # auto: stderr under systemd, syslog otherwise
@@ -81,6 +90,7 @@ class Config:
     policyd: PolicydConfig = field(default_factory=PolicydConfig)
     milter: MilterConfig = field(default_factory=MilterConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    socketmap: SocketmapConfig = field(default_factory=SocketmapConfig)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -89,6 +99,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "policyd": PolicydConfig,
     "milter": MilterConfig,
     "log": LogConfig,
+    "socketmap": SocketmapConfig,
 }
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {

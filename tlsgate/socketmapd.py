@@ -1,0 +1,321 @@
+"""tlsgate-socketmap: serves outbound connectors to Postfix's ``socketmap:`` lookup client.
+
+One asyncio process listens on unix sockets and/or loopback TCP (or sockets handed over by
+systemd), reads netstring requests with :mod:`tlsgate.socketmap`, and answers them from an
+:class:`tlsgate.outbound.OutboundIndex` rebuilt whenever the :class:`tlsgate.rules.RuleHolder`
+swaps in a new snapshot. Postfix keeps a connection open and drops it after about ten idle
+seconds; a client that breaks the framing gets one WARNING line and its connection closed,
+the others are not disturbed. SIGHUP forces a reload, SIGTERM stops accepting, lets requests
+being answered finish, and exits 0. Until the first rules are loaded every answer is TEMP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import grp
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Sequence
+
+from tlsgate import logsetup, sdnotify
+from tlsgate.config import EX_CONFIG, ConfigError, SocketmapConfig, load_config
+from tlsgate.outbound import Answer, OutboundIndex, lookup
+from tlsgate.rules import RuleHolder
+from tlsgate.snapshot import Snapshot
+from tlsgate.socketmap import (
+    MAX_QUERY,
+    NetstringDecoder,
+    NetstringError,
+    Reply,
+    Status,
+    TooLong,
+    parse_request,
+)
+from tlsgate.store import StoreError, normalise_url
+
+log = logging.getLogger("tlsgate.socketmap")
+
+IDENT = "tlsgate-socketmap"
+READ_SIZE = 4096
+STOP_GRACE = 5.0
+
+
+class StartupError(Exception):
+    """A listener could not be set up; the message is one line for the administrator."""
+
+
+class IndexHolder:
+    """The index of the newest snapshot; swapped by one assignment from the rules thread."""
+
+    def __init__(self) -> None:
+        self.index: OutboundIndex | None = None
+
+    def swap(self, snapshot: Snapshot) -> None:
+        index = OutboundIndex(snapshot)
+        self.index = index
+        log.info(
+            "serving rules generation %d: %d enabled outbound connectors",
+            index.generation,
+            index.connector_count,
+        )
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a socket file left by a dead process; refuse to touch anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"{path} exists and is not a socket; not removing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    except OSError as exc:
+        raise StartupError(f"{path}: cannot check the existing socket: {exc}") from None
+    finally:
+        probe.close()
+    raise StartupError(f"{path}: another process accepts connections on it")
+
+
+def _parse_inet(spec: str) -> tuple[str, int]:
+    rest = spec[len("inet:") :]
+    host, _, port = rest.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class SocketmapServer:
+    """The listeners and connections of one daemon."""
+
+    def __init__(self, cfg: SocketmapConfig, holder: IndexHolder) -> None:
+        self.cfg = cfg
+        self.holder = holder
+        self._servers: list[asyncio.base_events.Server] = []
+        self._paths: list[str] = []
+        self._connections: dict[asyncio.Task[None], bool] = {}  # task -> answering now
+        self._stopping = False
+        self.requests = 0
+
+    async def start(self, inherited: Sequence[int] = ()) -> None:
+        """Listen on inherited descriptors (socket activation) or on ``cfg.listen``."""
+        if inherited:
+            for fd in inherited:
+                sock = socket.socket(fileno=fd)
+                if sock.family == socket.AF_UNIX:
+                    self._servers.append(await asyncio.start_unix_server(self._handle, sock=sock))
+                else:
+                    self._servers.append(await asyncio.start_server(self._handle, sock=sock))
+            return
+        for spec in self.cfg.listen:
+            if spec.startswith("unix:"):
+                await self._listen_unix(spec[len("unix:") :])
+            else:
+                host, port = _parse_inet(spec)
+                if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+                    log.warning("listening on %s: socketmap requests are not authenticated", spec)
+                try:
+                    self._servers.append(await asyncio.start_server(self._handle, host, port))
+                except OSError as exc:
+                    raise StartupError(f"cannot listen on {spec}: {exc.strerror or exc}") from None
+
+    async def _listen_unix(self, path: str) -> None:
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            raise StartupError(f"directory {parent} for unix:{path} does not exist")
+        _remove_stale_socket(path)
+        try:
+            server = await asyncio.start_unix_server(self._handle, path=path)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
+        self._servers.append(server)
+        self._paths.append(path)
+        os.chmod(path, self.cfg.socket_mode)
+        try:
+            gid = grp.getgrnam(self.cfg.socket_group).gr_gid
+        except KeyError:
+            raise StartupError(f"[socketmap] socket_group {self.cfg.socket_group!r} does not exist") from None
+        if os.geteuid() == 0 or gid in os.getgroups():
+            os.chown(path, -1, gid)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self._stopping or len(self._connections) >= self.cfg.max_connections:
+            if not self._stopping:
+                log.warning("refusing a connection: %d connections open", len(self._connections))
+            writer.close()
+            return
+        self._connections[task] = False
+        try:
+            await self.serve(reader, writer)
+        finally:
+            self._connections.pop(task, None)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer requests on one connection until EOF, idle timeout or a framing error."""
+        task = asyncio.current_task()
+        assert task is not None
+        peer = _peer_name(writer)
+        decoder = NetstringDecoder(MAX_QUERY)
+        try:
+            while not self._stopping:
+                try:
+                    data = await asyncio.wait_for(reader.read(READ_SIZE), self.cfg.idle_timeout)
+                except TimeoutError:
+                    log.debug("%s: idle for %.0fs, closing", peer, self.cfg.idle_timeout)
+                    break
+                if not data:
+                    if decoder.pending:
+                        log.warning("%s: connection closed in the middle of a request", peer)
+                    break
+                self._connections[task] = True
+                try:
+                    for payload in decoder.feed(data):
+                        request = parse_request(payload)
+                        self.requests += 1
+                        writer.write(self._answer(peer, request.name, request.key))
+                except NetstringError as exc:
+                    log.warning("%s: malformed request, closing the connection: %s", peer, exc)
+                    break
+                await writer.drain()
+                self._connections[task] = False
+        except ConnectionError as exc:
+            log.debug("%s: connection lost: %s", peer, exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _answer(self, peer: str, name: str, key: str) -> bytes:
+        answer: Answer = lookup(self.holder.index, name, key)
+        reply = answer.reply
+        level = logging.DEBUG if reply.status is Status.NOTFOUND else logging.INFO
+        if reply.status in (Status.TEMP, Status.PERM):
+            level = logging.WARNING
+        log.log(
+            level,
+            "%s %s -> %s %s%s",
+            name,
+            key,
+            reply.status.value,
+            reply.data,
+            f" connector={answer.connector}" if answer.connector else "",
+        )
+        try:
+            return reply.encode()
+        except TooLong:
+            log.error("%s %s: answer of connector %s is too long for Postfix", name, key, answer.connector)
+            return Reply(Status.TEMP, "answer too long").encode()
+
+    async def close(self, grace: float = STOP_GRACE) -> None:
+        """Stop accepting, let requests being answered finish, close idle connections."""
+        self._stopping = True
+        for server in self._servers:
+            server.close()
+        for task, busy in list(self._connections.items()):
+            if not busy:
+                task.cancel()
+        pending = list(self._connections)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=grace)
+            for task in late:
+                task.cancel()
+        for server in self._servers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await server.wait_closed()
+        for path in self._paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def _peer_name(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return "unix"
+
+
+async def run(cfg_path: str | None) -> int:
+    cfg = load_config(cfg_path)
+    holder = IndexHolder()
+    rules = RuleHolder(cfg.database, on_swap=holder.swap)
+    server = SocketmapServer(cfg.socketmap, holder)
+    try:
+        await server.start([fd for fd, _ in sdnotify.listen_fds()])
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
+    rules.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def reload() -> None:
+        log.info("SIGHUP: reloading rules")
+        sdnotify.notify("RELOADING=1")
+        rules.request_reload()
+        sdnotify.notify("READY=1")
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    log.info("listening on %s", ", ".join(cfg.socketmap.listen))
+    sdnotify.notify("READY=1", f"STATUS=serving {', '.join(cfg.socketmap.listen)}")
+    interval = sdnotify.watchdog_interval()
+    watchdog = asyncio.create_task(_watchdog(interval)) if interval else None
+    await stop.wait()
+    sdnotify.notify("STOPPING=1")
+    log.info("stopping after %d requests", server.requests)
+    if watchdog is not None:
+        watchdog.cancel()
+    await server.close()
+    rules.stop()
+    return 0
+
+
+async def _watchdog(interval: float) -> None:
+    while True:
+        sdnotify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+def check_config(path: str | None) -> None:
+    """Everything that can be checked without listening: the file and the database URL."""
+    cfg = load_config(path)
+    try:
+        normalise_url(cfg.database.url)
+    except StoreError as exc:
+        raise ConfigError(f"{cfg.path or 'defaults'}: [database] url: {exc}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=IDENT, description="Serve outbound connectors to Postfix socketmap lookups.")
+    parser.add_argument("--config", help="configuration file (default /etc/tlsgate/tlsgate.conf)")
+    parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    args = parser.parse_args(argv)
+    try:
+        check_config(args.config)
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"{IDENT}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.check_config:
+        return 0
+    logsetup.configure(cfg.log, IDENT)
+    try:
+        return asyncio.run(run(args.config))
+    finally:
+        logsetup.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
