@@ -51,6 +51,8 @@ class PolicydConfig:
     request_timeout: float = 30.0
     max_connections: int = 2000
     monitor_prepend: bool = False
+    #: loopback HOST:PORT for Prometheus metrics; empty: none
+    metrics: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class MilterConfig:
     timeout: float = 600.0
     trace_header: bool = True
     header_name: str = "X-TLSgate"
+    #: loopback HOST:PORT for Prometheus metrics; empty: none
+    metrics: str = ""
     #: what the milter does with a connector that needs a certificate fingerprint, which
     #: Postfix never gives a milter: "tempfail", or "policyd" to leave it to the policy daemon
     pinned_action: str = "tempfail"
@@ -110,6 +114,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 _LISTEN = re.compile(r"^(unix:/.+|inet:(\[[0-9a-fA-F:.]+\]|[0-9.]+|localhost):\d{1,5})$")
+_METRICS = re.compile(r"^(127\.\d{1,3}\.\d{1,3}\.\d{1,3}|\[::1\]):\d{1,5}$")
 _HEADER = re.compile(r"^[!-9;-~]{1,64}$")
 
 
@@ -150,6 +155,10 @@ def _convert(path: str, section: str, key: str, raw: str, default: Any) -> Any:
             if not _LISTEN.match(item):
                 raise ConfigError(f"{where}: {item!r} is not unix:/PATH or inet:HOST:PORT")
         return items
+    if key == "metrics":
+        if value and not _METRICS.match(value):
+            raise ConfigError(f"{where}: not a loopback HOST:PORT such as 127.0.0.1:9560")
+        return value
     if key == "listen" and not _LISTEN.match(value):
         raise ConfigError(f"{where}: not unix:/PATH or inet:HOST:PORT")
     if key == "header_name" and not _HEADER.match(value):

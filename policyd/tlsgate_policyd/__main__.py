@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from tlsgate import logsetup, sdnotify
 from tlsgate.config import EX_CONFIG, Config, ConfigError, load_config
+from tlsgate.metrics import Metrics
 from tlsgate.rules import RuleHolder
 from tlsgate.store import safe_url
 from tlsgate_policyd.protocol import Limits, ProtocolError, RequestReader, encode
@@ -41,7 +42,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 async def serve(config: Config, holder: RuleHolder) -> int:
     loop = asyncio.get_running_loop()
-    server = PolicyServer(config, Responder(config, lambda: holder.snapshot))
+    metrics = None
+    if config.policyd.metrics:
+        metrics = Metrics("tlsgate-policyd")
+        metrics.watch(lambda: holder.snapshot, lambda: holder.db_errors,
+                      lambda: int(getattr(holder, "dns_failures", 0)))
+        try:
+            metrics.serve(config.policyd.metrics)
+        except (OSError, ValueError) as exc:
+            log.error("cannot serve metrics on %s: %s", config.policyd.metrics, exc)
+            return 1
+    server = PolicyServer(config, Responder(config, lambda: holder.snapshot, metrics=metrics))
     fds = [fd for fd, _name in sdnotify.listen_fds()]
     try:
         await server.start(fds)

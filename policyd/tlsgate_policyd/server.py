@@ -17,12 +17,14 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from tlsgate.config import Config
 from tlsgate.decisionlog import decision_line
 from tlsgate.engine import decide
+from tlsgate.metrics import Metrics
 from tlsgate.model import Decision, SessionFacts
 from tlsgate.snapshot import Snapshot
 from tlsgate_policyd.protocol import (
@@ -47,10 +49,12 @@ class Responder:
     """Turns one request into one answer line, and logs the decision."""
 
     def __init__(self, config: Config, snapshot: Callable[[], Snapshot | None],
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 metrics: Metrics | None = None) -> None:
         self._config = config
         self._snapshot = snapshot
         self._clock = clock
+        self._metrics = metrics
         self._monitor_header = "X-TLSgate-Monitor" if config.policyd.monitor_prepend else None
         self.decisions = 0
 
@@ -58,10 +62,13 @@ class Responder:
         if attrs.get("request") != "smtpd_access_policy":
             log.warning("ignoring request=%r: answering DUNNO", attrs.get("request", "")[:40])
             return "DUNNO"
+        started = time.perf_counter()
         facts = facts_from_request(attrs)
         snap = self._snapshot()
         self.decisions += 1
         if snap is None:
+            if self._metrics is not None:
+                self._metrics.record(None, time.perf_counter() - started)
             engine_cfg = self._config.engine
             action = unknown_rules_answer(engine_cfg.unknown_rules_action, engine_cfg.unknown_rules_text)
             log.info("%s: %s reason=\"no rules loaded\" client=[%s] from=<%s> to=<%s>",
@@ -69,6 +76,8 @@ class Responder:
                      facts.sender or "", facts.recipient or "")
             return action
         decision = decide(snap, facts, self._clock())
+        if self._metrics is not None:
+            self._metrics.record(decision, time.perf_counter() - started)
         self._log(facts, decision)
         return answer(decision, monitor_header=self._monitor_header)
 

@@ -243,3 +243,32 @@ def test_spawn_mode(work: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout == (b"action=REJECT 5.7.10 TLS required by connector contoso-in\n\n"
                         b"action=DUNNO\n\n")
+
+
+def test_metrics_and_stats(work: Path) -> None:
+    import subprocess
+
+    from tests.policyd.policydhelp import BIN
+
+    url = make_db(work / "rules.sqlite")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sock = work / "policy.sock"
+    config = write_config(work, url, f"unix:{sock}", metrics=f"127.0.0.1:{port}")
+    proc = PolicydProcess(config, sock, work / "policyd.log").start()
+    try:
+        client = PolicyClient(sock)
+        for _ in range(3):
+            client.ask(request())
+        client.ask(request(sender="a@other.test"))
+        r = subprocess.run([BIN / "tlsgate", "-c", config, "stats"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert "decisions: 4" in r.stdout
+        assert "contoso-in: reject 3" in r.stdout
+        assert "(no connector): pass 1" in r.stdout
+        assert "rules: generation" in r.stdout and "latency: p50 <=" in r.stdout
+    finally:
+        assert proc.stop() == 0
+    r = subprocess.run([BIN / "tlsgate", "-c", config, "stats"], capture_output=True, text=True)
+    assert r.returncode == 1 and "not answering" in r.stdout
