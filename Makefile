@@ -8,7 +8,7 @@ VAR ?= $(CURDIR)/var
 DEB_PACKAGES := postfix libmilter-dev swaks miltertest postfwd sqlite3 systemd
 PYTEST_ARGS ?=
 
-.PHONY: all deps debs venv run test lint typecheck pytest sql clean
+.PHONY: all deps debs venv run demo test lint typecheck pytest sql clean
 
 all: test
 
@@ -54,6 +54,11 @@ run: venv $(VAR)/rules.sqlite
 	  $(BIN)/tlsgate-policyd -c $(VAR)/tlsgate.conf & policyd=$$!; \
 	  $(BIN)/tlsgate-milter -c $(VAR)/tlsgate.conf & milter=$$!; \
 	  wait
+
+# A private Postfix on loopback with both daemons and the example connectors: a few messages
+# from a partner, a spoofer and an ordinary sender, and what happened to each.
+demo: venv
+	$(BIN)/python -m tests.support.demo
 
 lint: venv
 	$(BIN)/ruff check tlsgate policyd milter tests $(wildcard bench)
