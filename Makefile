@@ -8,7 +8,7 @@ VAR ?= $(CURDIR)/var
 DEB_PACKAGES := postfix libmilter-dev swaks miltertest postfwd sqlite3 systemd
 PYTEST_ARGS ?=
 
-.PHONY: all deps debs venv run demo test lint typecheck pytest sql clean
+.PHONY: all deps debs venv run demo test lint typecheck pytest sql man clean
 
 all: test
 
@@ -73,6 +73,11 @@ test: lint typecheck pytest
 
 sql: venv
 	for d in sqlite postgresql mariadb; do $(BIN)/tlsgate db schema --dialect $$d > sql/$$d.sql; done
+
+# Manual pages: docs/man/*.rst is the one source; the built pages are committed so that the
+# package installs them (setup.cfg data_files), and a test keeps them current.
+man: venv
+	for f in docs/man/*.rst; do $(BIN)/python -m docutils --writer=manpage $$f $${f%.rst}; done
 
 clean:
 	rm -rf $(VENV) $(VAR) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
