@@ -161,6 +161,8 @@ def address_of(resolver: dns.resolver.Resolver, host: str) -> str:
 class _Smtp(smtplib.SMTP):
     """smtplib with the peer's certificate chain kept after STARTTLS."""
 
+    _host: str  # smtplib's SNI name for starttls(), set by connect() only via __init__
+
     def raw_chain(self) -> list[bytes]:
         sock = self.sock
         if not isinstance(sock, ssl.SSLSocket):
