@@ -65,19 +65,20 @@ class Relay:
 def relay(pki: Pki) -> Iterator[Relay]:
     with PrivatePostfix(pki, domains=(PARTNER,)) as b:
         a = PrivatePostfix(pki, domains=("example.test",))
-        run = a.socket_dir / "tlsgate"
+        # As in production: a directory of our own inside the queue directory, referenced
+        # relative to it, which is how chrooted smtp and trivial-rewrite processes see it.
+        run = a.queue_dir / "tlsgate"
         run.mkdir(mode=0o755)
         db = make_database(
             run / "rules.sqlite",
             outbound_rows("partner", [PARTNER], match=[B_NAME], min_version="TLSv1.2", hosts=[("localhost", b.port, False)]),
         )
         daemon = SocketmapDaemon(run, db)
-        sock = daemon.socket_path
         a.configure({
             "mynetworks": "127.0.0.0/8",
             "relay_domains": PARTNER,
-            "transport_maps": f"socketmap:unix:{sock}:transport",
-            "smtp_tls_policy_maps": f"socketmap:unix:{sock}:tls_policy",
+            "transport_maps": "socketmap:unix:tlsgate/socketmap.sock:transport",
+            "smtp_tls_policy_maps": "socketmap:unix:tlsgate/socketmap.sock:tls_policy",
             "smtp_tls_CAfile": str(pki.ca.cert_path),
             "smtp_tls_loglevel": "1",
             # "localhost" from /etc/hosts: no DNS needed for the smart host
