@@ -114,7 +114,9 @@ class SocketmapDaemon:
         extra: str = "",
         poll_interval: float = 3600.0,
         idle_timeout: float = 300.0,
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.extra_env = env or {}
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.socket_path = str(directory / "socketmap.sock")
@@ -136,6 +138,7 @@ class SocketmapDaemon:
 
     def start(self) -> Self:
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "TLSGATE_DATABASE_URL")}
+        env.update(self.extra_env)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [str(DAEMON), "--config", str(self.config_path)], stdout=log, stderr=log, env=env
@@ -163,15 +166,20 @@ class SocketmapDaemon:
         return SocketmapClient((host, int(port)))
 
     def query_until(self, name: str, key: str, expected: Reply, timeout: float = 15.0) -> Reply:
-        """Ask on fresh connections until the answer is ``expected`` (after a reload)."""
+        """Ask on fresh connections until the answer is ``expected`` (after a reload, or
+        once a connection slot is free again)."""
         deadline = time.monotonic() + timeout
         while True:
             client = self.client()
             try:
-                reply = client.query(name, key)
+                reply: Reply | None = client.query(name, key)
+            except ConnectionError:
+                reply = None
             finally:
                 client.close()
             if reply == expected or time.monotonic() > deadline:
+                if reply is None:
+                    raise ConnectionError("the server kept closing the connection")
                 return reply
             time.sleep(_POLL)
 

@@ -243,3 +243,37 @@ def test_check_config_accepts_a_good_file(tmp_path: Path, db: str) -> None:
     d = SocketmapDaemon(tmp_path / "run", db)
     proc = subprocess.run([str(DAEMON), "--config", str(d.config_path), "--check-config"], capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stderr) == (0, "")
+
+
+def test_systemd_notifications(tmp_path: Path, db: str) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(15)
+    d = SocketmapDaemon(tmp_path / "run", db, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    try:
+        d.start()
+        assert notify.recv(4096).decode().split("\n")[0] == "READY=1"
+        d.signal(signal.SIGHUP)
+        assert notify.recv(4096) == b"RELOADING=1"
+        assert notify.recv(4096) == b"READY=1"
+        d.signal(signal.SIGTERM)
+        assert notify.recv(4096) == b"STOPPING=1"
+        assert d.stop() == 0
+    finally:
+        d.stop()
+        notify.close()
+
+
+def test_connections_above_the_limit_are_closed(tmp_path: Path, db: str) -> None:
+    with SocketmapDaemon(tmp_path / "run", db, extra="max_connections = 2\n") as d:
+        d.wait_for_log("serving rules generation")
+        first, second = d.client(), d.client()
+        assert first.query("tls_policy", "contoso.com") == CONTOSO_POLICY
+        assert second.query("tls_policy", "contoso.com") == CONTOSO_POLICY
+        third = d.client()
+        assert third.closed_by_server()
+        d.wait_for_log("refusing a connection: 2 connections open")
+        first.close()
+        assert d.query_until("tls_policy", "contoso.com", CONTOSO_POLICY) == CONTOSO_POLICY
+        second.close()
+        third.close()
