@@ -250,8 +250,10 @@ async def run(cfg_path: str | None) -> int:
     holder = IndexHolder()
     rules = RuleHolder(cfg.database, on_swap=holder.swap)
     server = SocketmapServer(cfg.socketmap, holder)
+    inherited = [fd for fd, _ in sdnotify.listen_fds()]
+    where = f"{len(inherited)} socket(s) from systemd" if inherited else ", ".join(cfg.socketmap.listen)
     try:
-        await server.start([fd for fd, _ in sdnotify.listen_fds()])
+        await server.start(inherited)
     except StartupError as exc:
         log.error("%s", exc)
         return 1
@@ -268,8 +270,8 @@ async def run(cfg_path: str | None) -> int:
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    log.info("listening on %s", ", ".join(cfg.socketmap.listen))
-    sdnotify.notify("READY=1", f"STATUS=serving {', '.join(cfg.socketmap.listen)}")
+    log.info("listening on %s", where)
+    sdnotify.notify("READY=1", f"STATUS=serving {where}")
     interval = sdnotify.watchdog_interval()
     watchdog = asyncio.create_task(_watchdog(interval)) if interval else None
     await stop.wait()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from tests.socketmap.socketmap_daemon import (
     DAEMON,
+    SocketmapClient,
     SocketmapDaemon,
     execute,
     make_database,
@@ -277,3 +279,31 @@ def test_connections_above_the_limit_are_closed(tmp_path: Path, db: str) -> None
         assert d.query_until("tls_policy", "contoso.com", CONTOSO_POLICY) == CONTOSO_POLICY
         second.close()
         third.close()
+
+
+def test_socket_activation(tmp_path: Path, db: str) -> None:
+    """A listening socket handed over as fd 3 with LISTEN_PID/LISTEN_FDS, as systemd does."""
+    path = tmp_path / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    d = SocketmapDaemon(tmp_path / "run", db)
+    # exec keeps the pid, so the wrapper can name itself in LISTEN_PID
+    wrapper = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
+        "os.environ['LISTEN_FDS'] = '1'; os.execv(sys.argv[2], sys.argv[2:])"
+    )
+    with open(d.log_path, "ab") as log:
+        d.process = subprocess.Popen(
+            [sys.executable, "-c", wrapper, str(listener.fileno()), str(DAEMON), "--config", str(d.config_path)],
+            stdout=log, stderr=log, pass_fds=(listener.fileno(),),
+        )
+    listener.close()
+    try:
+        d.wait_for_log("serving rules generation")
+        client = SocketmapClient(str(path))
+        assert client.query("tls_policy", "contoso.com") == CONTOSO_POLICY
+        client.close()
+        assert not Path(d.socket_path).exists()  # the configured socket was not created
+    finally:
+        assert d.stop() == 0
