@@ -94,7 +94,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--port", type=int, default=25, help="SMTP port (default 25)")
     p.add_argument("--cafile", help="CA bundle for chain validation (default: the system bundle)")
     p.add_argument("--timeout", type=float, default=20.0, help="seconds per connection step (default 20)")
-    p.add_argument("--helo", default=socket.getfqdn(), help="EHLO name (default: this host's name)")
+    p.add_argument("--helo", default=None, help="EHLO name (default: this host's name)")
     p.add_argument("--no-rules", action="store_true", help="do not read the rule database; default requirements")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=cmd_probe)
@@ -450,6 +450,8 @@ def cmd_probe(args: argparse.Namespace, ctx: Context) -> int:
         raise CommandError("--all needs the rules; drop --no-rules", 2)
     if not 0 < args.port < 65536:
         raise CommandError(f"--port {args.port} is not a port number", 2)
+    if args.helo is None:
+        args.helo = socket.getfqdn()  # here, not at parser build: it may ask DNS
     snapshot = None if args.no_rules else _load_rules(ctx)
     resolver = make_resolver(args.nameserver, args.timeout)
     work = plan(args, snapshot)
