@@ -1,0 +1,142 @@
+"""Part 1: the policy daemon against the floor server and postfwd1/postfwd2, same load, same run.
+
+Every server first answers a sample of the request mix and its verdicts are compared with
+the expected ones (REJECT 5.7.10 for a partner sender without TLS, DUNNO otherwise); a
+server that disagrees is reported as such and its figures are not counted.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import BIN, Child, postfwd_rules, request_mix, sqlite_rules, verdict
+from bench.loadgen import Address, ask_all, run_load
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    kind: str
+    connectors: int
+    address: Address
+    child: Child
+
+
+def _connectable(address: Address) -> Callable[[], bool]:
+    def probe() -> bool:
+        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(address)
+            except OSError:
+                return False
+            return True
+    return probe
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_floor(work: Path) -> Server:
+    path = str(work / "floor.sock")
+    child = Child([sys.executable, "-m", "bench.floor_server", path], work / "floor.log")
+    return Server("floor (asyncio DUNNO)", "floor", 0, path, child.start(_connectable(path)))
+
+
+def tlsgate_config(work: Path, url: str, listen: str, poll: float = 2.0, extra: str = "") -> Path:
+    config = work / f"tlsgate-{abs(hash((url, listen)))}.conf"
+    config.write_text(f"[database]\nurl = {url}\npoll_interval = {poll}\n\n[policyd]\nlisten = {listen}\n"
+                      f"socket_mode = 0666\nsocket_group = root\n{extra}\n[log]\ntarget = stderr\nlevel = info\n")
+    return config
+
+
+def start_tlsgate(work: Path, connectors: int, poll: float = 2.0) -> Server:
+    db = work / f"rules-{connectors}.sqlite"
+    url = sqlite_rules(db, connectors)
+    path = str(work / f"policyd-{connectors}.sock")
+    log = work / f"policyd-{connectors}.log"
+    log.unlink(missing_ok=True)
+    child = Child([str(BIN / "tlsgate-policyd"), "--config", str(tlsgate_config(work, url, f"unix:{path}", poll))], log)
+    child.start(lambda: "loaded rules generation" in log.read_text() and _connectable(path)())
+    return Server(f"tlsgate-policyd, {connectors:,} connectors", "tlsgate", connectors, path, child)
+
+
+def start_postfwd(work: Path, program: str, connectors: int) -> Server:
+    rules = postfwd_rules(work / f"postfwd-{connectors}.cf", connectors)
+    port = free_port()
+    pidfile = work / f"{program}-{connectors}.pid"
+    pidfile.unlink(missing_ok=True)
+    # Debian's Net::Server dies silently when user/group "nobody" cannot be resolved
+    # (the group is "nogroup"); -c 0 turns the request cache off so that every request is judged.
+    args = [program, "-d", "-f", str(rules), "-i", "127.0.0.1", "-p", str(port), "--proto", "tcp", "-n",
+            "-c", "0", "-u", "nobody", "-g", "nogroup", "--pidfile", str(pidfile)]
+    child = Child(args, work / f"{program}-{connectors}.log", pidfile=pidfile)
+    child.start(_connectable(("127.0.0.1", port)), timeout=300)
+    return Server(f"{program}, {connectors:,} rules", program, connectors, ("127.0.0.1", port), child)
+
+
+def check_verdicts(server: Server, sample: int) -> tuple[bool, str]:
+    mix = request_mix(max(server.connectors, 10), sample, seed=1)
+    answers = ask_all(server.address, [r for r, _ in mix])
+    if server.kind == "floor":
+        return True, "answers DUNNO to everything by design (no rules)"
+    wrong = [(verdict(a), e) for a, (_, e) in zip(answers, mix, strict=True) if verdict(a) != e]
+    refused = sum(1 for _, e in mix if e != "DUNNO")
+    if wrong:
+        return False, f"{len(wrong)}/{sample} verdicts differ, e.g. answered {wrong[0][0]!r} where {wrong[0][1]!r} expected"
+    return True, f"{sample}/{sample} verdicts as expected ({refused} REJECT 5.7.10)"
+
+
+def measure(server: Server, conns: tuple[int, ...], runs: int, duration: float, max_requests: int) -> dict[str, Any]:
+    mix = [r for r, _ in request_mix(max(server.connectors, 10), 4000, seed=2)]
+    out: dict[str, Any] = {}
+    for connections in conns:
+        rows = []
+        for _ in range(runs):
+            result = run_load(server.address, connections, mix, processes=1 if connections == 1 else 2,
+                              duration=duration, max_requests=max_requests)
+            rows.append({"rate": result.rate, "p50_ms": result.latency_ms(0.5), "p99_ms": result.latency_ms(0.99),
+                         "requests": result.requests, "client_cpu_pct": 100 * result.client_cpu_seconds / result.seconds,
+                         "client_processes": result.client_processes, "errors": result.errors})
+        out[str(connections)] = rows
+    return out
+
+
+def run(work: Path, *, runs: int = 5, duration: float = 2.0, connector_counts: tuple[int, ...] = (10, 10_000, 100_000),
+        postfwd_counts: tuple[int, ...] = (10, 1000), conns: tuple[int, ...] = (1, 16, 64),
+        sample: int = 200, postfwd: bool = True) -> dict[str, Any]:
+    work.mkdir(parents=True, exist_ok=True)
+    starters: list[Callable[[], Server]] = [lambda: start_floor(work)]
+    starters += [lambda n=n: start_tlsgate(work, n) for n in connector_counts]
+    if postfwd:
+        for program in ("postfwd1", "postfwd2"):
+            starters += [lambda p=program, n=n: start_postfwd(work, p, n) for n in postfwd_counts]
+    results: dict[str, Any] = {"runs": runs, "duration": duration, "servers": []}
+    for starter in starters:
+        began = time.monotonic()
+        server = starter()
+        entry: dict[str, Any] = {"name": server.name, "kind": server.kind, "connectors": server.connectors,
+                                 "startup_s": time.monotonic() - began}
+        try:
+            slow = server.kind.startswith("postfwd") and server.connectors > 100
+            ok, note = check_verdicts(server, 40 if slow else sample)
+            entry.update(valid=ok, check=note)
+            print(f"  {server.name}: {note}", flush=True)
+            if ok:
+                # postfwd with many rules takes a large fraction of a second per request:
+                # bound its count so a run stays short, and say so in the report.
+                limit = 400 if slow else 1_000_000
+                entry["results"] = measure(server, conns, 1 if slow else runs, duration, limit)
+        finally:
+            server.child.stop()
+        results["servers"].append(entry)
+    return results
