@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -80,6 +81,18 @@ class SocketmapConfig:
 
 
 @dataclass(frozen=True)
+class DnsConfig:
+    """The resolver for address entries that name DNS (a:, mx:, spf:)."""
+
+    #: nameservers to ask, IP addresses; empty: the system's /etc/resolv.conf
+    nameservers: tuple[str, ...] = ()
+    port: int = 53
+    timeout: float = 3.0
+    min_ttl: int = 60
+    max_ttl: int = 86400
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     target: str = "auto"  # auto: stderr under systemd, syslog otherwise
@@ -95,6 +108,7 @@ class Config:
     milter: MilterConfig = field(default_factory=MilterConfig)
     log: LogConfig = field(default_factory=LogConfig)
     socketmap: SocketmapConfig = field(default_factory=SocketmapConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -104,6 +118,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "milter": MilterConfig,
     "log": LogConfig,
     "socketmap": SocketmapConfig,
+    "dns": DnsConfig,
 }
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -147,6 +162,14 @@ def _convert(path: str, section: str, key: str, raw: str, default: Any) -> Any:
         if not number > 0 or number > 86400:
             raise ConfigError(f"{where}: must be between 0 and 86400 seconds")
         return number
+    if key == "nameservers":
+        servers = tuple(v for v in re.split(r"[\s,]+", value) if v)
+        for server in servers:
+            try:
+                ipaddress.ip_address(server)
+            except ValueError:
+                raise ConfigError(f"{where}: {server!r} is not an IP address") from None
+        return servers
     if isinstance(default, tuple):
         items = tuple(v for v in re.split(r"[\s,]+", value) if v)
         if not items:

@@ -106,6 +106,8 @@ class InboundConnector:
     recipient_domains: tuple[DomainPattern, ...] = ()
     header_from_domains: tuple[DomainPattern, ...] = ()
     client_ranges: tuple[Network, ...] = ()
+    #: address entries that name DNS (a:HOST, mx:DOMAIN, spf:DOMAIN), resolved in the background
+    dns_entries: tuple[str, ...] = ()
     restrict_to_ranges: bool = False
     require_tls: bool = True
     min_tls_version: str | None = None

@@ -6,6 +6,8 @@ snapshot reference is replaced in one assignment, so request handlers on any thr
 loop always see a whole snapshot. When the database is unreachable the last good snapshot
 keeps serving and the outage is logged once, with a second line when it ends. Until a first
 snapshot exists, ``snapshot`` is None and front-ends answer a temporary failure.
+Address entries that name DNS are re-resolved on the same thread when their TTL runs out,
+and the snapshot is rebuilt with their ranges without reading the database again.
 """
 
 from __future__ import annotations
@@ -17,11 +19,16 @@ from collections.abc import Callable
 
 from sqlalchemy import Engine
 
-from tlsgate.config import DatabaseConfig
+from tlsgate.config import DatabaseConfig, DnsConfig
+from tlsgate.dnsranges import DnsCache, ResolverSettings, apply_dns, dns_entries
 from tlsgate.snapshot import Snapshot
 from tlsgate.store import StoreError, load, open_engine, read_generation, safe_url
 
 log = logging.getLogger("tlsgate.rules")
+
+
+def resolver_settings(cfg: DnsConfig) -> ResolverSettings:
+    return ResolverSettings(tuple(cfg.nameservers), cfg.port, cfg.timeout, cfg.min_ttl, cfg.max_ttl)
 
 
 class RuleHolder:
@@ -33,11 +40,14 @@ class RuleHolder:
         *,
         on_swap: Callable[[Snapshot], None] | None = None,
         engine: Engine | None = None,
+        dns: DnsConfig | None = None,
     ) -> None:
         self._cfg = cfg
         self._engine = engine
         self._on_swap = on_swap
         self._snapshot: Snapshot | None = None
+        self._base: Snapshot | None = None  # as loaded from the database, before DNS entries
+        self.dns = DnsCache(resolver_settings(dns or DnsConfig()))
         self._outage: str | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -63,40 +73,59 @@ class RuleHolder:
         return self._engine
 
     def refresh(self, force: bool = False) -> bool:
-        """Load a new snapshot if the rules changed (or ``force``); True when one was swapped in.
+        """Load a new snapshot if the rules changed (or ``force``), and re-resolve DNS address
+        entries that are due; True when a new snapshot was swapped in.
 
-        Never raises for database trouble: it is logged once per outage.
+        Never raises for database or DNS trouble: each outage is logged once.
         """
         with self._lock:
             try:
                 engine = self._db()
-                current = self._snapshot
+                current = self._base
                 if not force and current is not None:
                     if read_generation(engine) == current.generation:
                         self._recovered()
-                        return False
+                        return self._refresh_dns(current)
                 started = time.monotonic()
                 result = load(engine)
             except StoreError as exc:
                 self._failed(str(exc))
-                return False
+                return self._refresh_dns(self._base) if self._base is not None else False
             self._recovered()
-            snap = result.snapshot
+            base = result.snapshot
             for problem in result.errors:
-                log.error("rules generation %d: %s", snap.generation, problem)
-            self._snapshot = snap
+                log.error("rules generation %d: %s", base.generation, problem)
+            self._base = base
             self.loads += 1
             log.info(
                 "loaded rules generation %d: %d inbound, %d outbound connectors, %d errors, in %.3fs",
-                snap.generation,
-                len(snap.inbound),
-                len(snap.outbound),
+                base.generation,
+                len(base.inbound),
+                len(base.outbound),
                 len(result.errors),
                 time.monotonic() - started,
             )
-            if self._on_swap is not None:
-                self._on_swap(snap)
+            self._refresh_dns(base, swap_anyway=True)
             return True
+
+    def _refresh_dns(self, base: Snapshot, swap_anyway: bool = False) -> bool:
+        """Resolve the due DNS entries of ``base``; swap in a snapshot when anything changed."""
+        wanted = dns_entries(base.inbound)
+        changed = bool(wanted) and self.dns.refresh(self.dns.due(wanted))
+        if not (changed or swap_anyway):
+            return False
+        snap = base
+        if wanted:
+            snap = Snapshot(inbound=apply_dns(base.inbound, self.dns), outbound=base.outbound,
+                            generation=base.generation, loaded_at=base.loaded_at, errors=base.errors)
+        self._snapshot = snap
+        if self._on_swap is not None:
+            self._on_swap(snap)
+        return True
+
+    @property
+    def dns_failures(self) -> int:
+        return self.dns.failures
 
     def _failed(self, message: str) -> None:
         self.db_errors += 1

@@ -248,7 +248,7 @@ def _peer_name(writer: asyncio.StreamWriter) -> str:
 async def run(cfg_path: str | None) -> int:
     cfg = load_config(cfg_path)
     holder = IndexHolder()
-    rules = RuleHolder(cfg.database, on_swap=holder.swap)
+    rules = RuleHolder(cfg.database, on_swap=holder.swap, dns=cfg.dns)
     server = SocketmapServer(cfg.socketmap, holder)
     inherited = [fd for fd, _ in sdnotify.listen_fds()]
     where = f"{len(inherited)} socket(s) from systemd" if inherited else ", ".join(cfg.socketmap.listen)

@@ -24,6 +24,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from tlsgate import schema
 from tlsgate.certs import CertificateError, pin_from_pem
+from tlsgate.dnsranges import parse_entry
 from tlsgate.model import (
     CertRequirement,
     FailAction,
@@ -455,14 +456,20 @@ def _load_inbound(
         kw["header_from_domains"] = tuple(scoped["header_from"])
 
         ranges: list[Network] = []
+        entries: list[str] = []
         for a in addresses.get(name, ()):
             value = _str(a.get("address")) or ""
             try:
-                ranges.append(parse_network(value))
+                entry = parse_entry(value)
+                if entry is None:
+                    ranges.append(parse_network(value))
+                else:
+                    entries.append(entry)
             except PatternError as exc:
                 problems.append(RowProblem("error", "inbound_address", (name, value), "address", str(exc), name))
                 r.failed = True
         kw["client_ranges"] = tuple(ranges)
+        kw["dns_entries"] = tuple(sorted(set(entries)))
 
         cert_names: list[CertNamePattern] = []
         issuers: list[IssuerPattern] = []
@@ -512,11 +519,11 @@ def _load_inbound(
             pins.append(pin)
         kw["pins"] = tuple(pins)
 
-        if kw["restrict_to_ranges"] and not ranges:
+        if kw["restrict_to_ranges"] and not ranges and not entries:
             r.error("restrict_to_addresses", "is set but the connector has no inbound_address rows")
         if kw["certificate"] is CertRequirement.PINNED and not pins and not r.failed:
             r.warn("certificate", "is 'pinned' but no certificate is registered: every session will fail")
-        if not (any(scoped.values()) or ranges):
+        if not (any(scoped.values()) or ranges or entries):
             r.warn(None, "has no sender, recipient, header From domain or address: it matches no mail")
 
         own = tuple(str(p).split(": ", 1)[1] for p in problems if p.connector == name and p.severity == "error")

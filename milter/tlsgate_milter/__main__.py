@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Every thread started from here on inherits the blocked signals.
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     logsetup.configure(cfg.log, "tlsgate-milter")
-    holder = RuleHolder(cfg.database)
+    holder = RuleHolder(cfg.database, dns=cfg.dns)
     judge = Judge(snapshot=lambda: holder.snapshot, settings=MilterSettings.from_config(cfg))
     try:
         open_socket(

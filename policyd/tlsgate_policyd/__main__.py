@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tlsgate-policyd: configuration {config.path or '(defaults)'} is valid")
         return 0
     logsetup.configure(config.log, "tlsgate-policyd")
-    holder = RuleHolder(config.database)
+    holder = RuleHolder(config.database, dns=config.dns)
     try:
         if args.spawn:
             return spawn(config, holder)

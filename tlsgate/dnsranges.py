@@ -1,0 +1,346 @@
+"""Client address entries that name DNS: ``a:HOST``, ``mx:DOMAIN``, ``spf:DOMAIN``.
+
+Partners' servers move; a list of addresses typed by hand goes stale and then blocks their
+mail. An ``inbound_address`` row may therefore name DNS instead of a range. This module
+resolves such entries with dnspython, never on the request path: the rule holder's thread
+refreshes each entry when its TTL (clamped to a sane minimum and maximum) runs out, keeps the
+last good answer when DNS fails, and rebuilds the snapshot with the resolved ranges. An entry
+that has never resolved makes its connector fail closed (a temporary failure in its scope).
+
+SPF records are followed through ``include:`` and ``redirect=`` within RFC 7208's limit of 10
+DNS-querying terms; ``a`` and ``mx`` mechanisms inside them are resolved, ``ptr`` and
+``exists`` cannot be turned into ranges and are reported.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import dns.exception
+import dns.resolver
+
+from tlsgate.model import InboundConnector
+from tlsgate.patterns import Network, PatternError, to_a_label
+
+log = logging.getLogger("tlsgate.dns")
+
+KINDS = ("a", "mx", "spf")
+SPF_LOOKUP_LIMIT = 10
+MAX_MX_HOSTS = 10
+ALL_ADDRESSES: tuple[Network, ...] = (ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv6Network("::/0"))
+
+
+class DnsFailure(Exception):
+    """DNS did not answer usefully (timeout, SERVFAIL): keep the last good answer."""
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+def dns_name(text: str) -> str:
+    """A DNS name as SPF uses them: like a host name, but labels may hold '_' (``_spf``)."""
+    name = text.strip().rstrip(".").lower()
+    if not name.isascii():
+        return to_a_label(name)
+    if not name or len(name) > 253 or not all(_DNS_LABEL.match(label) for label in name.split(".")):
+        raise PatternError(f"invalid DNS name {text!r}")
+    return name
+
+
+def parse_entry(text: str) -> str | None:
+    """``a:mail.example.com`` normalised, or None when ``text`` is not a DNS entry.
+
+    Raises PatternError for a DNS entry with a bad name.
+    """
+    kind, sep, name = text.strip().partition(":")
+    if not sep or kind.lower() not in KINDS:
+        return None
+    return f"{kind.lower()}:{dns_name(name)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What DNS said about one entry. ``problems`` are notes for lint and explain (an SPF
+    mechanism that cannot become a range, a name with no addresses): the answer still counts."""
+
+    entry: str
+    networks: tuple[Network, ...]
+    ttl: int
+    resolved_at: float
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ResolverSettings:
+    """The resolver part of the configuration's [dns] section."""
+
+    nameservers: tuple[str, ...] = ()
+    port: int = 53
+    timeout: float = 3.0
+    min_ttl: int = 60
+    max_ttl: int = 86400
+
+
+def make_resolver(settings: ResolverSettings) -> dns.resolver.Resolver:
+    resolver = dns.resolver.Resolver(configure=not settings.nameservers)
+    if settings.nameservers:
+        resolver.nameservers = list(settings.nameservers)
+    resolver.port = settings.port
+    resolver.lifetime = settings.timeout
+    resolver.timeout = settings.timeout
+    return resolver
+
+
+class _Lookup:
+    """One entry's resolution: counts queries, collects TTLs and problems."""
+
+    def __init__(self, resolver: dns.resolver.Resolver) -> None:
+        self.resolver = resolver
+        self.ttls: list[int] = []
+        self.problems: list[str] = []
+
+    def query(self, name: str, rdtype: str) -> list[object]:
+        try:
+            answer = self.resolver.resolve(name, rdtype, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return []  # authoritative: the name does not exist, which is an answer
+        except dns.resolver.NoNameservers as exc:
+            raise DnsFailure(f"{name} {rdtype}: no server answered ({_short(exc)})") from None
+        except dns.exception.Timeout:
+            raise DnsFailure(f"{name} {rdtype}: timed out") from None
+        except dns.exception.DNSException as exc:
+            raise DnsFailure(f"{name} {rdtype}: {_short(exc)}") from None
+        if answer.rrset is None:
+            return []
+        self.ttls.append(answer.rrset.ttl)
+        return list(answer.rrset)
+
+    def addresses(self, name: str, v4_prefix: int = 32, v6_prefix: int = 128) -> list[Network]:
+        nets: list[Network] = []
+        for rdtype, plen in (("A", v4_prefix), ("AAAA", v6_prefix)):
+            for record in self.query(name, rdtype):
+                address = getattr(record, "address", "")
+                nets.append(ipaddress.ip_network(f"{address}/{plen}", strict=False))
+        return nets
+
+    def mx_hosts(self, domain: str) -> list[str]:
+        records = sorted(self.query(domain, "MX"), key=lambda r: getattr(r, "preference", 0))
+        hosts = [str(getattr(r, "exchange", "")).rstrip(".") for r in records]
+        if len(hosts) > MAX_MX_HOSTS:
+            self.problems.append(f"{domain} has {len(hosts)} MX hosts; the first {MAX_MX_HOSTS} are used")
+        return [h for h in hosts[:MAX_MX_HOSTS] if h]
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+def resolve_entry(entry: str, resolver: dns.resolver.Resolver, settings: ResolverSettings) -> Resolution:
+    """Resolve one entry now. Raises DnsFailure when DNS could not give an answer."""
+    kind, _, name = entry.partition(":")
+    lookup = _Lookup(resolver)
+    if kind == "a":
+        nets = lookup.addresses(name)
+        if not nets:
+            lookup.problems.append(f"{name} has no A or AAAA records")
+    elif kind == "mx":
+        nets = []
+        hosts = lookup.mx_hosts(name)
+        if not hosts:
+            lookup.problems.append(f"{name} has no MX records")
+        for host in hosts:
+            found = lookup.addresses(host)
+            if not found:
+                lookup.problems.append(f"MX host {host} of {name} has no addresses")
+            nets.extend(found)
+    elif kind == "spf":
+        nets = _spf(name, lookup)
+    else:
+        raise ValueError(f"not a DNS entry: {entry}")
+    ttl = min(lookup.ttls) if lookup.ttls else settings.min_ttl
+    ttl = max(settings.min_ttl, min(settings.max_ttl, ttl))
+    unique = tuple(dict.fromkeys(nets))
+    return Resolution(entry, unique, ttl, time.time(), tuple(lookup.problems))
+
+
+def _spf_record(domain: str, lookup: _Lookup) -> str | None:
+    records = []
+    for record in lookup.query(domain, "TXT"):
+        strings = getattr(record, "strings", ())
+        text = b"".join(strings).decode("utf-8", "replace")
+        if text.lower() == "v=spf1" or text.lower().startswith("v=spf1 "):
+            records.append(text)
+    if len(records) > 1:
+        lookup.problems.append(f"{domain} has {len(records)} SPF records (a permanent error in SPF); none used")
+        return None
+    return records[0] if records else None
+
+
+def _cidr(spec: str) -> tuple[str, int, int]:
+    """``domain/24//64`` -> (domain, 24, 64); missing parts default."""
+    name, _, rest = spec.partition("/")
+    v4, _, v6 = rest.partition("/")
+    v6 = v6.lstrip("/")
+    return name, int(v4) if v4 else 32, int(v6) if v6 else 128
+
+
+def _spf(domain: str, lookup: _Lookup) -> list[Network]:
+    nets: list[Network] = []
+    budget = [SPF_LOOKUP_LIMIT]
+    _spf_walk(domain, lookup, nets, budget, seen=set())
+    return nets
+
+
+def _spend(what: str, lookup: _Lookup, budget: list[int]) -> bool:
+    if budget[0] <= 0:
+        lookup.problems.append(f"SPF lookup limit of {SPF_LOOKUP_LIMIT} reached; {what} not followed")
+        return False
+    budget[0] -= 1
+    return True
+
+
+def _spf_walk(domain: str, lookup: _Lookup, nets: list[Network], budget: list[int], seen: set[str]) -> None:
+    if domain in seen:
+        lookup.problems.append(f"SPF include loop at {domain}")
+        return
+    seen.add(domain)
+    record = _spf_record(domain, lookup)
+    if record is None:
+        lookup.problems.append(f"{domain} has no SPF record")
+        return
+    redirect: str | None = None
+    has_all = False
+    for term in record.split()[1:]:
+        qualifier = term[0] if term[0] in "+-~?" else "+"
+        body = term[1:] if term[0] in "+-~?" else term
+        low = body.lower()
+        if low.startswith("redirect="):
+            redirect = body.split("=", 1)[1]
+            continue
+        if "=" in body and ":" not in body.split("=", 1)[0]:
+            continue  # another modifier (exp=...)
+        if low in ("all",):
+            has_all = True
+            continue
+        if qualifier != "+":
+            continue  # only mechanisms that pass authorize addresses
+        try:
+            if low.startswith("ip4:") or low.startswith("ip6:"):
+                nets.append(ipaddress.ip_network(body[4:], strict=False))
+            elif low.startswith("include:"):
+                if _spend(term, lookup, budget):
+                    _spf_walk(dns_name(body[8:]), lookup, nets, budget, seen)
+            elif low == "a" or low.startswith(("a:", "a/")):
+                if _spend(term, lookup, budget):
+                    name, v4, v6 = _cidr(body[2:] if low.startswith("a:") else domain + body[1:])
+                    nets.extend(lookup.addresses(dns_name(name), v4, v6))
+            elif low == "mx" or low.startswith(("mx:", "mx/")):
+                if _spend(term, lookup, budget):
+                    name, v4, v6 = _cidr(body[3:] if low.startswith("mx:") else domain + body[2:])
+                    for host in lookup.mx_hosts(dns_name(name)):
+                        nets.extend(lookup.addresses(host, v4, v6))
+            elif low.startswith(("ptr", "exists:")):
+                _spend(term, lookup, budget)
+                lookup.problems.append(f"SPF mechanism {term} of {domain} cannot be turned into address ranges")
+            else:
+                lookup.problems.append(f"unknown SPF term {term!r} in {domain}")
+        except (ValueError, PatternError) as exc:
+            lookup.problems.append(f"bad SPF term {term!r} in {domain}: {exc}")
+    if redirect is not None and not has_all and _spend(f"redirect={redirect}", lookup, budget):
+        try:
+            _spf_walk(dns_name(redirect), lookup, nets, budget, seen)
+        except PatternError as exc:
+            lookup.problems.append(f"bad SPF redirect {redirect!r} in {domain}: {exc}")
+
+
+class DnsCache:
+    """The last good resolution of every entry, and which entries are due for a refresh."""
+
+    def __init__(self, settings: ResolverSettings) -> None:
+        self.settings = settings
+        self._resolver = make_resolver(settings)
+        self.entries: dict[str, Resolution] = {}
+        self._failing: dict[str, str] = {}
+        self._retry_at: dict[str, float] = {}
+        self.failures = 0
+
+    def due(self, wanted: Iterable[str], now: float | None = None) -> list[str]:
+        moment = time.time() if now is None else now
+        out = []
+        for entry in wanted:
+            known = self.entries.get(entry)
+            retry = self._retry_at.get(entry, 0.0)
+            if moment < retry:
+                continue
+            if known is None or moment >= known.resolved_at + known.ttl:
+                out.append(entry)
+        return out
+
+    def refresh(self, entries: Iterable[str]) -> bool:
+        """Resolve ``entries``; True when any answer changed the ranges."""
+        changed = False
+        for entry in entries:
+            try:
+                result = resolve_entry(entry, self._resolver, self.settings)
+            except DnsFailure as exc:
+                self.failures += 1
+                # Retry failed entries after the minimum TTL, not on every poll.
+                self._retry_at[entry] = time.time() + self.settings.min_ttl
+                if entry not in self._failing:
+                    self._failing[entry] = str(exc)
+                    old = self.entries.get(entry)
+                    if old is None:
+                        log.error("DNS entry %s: %s; its connector defers until it resolves", entry, exc)
+                    else:
+                        log.error("DNS entry %s: %s; keeping the ranges resolved %.0fs ago", entry, exc,
+                                  time.time() - old.resolved_at)
+                continue
+            self._retry_at.pop(entry, None)
+            if self._failing.pop(entry, None) is not None:
+                log.warning("DNS entry %s resolves again", entry)
+            old = self.entries.get(entry)
+            if old is None or set(old.networks) != set(result.networks):
+                changed = True
+                log.info("DNS entry %s: %s", entry, ", ".join(str(n) for n in result.networks) or "no addresses")
+            self.entries[entry] = result
+        return changed
+
+
+def dns_entries(connectors: Iterable[InboundConnector]) -> set[str]:
+    return {e for c in connectors for e in c.dns_entries}
+
+
+def apply_dns(connectors: Iterable[InboundConnector], cache: DnsCache) -> tuple[InboundConnector, ...]:
+    """Connectors with their DNS entries' ranges added to their client ranges.
+
+    A connector with an entry that never resolved is marked misconfigured, so the engine
+    defers mail in its scope; when its scope is addresses alone, that scope is unknown, so it
+    covers every client until DNS answers: closed, never open.
+    """
+    out = []
+    for c in connectors:
+        if not c.dns_entries:
+            out.append(c)
+            continue
+        ranges = list(c.client_ranges)
+        missing = []
+        for entry in c.dns_entries:
+            got = cache.entries.get(entry)
+            if got is None:
+                missing.append(entry)
+            else:
+                ranges.extend(got.networks)
+        if missing:
+            problems = (*c.problems, *(f"address entry {e} has not been resolved yet" for e in missing))
+            if not c.has_domain_scope:
+                ranges = list(ALL_ADDRESSES)
+            out.append(replace(c, client_ranges=tuple(dict.fromkeys(ranges)), problems=problems))
+        else:
+            out.append(replace(c, client_ranges=tuple(dict.fromkeys(ranges))))
+    return tuple(out)
+
