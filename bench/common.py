@@ -28,6 +28,13 @@ from sqlalchemy import Engine, text
 from tlsgate.store import init_schema, open_engine
 
 BIN = Path(sys.executable).parent
+#: how each daemon is started: its module run by this interpreter (what the console scripts
+#: call), so that a PYTHONPATH pointing at a source snapshot is honoured by the children too.
+DAEMONS = {
+    "tlsgate-policyd": [sys.executable, "-m", "tlsgate_policyd"],
+    "tlsgate-milter": [sys.executable, "-m", "tlsgate_milter"],
+    "tlsgate-socketmap": [sys.executable, "-c", "from tlsgate.socketmapd import main; main()"],
+}
 ROOT = Path(__file__).resolve().parent.parent
 REJECT = "REJECT 5.7.10"
 DUNNO = "DUNNO"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import BIN, Child, postfwd_rules, request_mix, sqlite_rules, verdict
+from bench.common import DAEMONS, Child, postfwd_rules, request_mix, sqlite_rules, verdict
 from bench.loadgen import Address, ask_all, run_load
 
 
@@ -65,7 +65,7 @@ def start_tlsgate(work: Path, connectors: int, poll: float = 2.0) -> Server:
     path = str(work / f"policyd-{connectors}.sock")
     log = work / f"policyd-{connectors}.log"
     log.unlink(missing_ok=True)
-    child = Child([str(BIN / "tlsgate-policyd"), "--config", str(tlsgate_config(work, url, f"unix:{path}", poll))], log)
+    child = Child([*DAEMONS["tlsgate-policyd"], "--config", str(tlsgate_config(work, url, f"unix:{path}", poll))], log)
     child.start(lambda: "loaded rules generation" in log.read_text() and _connectable(path)())
     return Server(f"tlsgate-policyd, {connectors:,} connectors", "tlsgate", connectors, path, child)
 
