@@ -279,7 +279,8 @@ def check_requirements(
 ) -> list[tuple[Check, str]]:
     """Each requirement of ``c`` with whether ``facts`` meet it, paired with its status detail."""
     out: list[tuple[Check, str]] = []
-    if c.restrict_to_ranges and c.client_ranges and c.has_domain_scope:
+    # Checked even when the ranges are empty (a DNS entry resolving to nothing): no client is inside.
+    if c.restrict_to_ranges and c.has_domain_scope:
         addr = facts.client_address
         ok = addr is not None and range_contains(c.client_ranges, addr)
         out.append(

@@ -9,6 +9,7 @@ from sqlalchemy import create_engine, text
 
 from tlsgate.config import DatabaseConfig
 from tlsgate.rules import RuleHolder
+from tlsgate.snapshot import Snapshot
 from tlsgate.store import init_schema, open_engine
 
 
@@ -93,8 +94,8 @@ def test_background_thread_and_forced_reload(sqlite_url: str) -> None:
 
     event = threading.Event()
 
-    def on_swap(snap: object) -> None:
-        swapped.append(getattr(snap, "generation"))
+    def on_swap(snap: Snapshot) -> None:
+        swapped.append(snap.generation)
         event.set()
 
     holder = RuleHolder(DatabaseConfig(url=sqlite_url, poll_interval=3600), on_swap=on_swap)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from tlsgate.cli import CommandError
 from tlsgate.decisionlog import verdict_word
+from tlsgate.dnsranges import DnsCache, apply_dns, dns_entries
 from tlsgate.engine import decide
 from tlsgate.model import Decision, SessionFacts, Stage
 from tlsgate.patterns import parse_address
+from tlsgate.rules import resolver_settings
+from tlsgate.snapshot import Snapshot
 from tlsgate.store import load
 
 if TYPE_CHECKING:
@@ -131,7 +135,25 @@ def render(facts: SessionFacts, decision: Decision) -> list[str]:
 
 def cmd_explain(args: argparse.Namespace, ctx: Context) -> int:
     facts = facts_from_args(args)
-    result = load(ctx.engine)
-    decision = decide(result.snapshot, facts, datetime.now(UTC))
-    print("\n".join(render(facts, decision)))
+    snap = load(ctx.engine).snapshot
+    lines: list[str] = []
+    wanted = dns_entries(snap.inbound)
+    if wanted:
+        # Resolve now, as a daemon would have: the decision then uses the same ranges.
+        cache = DnsCache(resolver_settings(ctx.config.dns))
+        cache.refresh(sorted(wanted))
+        snap = Snapshot(inbound=apply_dns(snap.inbound, cache), outbound=snap.outbound,
+                        generation=snap.generation, errors=snap.errors)
+        lines.append("DNS address entries:")
+        for entry in sorted(wanted):
+            got = cache.entries.get(entry)
+            if got is None:
+                lines.append(f"  {entry}: NOT RESOLVED (its connector defers)")
+            else:
+                age = time.time() - got.resolved_at
+                nets = ", ".join(str(n) for n in got.networks) or "no addresses"
+                lines.append(f"  {entry}: {nets} (resolved {age:.0f}s ago, ttl {got.ttl}s)")
+    decision = decide(snap, facts, datetime.now(UTC))
+    rendered = render(facts, decision)
+    print("\n".join([*rendered[:2], *lines, *rendered[2:]]))
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from tlsgate.cli.dns import lint_dns
 from tlsgate.model import CertRequirement
 from tlsgate.store import RowProblem, load
 
@@ -20,6 +21,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="warn when a pinned certificate expires within N days (default 30); "
         "an expired one is always an error",
     )
+    p.add_argument("--dns", action="store_true",
+                   help="also resolve address entries that name DNS and warn about those that do not resolve")
     p.set_defaults(func=cmd_lint)
 
 
@@ -48,8 +51,11 @@ def cmd_lint(args: argparse.Namespace, ctx: Context) -> int:
         )
     for problem in result.problems:
         print(problem)
+    dns_warnings = lint_dns(ctx) if args.dns else []
+    for line in dns_warnings:
+        print(line)
     errors = len(result.errors)
-    warnings = len(result.problems) - errors
+    warnings = len(result.problems) - errors + len(dns_warnings)
     snap = result.snapshot
     print(
         f"{len(snap.inbound)} inbound and {len(snap.outbound)} outbound connectors checked: "
