@@ -4,7 +4,6 @@ real private Postfix with tlsgate-policyd, against a DNS server the tests run on
 from __future__ import annotations
 
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from tests.dns.dnsserver import DnsServer, running
 from tests.policyd.policydhelp import PolicydProcess
 from tests.support.pki import Pki
 from tests.support.postfix import PrivatePostfix, send, skip_reason
-from tlsgate.store import init_schema, open_engine
+from tests.support.rulesdb import make_rules_db
 
 BIN = Path(sys.executable).parent
 RULES = """
@@ -37,16 +36,9 @@ def dns_server() -> Iterator[DnsServer]:
 
 
 def setup(work: Path, server: DnsServer, listen: str) -> Path:
-    db = work / "rules.sqlite"
-    engine = open_engine(f"sqlite:///{db}")
-    init_schema(engine)
-    engine.dispose()
-    con = sqlite3.connect(db)
-    con.executescript(RULES)
-    con.commit()
-    con.close()
+    url = make_rules_db(work / "rules.sqlite", RULES)
     conf = work / "tlsgate.conf"
-    conf.write_text(f"[database]\nurl = sqlite:///{db}\npoll_interval = 0.2\n"
+    conf.write_text(f"[database]\nurl = {url}\npoll_interval = 0.2\n"
                     f"[policyd]\nlisten = {listen}\nsocket_mode = 0666\n"
                     f"[dns]\nnameservers = 127.0.0.1\nport = {server.port}\ntimeout = 1\nmin_ttl = 1\n"
                     "[log]\ntarget = stderr\nlevel = debug\n")

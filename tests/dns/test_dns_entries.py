@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -158,7 +159,7 @@ def test_due_follows_the_ttl(server: DnsServer) -> None:
 
 
 NOW = datetime.now(UTC)
-TLS = dict(tls_protocol="TLSv1.3", tls_cipher="TLS_AES_256_GCM_SHA384", tls_cipher_bits=256)
+TLS: dict[str, Any] = dict(tls_protocol="TLSv1.3", tls_cipher="TLS_AES_256_GCM_SHA384", tls_cipher_bits=256)
 
 
 def test_never_resolved_fails_closed(server: DnsServer) -> None:

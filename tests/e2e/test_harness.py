@@ -8,10 +8,8 @@ facts, so they are pinned here."""
 from __future__ import annotations
 
 import datetime
-import shutil
 import socketserver
 import ssl
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.support.pki import Pki, cert_fingerprint, pubkey_fingerprint
-from tests.support.postfix import PrivatePostfix, send, skip_reason, swaks
+from tests.support.postfix import PrivatePostfix, send, swaks
 
 SENDER = "sender@example.test"
 
@@ -83,17 +81,6 @@ class _PolicyHandler(socketserver.StreamRequestHandler):
             self.wfile.flush()
             attributes = {}
 
-
-@pytest.fixture(scope="module")
-def pki() -> Iterator[Pki]:
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    directory = Path(tempfile.mkdtemp(prefix="tlsgate-pki-"))
-    try:
-        yield Pki(directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

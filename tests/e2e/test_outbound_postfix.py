@@ -7,18 +7,15 @@ queue (never sent in clear, never bounced) until the connector or B is fixed."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.socketmap.socketmap_daemon import SocketmapDaemon, execute, make_database, outbound_rows
 from tests.support.pki import Pki
-from tests.support.postfix import PrivatePostfix, send, skip_reason
+from tests.support.postfix import PrivatePostfix, send
 from tlsgate.socketmap import Reply, Status
 
 pytestmark = [pytest.mark.postfix, pytest.mark.slow]
@@ -27,18 +24,6 @@ PARTNER = "partner.test"
 SENDER = "sender@example.test"
 B_NAME = "mx.tlsgate.test"  # the name in B's certificate (pki.server)
 
-
-@pytest.fixture(scope="module")
-def pki() -> Iterator[Pki]:
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    directory = Path(tempfile.mkdtemp(prefix="tlsgate-outbound-pki-"))
-    directory.chmod(0o755)  # Postfix reads the CA and keys as user postfix
-    try:
-        yield Pki(directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 class Relay:

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.pki import IssuedCert, Pki
-from tests.support.postfix import PrivatePostfix, send, skip_reason
+from tests.support.postfix import PrivatePostfix, send
 
 TLSGATE = Path("/tmp/tv/bin/tlsgate") if Path("/tmp/tv/bin/tlsgate").exists() else Path(shutil.which("tlsgate") or "tlsgate")
 POLICYD = TLSGATE.with_name("tlsgate-policyd")
@@ -58,17 +58,6 @@ def _inspect(path: Path) -> dict[str, object]:
 
 # ------------------------------------------------------------------ fixtures
 
-
-@pytest.fixture(scope="module")
-def pki() -> Iterator[Pki]:
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    directory = Path(tempfile.mkdtemp(prefix="tlsgate-pinned-pki-"))
-    try:
-        yield Pki(directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

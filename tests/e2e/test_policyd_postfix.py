@@ -21,8 +21,8 @@ import pytest
 import tests.support.postfix as harness
 from tests.policyd.policydhelp import PolicydProcess, write_config
 from tests.support.pki import Pki
-from tests.support.postfix import PrivatePostfix, send, skip_reason, swaks
-from tlsgate.store import init_schema, open_engine
+from tests.support.postfix import PrivatePostfix, send, swaks
+from tests.support.rulesdb import make_rules_db
 
 pytestmark = pytest.mark.postfix
 
@@ -57,17 +57,6 @@ INSERT INTO inbound_domain VALUES ('change-in', 'sender', 'change.test');
 """
 
 
-@pytest.fixture(scope="module")
-def pki() -> Iterator[Pki]:
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    directory = Path(tempfile.mkdtemp(prefix="tlsgate-pki-"))
-    try:
-        yield Pki(directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
 
 class Stack:
     def __init__(self, postfix: PrivatePostfix, policyd: PolicydProcess, db: Path) -> None:
@@ -92,14 +81,8 @@ def stack(pki: Pki) -> Iterator[Stack]:
         sockdir.mkdir(mode=0o755)
         sock = sockdir / "policy.sock"
         db = work / "rules.sqlite"
-        engine = open_engine(f"sqlite:///{db}")
-        init_schema(engine)
-        engine.dispose()
-        con = sqlite3.connect(db)
-        con.executescript(RULES)
-        con.commit()
-        con.close()
-        policyd = PolicydProcess(write_config(work, f"sqlite:///{db}", f"unix:{sock}"), sock,
+        url = make_rules_db(db, RULES)
+        policyd = PolicydProcess(write_config(work, url, f"unix:{sock}"), sock,
                                  work / "policyd.log").start()
         instance.start({
             "smtpd_recipient_restrictions": "reject_unauth_destination, check_policy_service "

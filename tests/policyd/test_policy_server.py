@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.policyd.policydhelp import PolicyClient, PolicydProcess, request, write_config
+from tests.support.rulesdb import make_rules_db
 from tlsgate.store import init_schema, open_engine
 
 RULES = """
@@ -24,15 +25,7 @@ INSERT INTO inbound_domain VALUES ('contoso-in', 'sender', 'contoso.com');
 
 
 def make_db(path: Path, sql: str = RULES) -> str:
-    url = f"sqlite:///{path}"
-    engine = open_engine(url)
-    init_schema(engine)
-    engine.dispose()
-    db = sqlite3.connect(path)
-    db.executescript(sql)
-    db.commit()
-    db.close()
-    return url
+    return make_rules_db(path, sql)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ lines, then stops everything.
 from __future__ import annotations
 
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from tests.support.pki import Pki, issue_certificate
 from tests.support.postfix import PrivatePostfix, SendResult, send, skip_reason
-from tlsgate.store import init_schema, open_engine
+from tests.support.rulesdb import make_rules_db
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -67,17 +66,10 @@ def main() -> int:
     try:
         sockdir = postfix.queue_dir / "tlsgate"
         sockdir.mkdir(mode=0o755)
-        db = work / "rules.sqlite"
-        engine = open_engine(f"sqlite:///{db}")
-        init_schema(engine)
-        engine.dispose()
-        con = sqlite3.connect(db)
-        con.executescript((ROOT / "sql" / "examples.sql").read_text())
-        con.commit()
-        con.close()
+        url = make_rules_db(work / "rules.sqlite", (ROOT / "sql" / "examples.sql").read_text())
         conf = work / "tlsgate.conf"
         conf.write_text(
-            f"[database]\nurl = sqlite:///{db}\n"
+            f"[database]\nurl = {url}\n"
             f"[policyd]\nlisten = unix:{sockdir}/policy.sock\nsocket_mode = 0666\n"
             f"[milter]\nlisten = unix:{sockdir}/milter.sock\nsocket_mode = 0666\n"
             "[log]\ntarget = stderr\n")
