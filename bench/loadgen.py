@@ -37,6 +37,18 @@ class LoadResult:
         return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))] / 1000
 
 
+def _answer_end(buffer: bytes, netstring: bool) -> int:
+    """Index just past the first complete answer in ``buffer``, or -1."""
+    if not netstring:
+        end = buffer.find(b"\n\n")
+        return end + 2 if end >= 0 else -1
+    colon = buffer.find(b":")
+    if colon < 0:
+        return -1
+    end = colon + 1 + int(buffer[:colon]) + 1
+    return end if len(buffer) >= end else -1
+
+
 def connect(address: Address, timeout: float = 30.0) -> socket.socket:
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -63,7 +75,7 @@ def ask_all(address: Address, requests: Sequence[bytes], timeout: float = 120.0)
 
 
 def _worker(address: Address, connections: int, requests: Sequence[bytes], max_requests: int,
-            duration: float, start_at: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+            duration: float, start_at: float, out: multiprocessing.Queue, netstring: bool) -> None:  # type: ignore[type-arg]
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     socks = [connect(address) for _ in range(connections)]
     selector = selectors.DefaultSelector()
@@ -97,11 +109,12 @@ def _worker(address: Address, connections: int, requests: Sequence[bytes], max_r
                 in_flight -= 1
                 continue
             entry[1] += chunk
-            if b"\n\n" not in entry[1]:
+            end = _answer_end(entry[1], netstring)
+            if end < 0:
                 continue
             now = time.perf_counter_ns()
             latencies.append((now - entry[2]) // 1000)
-            entry[1] = entry[1].partition(b"\n\n")[2]
+            entry[1] = entry[1][end:]
             if sent < max_requests and time.perf_counter() < stop_at:
                 request = requests[entry[3] % len(requests)]
                 entry[3] += connections
@@ -120,7 +133,7 @@ def _worker(address: Address, connections: int, requests: Sequence[bytes], max_r
 
 
 def run_load(address: Address, connections: int, requests: Sequence[bytes], *, processes: int = 2,
-             max_requests: int = 200_000, duration: float = 2.0) -> LoadResult:
+             max_requests: int = 200_000, duration: float = 2.0, netstring: bool = False) -> LoadResult:
     """Drive ``connections`` persistent connections spread over ``processes`` client processes
     for at most ``duration`` seconds and ``max_requests`` requests in total."""
     processes = max(1, min(processes, connections))
@@ -131,7 +144,7 @@ def run_load(address: Address, connections: int, requests: Sequence[bytes], *, p
     for index, share in enumerate(shares):
         mine = requests[index::processes] or requests
         worker = multiprocessing.Process(
-            target=_worker, args=(address, share, mine, max_requests // processes, duration, start_at, queue))
+            target=_worker, args=(address, share, mine, max_requests // processes, duration, start_at, queue, netstring))
         worker.start()
         workers.append(worker)
     results = [queue.get(timeout=duration + 120) for _ in workers]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import shutil
 import smtplib
+import sqlite3
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ TLS_MACROS = "{tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}"
 MAIL_MACROS = f"i {{auth_type}} {{auth_authen}} {{auth_author}} {{mail_addr}} {{mail_host}} {{mail_mailer}} {TLS_MACROS}"
 POLICY = "check_policy_service { unix:tlsgate/policy.sock, timeout=10s, default_action=DEFER_IF_PERMIT }"
 CONFIGS = ("postfix alone", "tlsgate-policyd", "tlsgate-milter", "policyd + milter", "no-op pymilter")
-MESSAGE = (b"From: a@partner1.test\r\nTo: b@tlsgate.test\r\nSubject: bench\r\n\r\n" + b"benchmark body line\r\n" * 40)
+MESSAGE = (b"From: a@bench.test\r\nTo: b@tlsgate.test\r\nSubject: bench\r\n\r\n" + b"benchmark body line\r\n" * 40)
 
 
 def _main_cf(config: str, milter_sock: Path, noop_sock: Path) -> dict[str, str]:
@@ -55,7 +56,7 @@ def _client(port: int, sessions: int, per_session: int, start_at: float, out: mu
                 smtp.starttls(context=context)
                 smtp.ehlo()
                 for n in range(per_session):
-                    code, _ = smtp.docmd("MAIL", "FROM:<a@partner1.test>")
+                    code, _ = smtp.docmd("MAIL", "FROM:<a@bench.test>")
                     code2, _ = smtp.docmd("RCPT", f"TO:<bench{n}@tlsgate.test>")
                     if code == 250 and code2 == 250:
                         code3, _ = smtp.data(MESSAGE)
@@ -98,6 +99,11 @@ def run(work: Path, *, runs: int = 5, messages: int = 300, processes: int = 4,
         sockdir = instance.queue_dir / "tlsgate"
         sockdir.mkdir(mode=0o755)
         url = sqlite_rules(work / "postfix-rules.sqlite", 10)
+        # The bench sender's connector: TLS required (STARTTLS is used, so a logged pass).
+        with sqlite3.connect(work / "postfix-rules.sqlite") as con:
+            con.execute("INSERT INTO inbound_connector (name, on_failure) VALUES ('bench-in', 'reject')")
+            con.execute("INSERT INTO inbound_domain VALUES ('bench-in', 'sender', 'bench.test')")
+        con.close()
         conf = work / "postfix-tlsgate.conf"
         milter_sock = instance.socket_dir / "milter.sock"
         noop_sock = instance.socket_dir / "noop.sock"
@@ -122,10 +128,10 @@ def run(work: Path, *, runs: int = 5, messages: int = 300, processes: int = 4,
                     out["results"].setdefault(config, {}).setdefault(str(k), []).append(result)
                     print(f"  run {run_index + 1} {config}, {k}/connection: {result['rate']:.1f} msg/s "
                           f"({result['accepted']} accepted, {result['failed']} failed)", flush=True)
-        # Every message is from a partner with STARTTLS: the daemons found connector p1 and
+        # Every message is from a partner with STARTTLS: the daemons found connector bench-in and
         # judged it (a pass, logged at INFO); count their lines to show they were in the path.
-        out["policyd_decisions"] = (work / "postfix-policyd.log").read_text().count("connector=p1")
-        out["milter_decisions"] = (work / "postfix-milter.log").read_text().count("connector=p1")
+        out["policyd_decisions"] = (work / "postfix-policyd.log").read_text().count("connector=bench-in")
+        out["milter_decisions"] = (work / "postfix-milter.log").read_text().count("connector=bench-in")
         return out
     finally:
         instance.stop()
