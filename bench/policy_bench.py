@@ -79,6 +79,11 @@ def start_postfwd(work: Path, program: str, connectors: int) -> Server:
     # (the group is "nogroup"); -c 0 turns the request cache off so that every request is judged.
     args = [program, "-d", "-f", str(rules), "-i", "127.0.0.1", "-p", str(port), "--proto", "tcp", "-n",
             "-c", "0", "-u", "nobody", "-g", "nogroup", "--pidfile", str(pidfile)]
+    if program == "postfwd2":
+        # postfwd2's cache daemon listens on a fixed default socket shared by every instance,
+        # and its parent cache keys leave out TLS attributes: a private cache socket and no
+        # parent cache, or answers leak between instances and TLS/non-TLS requests.
+        args += ["--cache_socket", f"tcp:127.0.0.1:{free_port()}", "--no_parent_cache"]
     child = Child(args, work / f"{program}-{connectors}.log", pidfile=pidfile)
     child.start(_connectable(("127.0.0.1", port)), timeout=300)
     return Server(f"{program}, {connectors:,} rules", program, connectors, ("127.0.0.1", port), child)

@@ -1,0 +1,233 @@
+"""The benchmark driver: ``python -m bench.run`` runs parts 1-4 and writes bench/REPORT.md,
+bench/results.json and PNG plots (when matplotlib is installed).
+
+Options: ``--runs N`` (default 5), ``--no-postgresql``, ``--quick`` (a few-second smoke run of every code path,
+written to a temp directory unless ``--out`` is given), ``--parts 1,2,3,4``, ``--out DIR``.
+Each part's failure is recorded in the report instead of stopping the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bench import policy_bench, postfix_bench, scale_bench, socketmap_bench
+from bench.common import machine, summarize
+
+HERE = Path(__file__).resolve().parent
+
+NOISE = ("Measured on a shared 2-core machine while other test suites ran: figures are noisy "
+         "(see the load average and the min–max ranges). Server and load generator share the two cores.")
+
+
+def _cell(rows: list[dict[str, Any]], key: str, fmt: str) -> str:
+    return summarize([r[key] for r in rows]).cell(fmt) if rows else "–"
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float:
+    return summarize([r[key] for r in rows]).median if rows else float("nan")
+
+
+def part1_md(data: dict[str, Any]) -> list[str]:
+    lines = ["## 1. Policy daemon: decisions per second over a unix socket (postfwd: loopback TCP)", "",
+             f"Median (min–max) of {data['runs']} runs of {data['duration']} s each; persistent connections, one "
+             "request in flight per connection (as each smtpd process); requests are full Postfix 3.7 RCPT requests, "
+             "half from partner domains spread over all connectors (half of those without TLS: REJECT 5.7.10), "
+             "half from other domains. Client CPU is the load generator's CPU time as % of one core "
+             "(1 client process for 1 connection, 2 otherwise).", "",
+             "| server | verdict check | conns | requests/s | p50 ms | p99 ms | client CPU % |", "|---|---|---|---|---|---|---|"]
+    for s in data["servers"]:
+        results = s.get("results") or {}
+        if not results:
+            lines.append(f"| {s['name']} | {s.get('check', s.get('error', ''))} | – | not counted | | | |")
+        for conns, rows in results.items():
+            lines.append(f"| {s['name']} | {'ok' if s.get('valid') else 'WRONG'} | {conns} | {_cell(rows, 'rate', '{:,.0f}')} | "
+                         f"{_cell(rows, 'p50_ms', '{:.2f}')} | {_cell(rows, 'p99_ms', '{:.2f}')} | {_cell(rows, 'client_cpu_pct', '{:.0f}')} |")
+    lines += ["", "Verdict checks:", ""] + [f"- {s['name']}: {s.get('check', '')} (start-up {s.get('startup_s', 0):.1f} s)"
+                                              for s in data["servers"]]
+    by = {s["name"]: s.get("results") or {} for s in data["servers"]}
+    floor = next((s.get("results") or {} for s in data["servers"] if s["kind"] == "floor"), {})
+    lines += ["", "Ratios (medians, 16 connections):", ""]
+    t10 = next((r for n, r in by.items() if n.startswith("tlsgate-policyd, 10 ")), {})
+    t100k = next((r for n, r in by.items() if n.startswith("tlsgate-policyd, 100,000")), {})
+    for label, other in (("floor", floor), ("postfwd1, 10 rules", by.get("postfwd1, 10 rules", {})),
+                         ("postfwd2, 10 rules", by.get("postfwd2, 10 rules", {}))):
+        if "16" in t10 and "16" in other:
+            lines.append(f"- tlsgate-policyd (10 connectors) / {label}: {_median(t10['16'], 'rate') / _median(other['16'], 'rate'):.2f}")
+    if "16" in t10 and "16" in t100k:
+        lines.append(f"- tlsgate-policyd 100,000 / 10 connectors: {_median(t100k['16'], 'rate') / _median(t10['16'], 'rate'):.2f}")
+    return lines
+
+
+def part2_md(data: dict[str, Any]) -> list[str]:
+    if "skipped" in data:
+        return ["## 2. Through a real Postfix", "", f"Skipped: {data['skipped']}"]
+    res = data["results"]
+    lines = ["## 2. Through a real Postfix (STARTTLS, messages accepted per second)", "",
+             f"Median (min–max) of {data['runs']} runs, {data['messages']} messages per configuration and run, "
+             f"{data['processes']} client processes (smtplib: EHLO, STARTTLS, EHLO, then MAIL/RCPT/DATA). "
+             "Configurations interleaved within each run. Ratio: median against Postfix alone.", "",
+             "| configuration | msgs/connection | messages/s | ratio to Postfix alone |", "|---|---|---|---|"]
+    for config, modes in res.items():
+        for k, rows in modes.items():
+            base = _median(res["postfix alone"][k], "rate")
+            lines.append(f"| {config} | {k} | {_cell(rows, 'rate', '{:,.1f}')} | {_median(rows, 'rate') / base:.2f} |")
+    for k in next(iter(res.values())):
+        if "tlsgate-milter" in res and "no-op pymilter" in res:
+            lines.append("")
+            lines.append(f"- tlsgate-milter / no-op pymilter, {k} per connection: "
+                         f"{_median(res['tlsgate-milter'][k], 'rate') / _median(res['no-op pymilter'][k], 'rate'):.2f}")
+    lines += ["", f"Decisions logged with the bench connector: tlsgate-policyd {data.get('policyd_decisions')}, "
+              f"tlsgate-milter {data.get('milter_decisions')} (they were in the path)."]
+    return lines
+
+
+def part3_md(data: dict[str, Any]) -> list[str]:
+    lines = ["## 3. Scale of rules", "",
+             f"{data['connectors']:,} inbound connectors, each with a sender domain and an address range "
+             f"(plus one spare); median (min–max) of {data['runs']} loads, each in a fresh process "
+             "(`tlsgate.store.load`, peak RSS from `getrusage`, including the interpreter and libraries).", "",
+             "| database | load s | peak RSS MB | RSS before load MB | change query µs |", "|---|---|---|---|---|"]
+    for name, d in data["databases"].items():
+        if "skipped" in d:
+            lines.append(f"| {name} | skipped: {d['skipped']} | | | |")
+            continue
+        rows = d["load"]
+        lines.append(f"| {name} | {_cell(rows, 'seconds', '{:.2f}')} | {_cell(rows, 'peak_rss_mb', '{:.0f}')} | "
+                     f"{_cell(rows, 'rss_before_mb', '{:.0f}')} | {d['generation_query_us']:.0f} |")
+    lines += ["", "Change applied (COMMIT of `UPDATE inbound_connector SET require_tls` to tlsgate-policyd answering by it, "
+              "poll_interval 0.1 s, SQLite):", ""]
+    for n, values in data["change_applied_s"].items():
+        lines.append(f"- {int(n):,} connectors: {summarize(values).cell('{:.2f}')} s")
+    return lines
+
+
+def part4_md(data: dict[str, Any]) -> list[str]:
+    lines = ["## 4. Socketmap (smtp_tls_policy_maps lookups)", "",
+             f"Median (min–max) of {data['runs']} runs; unix socket, persistent connections.", "",
+             "| outbound connectors | conns | lookups/s | p50 ms | p99 ms | client CPU % |", "|---|---|---|---|---|---|"]
+    for count, by_conns in data["results"].items():
+        for conns, rows in by_conns.items():
+            lines.append(f"| {int(count):,} | {conns} | {_cell(rows, 'rate', '{:,.0f}')} | {_cell(rows, 'p50_ms', '{:.2f}')} | "
+                         f"{_cell(rows, 'p99_ms', '{:.2f}')} | {_cell(rows, 'client_cpu_pct', '{:.0f}')} |")
+    return lines
+
+
+def plots(results: dict[str, Any], out: Path) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["(matplotlib not installed: no plots)"]
+    made = []
+    p1 = results.get("1")
+    if isinstance(p1, dict) and "servers" in p1:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        servers = [s for s in p1["servers"] if s.get("results")]
+        conns = ["1", "16", "64"]
+        width = 0.8 / max(1, len(servers))
+        for i, s in enumerate(servers):
+            values = [_median(s["results"][c], "rate") if c in s["results"] else 0 for c in conns]
+            ax.bar([x + i * width for x in range(len(conns))], values, width, label=s["name"])
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(conns))], [f"{c} conn" for c in conns])
+        ax.set_yscale("log")
+        ax.set_ylabel("requests/s (median, log scale)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "policy_throughput.png", dpi=90)
+        plt.close(fig)
+        made.append("![policy throughput](policy_throughput.png)")
+    p2 = results.get("2")
+    if isinstance(p2, dict) and "results" in p2:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        configs = list(p2["results"])
+        modes = list(next(iter(p2["results"].values())))
+        for j, k in enumerate(modes):
+            ax.bar([x + j * 0.4 for x in range(len(configs))], [_median(p2["results"][c][k], "rate") for c in configs],
+                   0.4, label=f"{k} msg/connection")
+        ax.set_xticks([x + 0.2 for x in range(len(configs))], configs, fontsize=8)
+        ax.set_ylabel("messages/s (median)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "postfix_throughput.png", dpi=90)
+        plt.close(fig)
+        made.append("![postfix throughput](postfix_throughput.png)")
+    return made
+
+
+def report(results: dict[str, Any], info: dict[str, str], out: Path, runs: int, elapsed: float) -> str:
+    lines = ["# tlsgate benchmarks", "", "Generated by `make bench` (`python -m bench.run`); raw figures in results.json.", "",
+             f"> {NOISE}", "", "## Machine and versions", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in info.items()]
+    lines += [f"| runs per figure | {runs} |", f"| total bench time | {elapsed:.0f} s |", ""]
+    for part, render in (("1", part1_md), ("2", part2_md), ("3", part3_md), ("4", part4_md)):
+        data = results.get(part)
+        if data is None:
+            continue
+        if isinstance(data, dict) and "error" in data:
+            lines += [f"## {part}. failed", "", "```", data["error"], "```", ""]
+            continue
+        lines += [*render(data), ""]
+    lines += ["## Plots", "", *plots(results, out), ""]
+    notes = HERE / "NOTES.md"
+    if notes.exists():
+        lines += [notes.read_text()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.run")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="a few-second smoke run of every code path")
+    parser.add_argument("--parts", default="1,2,3,4")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-postgresql", action="store_true", help="part 3 on SQLite only")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    out = args.out or (Path(tempfile.mkdtemp(prefix="tlsgate-bench-out-")) if quick else HERE)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="tlsgate-bench-"))
+    runs = 1 if quick else args.runs
+    parts = {p.strip() for p in args.parts.split(",")}
+    began = time.monotonic()
+    info = machine()
+    results: dict[str, Any] = {}
+    jobs = {
+        "1": lambda: policy_bench.run(work / "p1", runs=runs, duration=0.3 if quick else 1.0,
+                                      connector_counts=(10, 1000) if quick else (10, 10_000, 100_000),
+                                      postfwd_counts=(10,) if quick else (10, 1000), conns=(1, 4) if quick else (1, 16, 64),
+                                      sample=40 if quick else 200),
+        "2": lambda: postfix_bench.run(work / "p2", runs=runs, messages=8 if quick else 200,
+                                       processes=2 if quick else 4, per_session=(1, 4) if quick else (1, 10)),
+        "3": lambda: scale_bench.run(work / "p3", runs=runs, connectors=500 if quick else 100_000,
+                                     query_count=50 if quick else 2000, postgresql=not args.no_postgresql),
+        "4": lambda: socketmap_bench.run(work / "p4", runs=runs, counts=(10, 500) if quick else (10, 100_000),
+                                         conns=(1, 4) if quick else (1, 16), duration=0.3 if quick else 1.0),
+    }
+    try:
+        for part, job in jobs.items():
+            if part not in parts:
+                continue
+            print(f"part {part}", flush=True)
+            try:
+                results[part] = job()
+            except Exception:  # one part failing must not lose the others' figures
+                results[part] = {"error": traceback.format_exc()[-3000:]}
+                print(results[part]["error"], flush=True)
+            (out / "results.json").write_text(json.dumps({"machine": info, "results": results}, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (out / "REPORT.md").write_text(report(results, info, out, runs, time.monotonic() - began))
+    print(f"wrote {out / 'REPORT.md'}")
+    return 1 if any(isinstance(r, dict) and "error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""A few-second smoke run of the benchmark code paths: the helpers, and ``python -m bench.run
+--quick`` end to end (the servers, the verdict checks, the load generator, the report). No
+timed assertions: benchmarks are measured by ``make bench``, never by the test suite."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.common import DUNNO, REJECT, postfwd_rules, request_mix, sqlite_rules, verdict
+from bench.loadgen import _answer_end, ask_all, run_load
+from bench.policy_bench import check_verdicts, start_floor, start_tlsgate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_verdict_keeps_action_and_status() -> None:
+    assert verdict("action=REJECT 5.7.10 TLS required by connector p1") == REJECT
+    assert verdict("action=DEFER 4.7.10 x") == "DEFER 4.7.10"
+    assert verdict("action=DUNNO") == DUNNO
+
+
+def test_request_mix_is_realistic_and_expects_reject_only_without_tls() -> None:
+    mix = request_mix(100, 400)
+    for request, expected in mix:
+        attrs = dict(line.split("=", 1) for line in request.decode().strip().split("\n"))
+        assert len(attrs) >= 30 and attrs["mail_version"] and request.endswith(b"\n\n")
+        partner = attrs["sender"].split("@")[1].startswith("partner")
+        assert (expected == REJECT) == (partner and not attrs["encryption_protocol"])
+    assert {e for _, e in mix} == {REJECT, DUNNO}
+
+
+def test_answer_framing() -> None:
+    assert _answer_end(b"action=DUNNO\n\nx", False) == 14
+    assert _answer_end(b"action=DUNNO\n", False) == -1
+    assert _answer_end(b"5:OK ab,", True) == 8
+    assert _answer_end(b"5:OK a", True) == -1
+
+
+def test_postfwd_rules_one_per_connector(tmp_path: Path) -> None:
+    text = postfwd_rules(tmp_path / "r.cf", 3).read_text().splitlines()
+    assert len(text) == 3 and "sender=~@partner2\\.test$" in text[2] and "REJECT 5.7.10" in text[2]
+
+
+def test_tlsgate_gives_expected_verdicts_and_floor_serves_load(tmp_path: Path) -> None:
+    server = start_tlsgate(tmp_path, 50)
+    try:
+        ok, note = check_verdicts(server, 60)
+        assert ok, note
+        answers = ask_all(server.address, [r for r, _ in request_mix(50, 10)])
+        assert all(a.startswith("action=") for a in answers)
+    finally:
+        server.child.stop()
+    floor = start_floor(tmp_path)
+    try:
+        result = run_load(floor.address, 4, [r for r, _ in request_mix(10, 20)], processes=2,
+                          max_requests=200, duration=5)
+        assert result.requests > 0 and result.errors == 0 and len(result.latencies_us) == result.requests
+    finally:
+        floor.child.stop()
+
+
+def test_sqlite_rules_counts(tmp_path: Path) -> None:
+    import sqlite3
+
+    sqlite_rules(tmp_path / "r.sqlite", 25, outbound=4)
+    con = sqlite3.connect(tmp_path / "r.sqlite")
+    assert con.execute("SELECT count(*) FROM inbound_connector").fetchone()[0] == 26
+    assert con.execute("SELECT count(*) FROM inbound_address").fetchone()[0] == 25
+    assert con.execute("SELECT count(*) FROM outbound_domain").fetchone()[0] == 4
+    con.close()
+
+
+def _quick(tmp_path: Path, parts: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--no-postgresql", "--parts", parts,
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "REPORT.md").exists()
+    return json.loads((tmp_path / "results.json").read_text())["results"]
+
+
+def test_quick_run_policy_scale_socketmap(tmp_path: Path) -> None:
+    results = _quick(tmp_path, "1,3,4")
+    tlsgate = [s for s in results["1"]["servers"] if s["kind"] == "tlsgate"]
+    assert tlsgate and all(s["valid"] for s in tlsgate)
+    assert all(rows for s in tlsgate for rows in s["results"].values())
+    assert results["3"]["databases"]["SQLite"]["load"][0]["inbound"] == 501
+    assert all(t >= 0 for ts in results["3"]["change_applied_s"].values() for t in ts)
+    assert results["4"]["results"]["500"]["1"][0]["rate"] > 0
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "## 1. Policy daemon" in report and "## 3. Scale of rules" in report
+
+
+@pytest.mark.postfix
+def test_quick_run_through_postfix(tmp_path: Path) -> None:
+    results = _quick(tmp_path, "2")
+    if "skipped" in results["2"]:
+        pytest.skip(results["2"]["skipped"])
+    for config, modes in results["2"]["results"].items():
+        for rows in modes.values():
+            assert rows[0]["accepted"] > 0 and rows[0]["failed"] == 0, config
+    assert results["2"]["policyd_decisions"] > 0 and results["2"]["milter_decisions"] > 0
