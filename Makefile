@@ -8,7 +8,7 @@ VAR ?= $(CURDIR)/var
 DEB_PACKAGES := postfix libmilter-dev swaks miltertest postfwd sqlite3 systemd
 PYTEST_ARGS ?=
 
-.PHONY: all deps debs venv run demo test lint typecheck pytest sql man clean
+.PHONY: all deps debs venv run demo test lint typecheck pytest sql man clean bench
 
 all: test
 
@@ -70,6 +70,9 @@ pytest: venv
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+bench: venv
+	$(BIN)/pip install -q matplotlib && $(BIN)/python -m bench.run
 
 sql: venv
 	for d in sqlite postgresql mariadb; do $(BIN)/tlsgate db schema --dialect $$d > sql/$$d.sql; done
