@@ -87,7 +87,9 @@ def machine() -> dict[str, str]:
         "sqlite": [sys.executable, "-c", "import sqlite3; print(sqlite3.sqlite_version)"],
         "sqlalchemy": [sys.executable, "-c", "import sqlalchemy; print(sqlalchemy.__version__)"],
         "pymilter": [sys.executable, "-c", "import importlib.metadata as m; print(m.version('pymilter'))"],
-        "tlsgate": ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        "tlsgate": [sys.executable, "-c", "import tlsgate, subprocess, pathlib; d = pathlib.Path(tlsgate.__file__).parent.parent; "
+                    "print(subprocess.run(['git', '-C', str(d), 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True)"
+                    ".stdout.strip() or f'source at {d}, not a git checkout')"],
     }.items():
         try:
             out = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)

@@ -1,7 +1,7 @@
 """The benchmark driver: ``python -m bench.run`` runs parts 1-4 and writes bench/REPORT.md,
 bench/results.json and PNG plots (when matplotlib is installed).
 
-Options: ``--runs N`` (default 5), ``--no-postgresql``, ``--quick`` (a few-second smoke run of every code path,
+Options: ``--runs N`` (default 5), ``--no-postgresql``, ``--report-only``, ``--quick`` (a few-second smoke run of every code path,
 written to a temp directory unless ``--out`` is given), ``--parts 1,2,3,4``, ``--out DIR``.
 Each part's failure is recorded in the report instead of stopping the others.
 """
@@ -189,10 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="1,2,3,4")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--no-postgresql", action="store_true", help="part 3 on SQLite only")
+    parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from results.json")
     args = parser.parse_args(argv)
     quick = args.quick
     out = args.out or (Path(tempfile.mkdtemp(prefix="tlsgate-bench-out-")) if quick else HERE)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        saved = json.loads((out / "results.json").read_text())
+        (out / "REPORT.md").write_text(report(saved["results"], saved["machine"], out, args.runs, saved.get("elapsed", 0)))
+        return 0
     work = Path(tempfile.mkdtemp(prefix="tlsgate-bench-"))
     runs = 1 if quick else args.runs
     parts = {p.strip() for p in args.parts.split(",")}
@@ -224,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             (out / "results.json").write_text(json.dumps({"machine": info, "results": results}, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    (out / "REPORT.md").write_text(report(results, info, out, runs, time.monotonic() - began))
+    elapsed = time.monotonic() - began
+    (out / "results.json").write_text(json.dumps({"machine": info, "results": results, "elapsed": elapsed}, indent=1))
+    (out / "REPORT.md").write_text(report(results, info, out, runs, elapsed))
     print(f"wrote {out / 'REPORT.md'}")
     return 1 if any(isinstance(r, dict) and "error" in r for r in results.values()) else 0
 
