@@ -32,6 +32,9 @@ log = logging.getLogger("tlsgate.dns")
 KINDS = ("a", "mx", "spf")
 SPF_LOOKUP_LIMIT = 10
 MAX_MX_HOSTS = 10
+#: seconds before an entry that never resolved is asked again (capped by min_ttl): its
+#: connector defers mail meanwhile, so it should not wait a whole min_ttl after DNS recovers
+FIRST_RETRY = 10.0
 ALL_ADDRESSES: tuple[Network, ...] = (ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv6Network("::/0"))
 
 
@@ -192,7 +195,7 @@ def _cidr(spec: str) -> tuple[str, int, int]:
 def _spf(domain: str, lookup: _Lookup) -> list[Network]:
     nets: list[Network] = []
     budget = [SPF_LOOKUP_LIMIT]
-    _spf_walk(domain, lookup, nets, budget, seen=set())
+    _spf_walk(domain, lookup, nets, budget, path=set())
     return nets
 
 
@@ -204,11 +207,20 @@ def _spend(what: str, lookup: _Lookup, budget: list[int]) -> bool:
     return True
 
 
-def _spf_walk(domain: str, lookup: _Lookup, nets: list[Network], budget: list[int], seen: set[str]) -> None:
-    if domain in seen:
+def _spf_walk(domain: str, lookup: _Lookup, nets: list[Network], budget: list[int], path: set[str]) -> None:
+    # ``path`` holds the records being walked, not every record seen: a domain included twice
+    # through different records (a diamond) is no loop, only one that includes itself is.
+    if domain in path:
         lookup.problems.append(f"SPF include loop at {domain}")
         return
-    seen.add(domain)
+    path.add(domain)
+    try:
+        _spf_terms(domain, lookup, nets, budget, path)
+    finally:
+        path.discard(domain)
+
+
+def _spf_terms(domain: str, lookup: _Lookup, nets: list[Network], budget: list[int], path: set[str]) -> None:
     record = _spf_record(domain, lookup)
     if record is None:
         lookup.problems.append(f"{domain} has no SPF record")
@@ -234,7 +246,7 @@ def _spf_walk(domain: str, lookup: _Lookup, nets: list[Network], budget: list[in
                 nets.append(ipaddress.ip_network(body[4:], strict=False))
             elif low.startswith("include:"):
                 if _spend(term, lookup, budget):
-                    _spf_walk(dns_name(body[8:]), lookup, nets, budget, seen)
+                    _spf_walk(dns_name(body[8:]), lookup, nets, budget, path)
             elif low == "a" or low.startswith(("a:", "a/")):
                 if _spend(term, lookup, budget):
                     name, v4, v6 = _cidr(body[2:] if low.startswith("a:") else domain + body[1:])
@@ -253,7 +265,7 @@ def _spf_walk(domain: str, lookup: _Lookup, nets: list[Network], budget: list[in
             lookup.problems.append(f"bad SPF term {term!r} in {domain}: {exc}")
     if redirect is not None and not has_all and _spend(f"redirect={redirect}", lookup, budget):
         try:
-            _spf_walk(dns_name(redirect), lookup, nets, budget, seen)
+            _spf_walk(dns_name(redirect), lookup, nets, budget, path)
         except PatternError as exc:
             lookup.problems.append(f"bad SPF redirect {redirect!r} in {domain}: {exc}")
 
@@ -281,6 +293,13 @@ class DnsCache:
                 out.append(entry)
         return out
 
+    def forget(self, keep: Iterable[str]) -> None:
+        """Drop what is known about entries not in ``keep`` (rows deleted from the database)."""
+        wanted = set(keep)
+        for table in (self.entries, self._failing, self._retry_at):
+            for entry in [e for e in table if e not in wanted]:
+                del table[entry]
+
     def refresh(self, entries: Iterable[str]) -> bool:
         """Resolve ``entries``; True when any answer changed the ranges."""
         changed = False
@@ -289,8 +308,10 @@ class DnsCache:
                 result = resolve_entry(entry, self._resolver, self.settings)
             except DnsFailure as exc:
                 self.failures += 1
-                # Retry failed entries after the minimum TTL, not on every poll.
-                self._retry_at[entry] = time.time() + self.settings.min_ttl
+                # Retry failed entries after the minimum TTL, not on every poll; sooner when the
+                # entry never resolved, as its connector defers mail until it does.
+                wait = self.settings.min_ttl if entry in self.entries else min(FIRST_RETRY, self.settings.min_ttl)
+                self._retry_at[entry] = time.time() + wait
                 if entry not in self._failing:
                     self._failing[entry] = str(exc)
                     old = self.entries.get(entry)

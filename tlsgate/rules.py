@@ -105,13 +105,17 @@ class RuleHolder:
                 len(result.errors),
                 time.monotonic() - started,
             )
-            self._refresh_dns(base, swap_anyway=True)
+            # A forced load (SIGHUP) re-resolves every entry too: the way to follow a DNS change now.
+            self._refresh_dns(base, swap_anyway=True, everything=force)
             return True
 
-    def _refresh_dns(self, base: Snapshot, swap_anyway: bool = False) -> bool:
-        """Resolve the due DNS entries of ``base``; swap in a snapshot when anything changed."""
+    def _refresh_dns(self, base: Snapshot, swap_anyway: bool = False, everything: bool = False) -> bool:
+        """Resolve the due DNS entries of ``base`` (all of them when ``everything``); swap in a
+        snapshot when anything changed."""
         wanted = dns_entries(base.inbound)
-        changed = bool(wanted) and self.dns.refresh(self.dns.due(wanted))
+        self.dns.forget(wanted)
+        due = sorted(wanted) if everything else self.dns.due(wanted)
+        changed = bool(due) and self.dns.refresh(due)
         if not (changed or swap_anyway):
             return False
         snap = base

@@ -44,6 +44,10 @@ ZONE = {
     ("loop2.test", "TXT"): ['"v=spf1 include:loop.test -all"'],
     ("nospf.test", "TXT"): ['"hello"'],
     ("twospf.test", "TXT"): ['"v=spf1 -all"', '"v=spf1 ip4:1.2.3.4 -all"'],
+    ("diamond.test", "TXT"): ['"v=spf1 include:left.test include:right.test -all"'],
+    ("left.test", "TXT"): ['"v=spf1 include:shared.test -all"'],
+    ("right.test", "TXT"): ['"v=spf1 include:shared.test ip4:192.0.2.88 -all"'],
+    ("shared.test", "TXT"): ['"v=spf1 ip4:192.0.2.77 -all"'],
 }
 for i in range(12):
     ZONE[(f"chain{i}.test", "TXT")] = [f'"v=spf1 ip4:10.0.{i}.0/24 include:chain{i + 1}.test -all"']
@@ -115,6 +119,12 @@ def test_spf_loop_and_limit_and_bad_records(server: DnsServer) -> None:
     assert nets == set() and any("2 SPF records" in p for p in problems)
 
 
+def test_spf_include_of_one_domain_twice_is_no_loop(server: DnsServer) -> None:
+    nets, problems, _ = resolve(server, "spf:diamond.test")
+    assert nets == {"192.0.2.77/32", "192.0.2.88/32"}
+    assert problems == ()
+
+
 def test_nxdomain_is_an_answer_servfail_and_timeout_are_failures(server: DnsServer) -> None:
     nets, problems, _ = resolve(server, "a:gone.partner.test")
     assert nets == set() and problems == ("gone.partner.test has no A or AAAA records",)
@@ -156,6 +166,20 @@ def test_due_follows_the_ttl(server: DnsServer) -> None:
     cache.refresh(["a:mail.partner.test"])
     assert cache.due(["a:mail.partner.test"]) == []
     assert cache.due(["a:mail.partner.test"], now=time.time() + 121) == ["a:mail.partner.test"]
+
+
+def test_an_entry_that_never_resolved_is_retried_sooner(server: DnsServer) -> None:
+    cache = DnsCache(settings(server, min_ttl=60))
+    cache.refresh(["a:mail.partner.test"])
+    server.servfail.update({"mail.partner.test", "new.partner.test"})
+    now = time.time()
+    assert cache.due(["a:mail.partner.test"], now=now + 121) == ["a:mail.partner.test"]  # TTL ran out
+    cache.refresh(["a:mail.partner.test", "a:new.partner.test"])
+    # The one with a last good answer waits min_ttl; the one whose connector defers does not.
+    assert cache.due(["a:mail.partner.test", "a:new.partner.test"], now=now + 30) == ["a:new.partner.test"]
+    assert cache.due(["a:new.partner.test"], now=now + 5) == []
+    cache.forget(["a:new.partner.test"])
+    assert list(cache.entries) == []
 
 
 NOW = datetime.now(UTC)
@@ -234,4 +258,26 @@ def test_rule_holder_follows_dns_changes_without_a_database_reload(server: DnsSe
     assert snap is not None
     ranges = {str(n) for n in snap.by_name["p"].client_ranges}
     assert "127.0.0.5/32" in ranges and "127.0.0.2/32" not in ranges and "192.0.2.0/24" in ranges
+    holder.stop()
+
+
+def test_forced_reload_resolves_every_entry_and_forgets_deleted_ones(server: DnsServer, tmp_path: Path) -> None:
+    path = tmp_path / "r.sqlite"
+    holder = RuleHolder(DatabaseConfig(url=_db(path)),
+                        dns=DnsConfig(nameservers=("127.0.0.1",), port=server.port, timeout=1.0))
+    assert holder.refresh() is True
+    server.records[("mail.partner.test", "A")] = ["127.0.0.6"]
+    assert holder.refresh() is False  # the TTL has not run out
+    assert holder.refresh(force=True) is True  # SIGHUP: every entry asked again, TTL or not
+    snap = holder.snapshot
+    assert snap is not None
+    assert {str(n) for n in snap.by_name["p"].client_ranges} >= {"127.0.0.6/32", "192.0.2.0/24"}
+    con = sqlite3.connect(path)
+    con.execute("DELETE FROM inbound_address WHERE address LIKE 'a:%'")
+    con.commit()
+    con.close()
+    assert holder.refresh() is True
+    assert holder.dns.entries == {}
+    snap = holder.snapshot
+    assert snap is not None and [str(n) for n in snap.by_name["p"].client_ranges] == ["192.0.2.0/24"]
     holder.stop()

@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("dns", help="resolve the address entries that name DNS (a:, mx:, spf:)")
     dsub = p.add_subparsers(dest="dns_command", metavar="ACTION", required=True)
     for name, text in (("show", "resolve every entry and show its ranges"),
-                       ("refresh", "resolve every entry now (the daemons refresh by TTL on their own)")):
+                       ("refresh", "resolve every entry now (the daemons refresh by TTL on their own, "
+                                   "and re-resolve every entry when reloaded)")):
         cmd = dsub.add_parser(name, help=text)
         cmd.set_defaults(func=cmd_show)
 
