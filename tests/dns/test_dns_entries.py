@@ -281,3 +281,28 @@ def test_forced_reload_resolves_every_entry_and_forgets_deleted_ones(server: Dns
     snap = holder.snapshot
     assert snap is not None and [str(n) for n in snap.by_name["p"].client_ranges] == ["192.0.2.0/24"]
     holder.stop()
+
+
+def test_lint_dns_names_what_could_not_be_followed(server: DnsServer, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from tlsgate.cli import main
+
+    url = _db(tmp_path / "r.sqlite")
+    con = sqlite3.connect(tmp_path / "r.sqlite")
+    con.executescript("DELETE FROM inbound_address WHERE connector = 'bad';"
+                      "DELETE FROM inbound_domain WHERE connector = 'bad';"
+                      "DELETE FROM inbound_connector WHERE name = 'bad';"
+                      "INSERT INTO inbound_address VALUES ('p', 'spf:partner.test');"
+                      "INSERT INTO inbound_address VALUES ('p', 'spf:nospf.test');")
+    con.commit()
+    con.close()
+    conf = tmp_path / "tlsgate.conf"
+    conf.write_text(f"[database]\nurl = {url}\n[dns]\nnameservers = 127.0.0.1\nport = {server.port}\ntimeout = 1\n")
+    assert main(["-c", str(conf), "lint", "--dns", "--strict"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    row = "warning: inbound_address ('p', 'spf:{}') column address: "
+    assert row.format("nospf.test") + "resolves to no addresses (nospf.test has no SPF record)" in out
+    assert any(line.startswith(row.format("partner.test") + "resolves to 7 ranges, but SPF mechanism ptr")
+               for line in out), out
+    assert not any("a:mail.partner.test" in line for line in out)
+    assert out[-1].endswith("0 errors, 2 warnings"), out

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from tlsgate.dnsranges import DnsCache, DnsFailure, dns_entries, make_resolver, resolve_entry
+import dns.resolver
+
+from tlsgate.dnsranges import DnsFailure, ResolverSettings, dns_entries, make_resolver, resolve_entry
 from tlsgate.rules import resolver_settings
 from tlsgate.store import load
 
@@ -52,18 +54,28 @@ def cmd_show(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def lint_dns(ctx: Context) -> list[str]:
-    """Warnings for entries that do not resolve, for `tlsgate lint --dns`."""
+    """Warnings for `tlsgate lint --dns`: entries that do not resolve or resolve to nothing, and
+    what could not be followed inside one that did (an SPF include without a record, a loop,
+    the lookup limit), one line per connector row, each entry asked once."""
     snap = load(ctx.engine).snapshot
-    cache = DnsCache(resolver_settings(ctx.config.dns))
-    lines = []
+    settings = resolver_settings(ctx.config.dns)
+    resolver = make_resolver(settings)
+    found: dict[str, list[str]] = {}
+    lines: list[str] = []
     for c in snap.inbound:
         for entry in c.dns_entries:
-            try:
-                r = resolve_entry(entry, make_resolver(cache.settings), cache.settings)
-            except DnsFailure as exc:
-                lines.append(f"warning: inbound_address ('{c.name}', '{entry}') column address: does not resolve: {exc}")
-                continue
-            if not r.networks:
-                lines.append(f"warning: inbound_address ('{c.name}', '{entry}') column address: resolves to no "
-                             f"addresses ({'; '.join(r.problems)})")
+            if entry not in found:
+                found[entry] = _lint_entry(entry, resolver, settings)
+            row = f"warning: inbound_address ('{c.name}', '{entry}') column address"
+            lines.extend(f"{row}: {text}" for text in found[entry])
     return lines
+
+
+def _lint_entry(entry: str, resolver: dns.resolver.Resolver, settings: ResolverSettings) -> list[str]:
+    try:
+        r = resolve_entry(entry, resolver, settings)
+    except DnsFailure as exc:
+        return [f"does not resolve: {exc}"]
+    if not r.networks:
+        return [f"resolves to no addresses ({'; '.join(r.problems)})"]
+    return [f"resolves to {len(r.networks)} ranges, but {problem}" for problem in r.problems]
