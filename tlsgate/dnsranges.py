@@ -63,7 +63,17 @@ def parse_entry(text: str) -> str | None:
     kind, sep, name = text.strip().partition(":")
     if not sep or kind.lower() not in KINDS:
         return None
-    return f"{kind.lower()}:{dns_name(name)}"
+    try:
+        ipaddress.ip_network(text.strip(), strict=False)
+        return None  # an IPv6 range that happens to start with a: (a::/16)
+    except ValueError:
+        pass
+    try:
+        ipaddress.ip_address(name.strip())
+    except ValueError:
+        return f"{kind.lower()}:{dns_name(name)}"
+    # An address would be looked up as a name, find nothing and refuse the partner.
+    raise PatternError(f"{name.strip()!r} is an address, not a name: write it without '{kind}:'")
 
 
 @dataclass(frozen=True, slots=True)

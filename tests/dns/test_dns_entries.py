@@ -77,9 +77,12 @@ def test_parse_entry() -> None:
     assert parse_entry("MX:partner.test") == "mx:partner.test"
     assert parse_entry("192.0.2.0/24") is None
     assert parse_entry("2001:db8::/32") is None
+    assert parse_entry("a:b::/32") is None and parse_entry("a::1") is None  # IPv6, not DNS
     with pytest.raises(PatternError):
         parse_entry("spf:bad name.test")
     assert parse_entry("spf:_spf.Example.com") == "spf:_spf.example.com"
+    with pytest.raises(PatternError, match="is an address, not a name"):
+        parse_entry("a:192.0.2.1")
 
 
 def test_a_entry_with_aaaa_and_cname_chain(server: DnsServer) -> None:
