@@ -71,6 +71,9 @@ pytest: venv
 
 test: lint typecheck pytest
 
+test-reliability: venv
+	TLSGATE_WRITE_REPORT=1 $(BIN)/pytest -m reliability $(PYTEST_ARGS)
+
 bench: venv
 	$(BIN)/pip install -q matplotlib && $(BIN)/python -m bench.run
 

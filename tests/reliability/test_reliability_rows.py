@@ -29,7 +29,6 @@ from tlsgate.socketmap import Status
 from tlsgate.store import LoadResult, init_schema, load, open_engine
 
 NOW = datetime.now(UTC)
-TLS = dict(tls_protocol="TLSv1.3", tls_cipher="TLS_AES_256_GCM_SHA384", tls_cipher_bits=256)
 ALL = ("sqlite", "postgresql", "mariadb")
 SQLITE = ("sqlite",)
 NOT_MARIADB = ("sqlite", "postgresql")  # MariaDB's default collation makes names case-blind
@@ -204,10 +203,15 @@ def lint(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[
     return status, captured.out + captured.err
 
 
+def tls_facts(sender: str) -> SessionFacts:
+    return SessionFacts(parse_address("192.0.2.1"), sender, "b@example.org", tls_protocol="TLSv1.3",
+                        tls_cipher="TLS_AES_256_GCM_SHA384", tls_cipher_bits=256)
+
+
 def check_scopes(result: LoadResult, direction: str) -> None:
     snap = result.snapshot
-    bad = decide(snap, SessionFacts(parse_address("192.0.2.1"), "a@bad.test", "b@example.org", **TLS), NOW)
-    good = decide(snap, SessionFacts(parse_address("192.0.2.1"), "a@good.test", "b@example.org", **TLS), NOW)
+    bad = decide(snap, tls_facts("a@bad.test"), NOW)
+    good = decide(snap, tls_facts("a@good.test"), NOW)
     other = decide(snap, SessionFacts(parse_address("192.0.2.1"), "a@else.test", "b@example.org"), NOW)
     index = OutboundIndex(snap)
     bad_out = index.lookup(TLS_POLICY_MAP, "bad-out.test").reply

@@ -35,6 +35,10 @@ PASSWORD = "S3cret-Passw0rd-x9"
 DAEMONS = {"policyd": POLICYD, "milter": MILTER, "socketmap": SOCKETMAP}
 
 
+def note(figures: dict[str, int | str]) -> None:
+    record("security", {"title": "Security checks (see security.md)", **figures})
+
+
 def needs_root_and_users() -> None:
     if os.geteuid() != 0:
         pytest.skip("changing socket groups and connecting as other users needs root")
@@ -93,7 +97,7 @@ def test_sockets_reach_group_postfix_and_nobody_else(daemon: str, workdir: Path)
         assert connect_as("nobody", sock) == 13
     finally:
         assert process.stop() == 0
-    record("security", {f"{daemon} socket mode 0660 group postfix, other users refused": "yes"})
+    note({f"{daemon} socket mode 0660 group postfix, other users refused": "yes"})
 
 
 def unit(path: Path) -> configparser.RawConfigParser:
@@ -177,7 +181,7 @@ def test_refused_login_never_shows_the_password() -> None:
         pytest.skip(f"MariaDB is not reachable: {output.strip()}")
     assert done.returncode != 0 and "tlsgate_nobody" in output, output
     assert PASSWORD not in output, output
-    record("security", {"database password in logs and errors (daemons, CLI, refused login)": "never"})
+    note({"database password in logs and errors (daemons, CLI, refused login)": "never"})
 
 
 # ------------------------------------------------------------------ parameterized SQL
@@ -212,7 +216,7 @@ def built_sql(path: Path) -> Iterator[tuple[str, int, str]]:
               and isinstance(node.func.value, ast.Constant) and isinstance(node.func.value.value, str)):
             text, how = node.func.value.value, ".format()"
         if text is not None and SQL_WORDS.search(text):
-            yield owner.get(node, "<module>"), node.lineno, how
+            yield owner.get(node, "<module>"), getattr(node, "lineno", 0), how
 
 
 def test_every_sql_statement_is_parameterized() -> None:
@@ -224,7 +228,7 @@ def test_every_sql_statement_is_parameterized() -> None:
             for function, line, how in built_sql(path):
                 found.setdefault((str(path.relative_to(ROOT)), function), []).append(f"line {line} ({how})")
     assert set(found) == ALLOWED, found
-    record("security", {"source files scanned for SQL built from strings": files,
+    note({"source files scanned for SQL built from strings": files,
                         "places that build SQL text (all allow-listed names, no values)": len(found)})
 
 
