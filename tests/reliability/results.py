@@ -19,7 +19,7 @@ Figures = dict[str, "int | str"]
 RESULTS: dict[str, Figures] = {}
 REPORT = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
 
-_SECTION_ORDER = ("faults", "fuzzing", "flood", "invalid-rows", "security")
+_SECTION_ORDER = ("faults", "fuzzing", "atheris", "flood", "invalid-rows", "security")
 _HEAD = """# Reliability figures
 
 Written by the reliability suite (`tests/reliability/`); do not edit by hand. Regenerate with

@@ -34,7 +34,7 @@ from tlsgate.store import load, open_engine
 
 # Enough examples to find framing slips, few enough for `make test` (a few seconds each).
 EXAMPLES = 400
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SMALL = Limits(max_line=256, max_attributes=16, max_request=2048)
 TRIED: Counter[str] = Counter()
