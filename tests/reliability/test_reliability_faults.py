@@ -17,10 +17,11 @@ from __future__ import annotations
 import itertools
 import shutil
 import signal
+import smtplib
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,14 @@ from tests.reliability.pgcluster import PgCluster
 from tests.reliability.pgcluster import skip_reason as pg_skip_reason
 from tests.reliability.results import record
 from tests.support.pki import Pki
-from tests.support.postfix import PrivatePostfix, SendResult, send
+from tests.support.postfix import (
+    CLIENT_HELO,
+    PrivatePostfix,
+    SendResult,
+    client_tls_context,
+    default_message,
+    send,
+)
 from tests.support.postfix import skip_reason as postfix_skip_reason
 from tlsgate.store import init_schema, open_engine
 
@@ -121,6 +129,40 @@ class Stream:
         code = first_code(result)
         self._tally(phase, "partner", code)
         if code != 250 and code // 100 != 5 and self.attempts[rcpt] < MAX_ATTEMPTS:
+            self.pending.append(rcpt)
+        return code
+
+    def partner_interrupted(self, phase: str, interrupt: Callable[[], None], *, before_data: bool) -> int:
+        """One partner session with a daemon killed in its middle: after RCPT was accepted
+        and before DATA (``before_data``), or after MAIL and before RCPT."""
+        rcpt = f"partner{next(self._numbers)}@tlsgate.test"
+        self.partner_rcpts.append(rcpt)
+        self.attempts[rcpt] = 1
+        sender = "orders@partner.test"
+        # Connecting in the constructor makes the host STARTTLS's server_hostname.
+        client = smtplib.SMTP("127.0.0.1", self.stack.postfix.port, local_hostname=CLIENT_HELO, timeout=30)
+        try:
+            client.ehlo()
+            client.starttls(context=client_tls_context(self.stack.pki.partner.cert_path,
+                                                       self.stack.pki.partner.key_path))
+            client.ehlo()
+            assert client.mail(sender)[0] == 250
+            if not before_data:
+                interrupt()
+            code = client.rcpt(rcpt)[0]
+            if code == 250:
+                if before_data:
+                    interrupt()
+                code = client.data(default_message(sender, [rcpt]))[0]
+            client.quit()
+        except smtplib.SMTPServerDisconnected:
+            code = 0
+        except smtplib.SMTPDataError as error:
+            code = error.smtp_code
+        finally:
+            client.close()
+        self._tally(phase, "partner", code)
+        if code != 250 and code // 100 != 5:
             self.pending.append(rcpt)
         return code
 
@@ -243,6 +285,17 @@ def test_faults_lose_nothing_and_let_nothing_through(stack: Stack) -> None:
     stack.milter.start()
     assert stream.resend("milter restarted") == [250] * PER_PHASE
 
+    # Killed in the middle of a session: before RCPT (policy daemon), before DATA (milter).
+    code = stream.partner_interrupted("policyd killed mid-session", lambda: kill(stack.policyd), before_data=False)
+    assert code // 100 == 4, code
+    offset = len(stack.policyd.log())
+    stack.policyd.start(wait_rules=False)
+    wait_for_load(stack.policyd, offset)
+    code = stream.partner_interrupted("milter killed mid-session", lambda: kill(stack.milter), before_data=True)
+    assert code // 100 == 4, code
+    stack.milter.start()
+    assert stream.resend("both back") == [250, 250]
+
     # The database stops: both daemons keep deciding with the rules they loaded.
     offsets = [len(d.log()) for d in stack.daemons()]
     stack.pg.stop()
@@ -309,7 +362,8 @@ def test_faults_lose_nothing_and_let_nothing_through(stack: Stack) -> None:
         "forged accepted": counts["forged accepted"] + forged_delivered,
         "bounced": bounced,
         "lost": lost,
-        "note": "Faults, in order: policyd SIGKILL and restart; milter SIGKILL and restart; database "
+        "note": "Faults, in order: policyd SIGKILL and restart; milter SIGKILL and restart; policyd "
+                "killed between MAIL and RCPT, milter killed between RCPT and DATA; database "
                 "stopped; both daemons restarted while it is unreachable, then database back; a "
                 "partner-in row made invalid, then repaired. Per phase: " + per_phase + ".",
     })
