@@ -192,3 +192,31 @@ def test_floods_leave_a_well_behaved_client_answered(daemon: PolicydProcess) -> 
         "RSS after (KiB)": rss_after,
         "RSS growth bound asserted (KiB)": RSS_GROWTH_LIMIT_KB,
     })
+
+
+def test_connections_beyond_the_limit_are_refused_and_the_others_served() -> None:
+    """With max_connections = 50, a flood of 200 connections gets the surplus closed at once
+    while the connection opened first keeps being answered."""
+    work = Path(tempfile.mkdtemp(prefix="tlsgate-flood-limit-"))
+    sock = work / "policy.sock"
+    url = make_rules_db(work / "rules.sqlite", RULES)
+    process = PolicydProcess(write_config(work, url, f"unix:{sock}", max_connections="50"), sock,
+                             work / "policyd.log").start()
+    flood: list[socket.socket] = []
+    try:
+        good = PolicyClient(sock)
+        assert good.ask(request(sender="a@contoso.com")).startswith(REFUSED)
+        flood = [connect(sock) for _ in range(200)]
+        refused = sum(closed_without_answer(s) for s in flood[60:])
+        assert refused == 140
+        assert good.ask(request(sender="b@contoso.com")).startswith(REFUSED)
+        served = PolicyClient.__new__(PolicyClient)
+        served.sock, served.buffer = flood[0], b""
+        assert served.ask(request(sender="c@other.test")) == "DUNNO"
+        assert process.log().count("refusing connection from") >= 140
+    finally:
+        for s in flood:
+            s.close()
+        process.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    record("flood", {"connections beyond max_connections=50 refused (of 200)": refused})
