@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tlsgate_policyd.protocol import (
     Limits,
     LineTooLong,
@@ -73,6 +75,45 @@ def test_framing_errors(data: bytes, error: type[Exception]) -> None:
         for size in (len(data),):
             for chunk in chunks(data, size):
                 list(reader.feed(chunk))
+
+
+@pytest.mark.parametrize(("data", "error"), [
+    (b"a=1\nno equals sign\n\n", MalformedLine),
+    (b"a=1\n=value\n\n", MalformedLine),
+    (b"a=1\nb=" + b"x" * 200 + b"\n\n", LineTooLong),
+    (b"".join(b"a%d=1\n" % i for i in range(20)) + b"\n", TooManyAttributes),
+    (b"".join(b"a=%s\n" % (b"x" * 90) for _ in range(20)) + b"\n", RequestTooLarge),
+])
+def test_framing_errors_in_a_whole_request(data: bytes, error: type[Exception]) -> None:
+    reader = RequestReader(Limits(max_line=128, max_attributes=10, max_request=1000))
+    with pytest.raises(error):
+        list(reader.feed(data))
+
+
+def _parse(data: bytes, size: int) -> tuple[list[dict[str, str]], bool]:
+    reader = RequestReader(Limits(max_line=64, max_attributes=6, max_request=300))
+    got: list[dict[str, str]] = []
+    try:
+        for chunk in chunks(data, size):
+            got.extend(reader.feed(chunk))
+    except (MalformedLine, LineTooLong, TooManyAttributes, RequestTooLarge):
+        return got, True
+    return got, False
+
+
+_LINE = st.one_of(
+    st.builds(lambda n, v: b"a%d=%s" % (n, v), st.integers(0, 9), st.binary(max_size=40)),
+    st.sampled_from([b"", b"\r", b"a1=1\r", b"b=", b"=x", b"noequals", b"c=" + b"x" * 50, b"d=" + b"x" * 70]),
+)
+_REQUESTS = st.lists(st.lists(_LINE, max_size=12), max_size=4)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_REQUESTS, st.binary(max_size=20))
+def test_whole_requests_and_byte_by_byte_agree(requests: list[list[bytes]], tail: bytes) -> None:
+    """A request read in one piece gives what the same bytes give one at a time, limits included."""
+    data = b"".join(b"\n".join(lines) + b"\n\n" for lines in requests) + tail
+    assert _parse(data, max(len(data), 1)) == _parse(data, 1)
 
 
 def test_xtext() -> None:
