@@ -19,6 +19,7 @@ import socket
 import socketserver
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -30,7 +31,7 @@ import pytest
 from tests.support.pki import IssuedCert, Pki
 from tests.support.postfix import PrivatePostfix, send
 
-TLSGATE = Path("/tmp/tv/bin/tlsgate") if Path("/tmp/tv/bin/tlsgate").exists() else Path(shutil.which("tlsgate") or "tlsgate")
+TLSGATE = Path(sys.executable).parent / "tlsgate"
 POLICYD = TLSGATE.with_name("tlsgate-policyd")
 PARTNER_DOMAIN = "partner.test"
 _READY_TIMEOUT = 20.0

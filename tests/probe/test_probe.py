@@ -6,6 +6,7 @@ import datetime
 import json
 import ssl
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ def test_matching_server_passes(tmp_path: Path, pki: Pki, dns: DnsServer, capsys
 def test_text_output_from_the_console_script(tmp_path: Path, pki: Pki, dns: DnsServer) -> None:
     with SmtpServer(pki.server.cert_path, pki.server.key_path) as smtp:
         argv = run_probe(tmp_path, pki, dns, smtp.port, "partner.test", rows=SECURE)
-        done = subprocess.run(["/tmp/tv/bin/tlsgate", *argv], capture_output=True, text=True, timeout=60)
+        done = subprocess.run([str(Path(sys.executable).parent / "tlsgate"), *argv], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("partner.test: PASS (connector partner, level secure)")
     assert f"ok   name: certificate names {B_NAME}; required {B_NAME}" in done.stdout

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,7 +19,7 @@ from sqlalchemy import create_engine, text
 from tlsgate.socketmap import MAX_REPLY, NetstringDecoder, Reply, encode_request, parse_reply
 from tlsgate.store import init_schema
 
-DAEMON = Path("/tmp/tv/bin/tlsgate-socketmap")
+DAEMON = Path(sys.executable).parent / "tlsgate-socketmap"
 _POLL = 0.02
 
 
