@@ -540,6 +540,7 @@ def _load_outbound(conn: Connection, problems: list[RowProblem]) -> list[Outboun
     domains = _group(_select_all(conn, "outbound_domain", ("connector", "pattern")))
     matches = _group(_select_all(conn, "outbound_match_name", ("connector", "name")))
     hosts = _group(_select_all(conn, "outbound_smart_host", ("connector", "host", "port", "mx_lookup")))
+    case_dupes = {p.connector for p in problems if p.table == "outbound_connector" and p.column == "name"}
     out: list[OutboundConnector] = []
     for name in sorted(set(by_name) | set(domains) | set(matches) | set(hosts)):
         row = by_name.get(name)
@@ -548,6 +549,8 @@ def _load_outbound(conn: Connection, problems: list[RowProblem]) -> list[Outboun
             r.table = "outbound_domain" if name in domains else "outbound_smart_host"
             r.error("connector", f"refers to outbound connector {name!r}, which does not exist")
             row = {"name": name}
+        if name in case_dupes:
+            r.failed = True
         kw: dict[str, Any] = {"name": name}
         kw["enabled"] = r.boolean(row, "enabled", True)
         kw["comment"] = _str(row.get("comment")) or ""

@@ -60,7 +60,6 @@ class Case:
     message: str
     dialects: tuple[str, ...] = ALL
     dangling: bool = False  # needs foreign keys switched off
-    bug: str | None = None  # a known defect: the case is expected to fail (strictly) until fixed
 
 
 def inbound(id: str, extra: list[str], message: str, dialects: tuple[str, ...] = ALL, *,
@@ -69,9 +68,8 @@ def inbound(id: str, extra: list[str], message: str, dialects: tuple[str, ...] =
 
 
 def outbound(id: str, extra: list[str], message: str, dialects: tuple[str, ...] = ALL, *,
-             parent: list[str] | None = None, dangling: bool = False, bug: str | None = None) -> Case:
-    return Case(id, "out", tuple((BAD_OUT if parent is None else parent) + extra), message, dialects, dangling,
-                bug)
+             parent: list[str] | None = None, dangling: bool = False) -> Case:
+    return Case(id, "out", tuple((BAD_OUT if parent is None else parent) + extra), message, dialects, dangling)
 
 
 def bad_column(column: str, value: str, message: str, dialects: tuple[str, ...] = SQLITE) -> Case:
@@ -158,10 +156,7 @@ CASES = [
         "INSERT INTO outbound_smart_host (connector, host, port, mx_lookup) VALUES ('bad-out', 'relay.test', 25, 3)"],
         "column mx_lookup: 3 is not a boolean", ("sqlite", "mariadb")),
     outbound("outbound names differing in case", ["INSERT INTO outbound_connector (name) VALUES ('BAD-OUT')"],
-             "column name: differs only in case from BAD-OUT", NOT_MARIADB,
-             bug="store._load_outbound reports outbound names differing only in case as errors but does "
-                 "not mark those connectors failed (inbound does, via case_dupes): bad-out keeps serving "
-                 "its TLS policy instead of TEMP"),
+             "column name: differs only in case from BAD-OUT", NOT_MARIADB),
     outbound("dangling outbound_domain", [], "refers to outbound connector 'bad-out', which does not exist",
              parent=["INSERT INTO outbound_domain (connector, pattern) VALUES ('bad-out', 'bad-out.test')"],
              dangling=True),
@@ -227,11 +222,8 @@ def check_scopes(result: LoadResult, direction: str) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_invalid_row_fails_closed_in_its_scope(case: Case, db_url: str, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str],
-                                              request: pytest.FixtureRequest) -> None:
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     dialect = db_url.split(":", 1)[0].split("+", 1)[0]
-    if case.bug is not None and dialect in case.dialects:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=case.bug))
     engine = open_engine(db_url)
     init_schema(engine)
     engine.dispose()
@@ -263,6 +255,5 @@ def report() -> None:
         **{f"let in and failing closed on {d}": sum(c.startswith(d + ":") for c in CHECKED) for d in ALL},
         **{f"refused by {d} itself": sum(c.startswith(d + ":") for c in REFUSED) for d in ALL},
         "note": "A kind counts as checked when the row is named by `tlsgate lint` (exit 1), its connector "
-                "answers 4.3.5 (inbound) or TEMP (outbound) and the other connectors keep their verdicts. "
-                "Known defect (xfail): outbound names differing only in case do not fail closed.",
+                "answers 4.3.5 (inbound) or TEMP (outbound) and the other connectors keep their verdicts.",
     })
