@@ -126,9 +126,14 @@ CREATE TABLE outbound_smart_host (
 );
 
 CREATE OR REPLACE FUNCTION tlsgate_bump_generation() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+  tx text := txid_current()::text;
 BEGIN
-  UPDATE rules_generation SET generation = generation + 1 WHERE id = 1;
-  PERFORM pg_notify('tlsgate_rules', '');
+  IF current_setting('tlsgate.generation_bumped_in', true) IS DISTINCT FROM tx THEN
+    UPDATE rules_generation SET generation = generation + 1 WHERE id = 1;
+    PERFORM set_config('tlsgate.generation_bumped_in', tx, true);
+    PERFORM pg_notify('tlsgate_rules', '');
+  END IF;
   RETURN NULL;
 END
 $$;

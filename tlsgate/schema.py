@@ -238,17 +238,28 @@ RULE_TABLES = (
 
 BUMP = "UPDATE rules_generation SET generation = generation + 1 WHERE id = 1"
 NOTIFY_CHANNEL = "tlsgate_rules"
+BUMPED_SETTING = "tlsgate.generation_bumped_in"
 
 
 def trigger_ddl(dialect: str) -> list[str]:
     """The statements that keep ``rules_generation`` current, for one dialect."""
     out: list[str] = []
     if dialect == "postgresql":
+        # Once per transaction, not once per statement: a bulk load of N rows sent as N
+        # statements would otherwise update the one counter row N times in one transaction,
+        # and each update walks the growing chain of that row's versions (quadratic). The
+        # marker is a transaction-local setting, so a rolled-back savepoint forgets it along
+        # with the bump it made.
         out.append(
             "CREATE OR REPLACE FUNCTION tlsgate_bump_generation() RETURNS trigger "
-            "LANGUAGE plpgsql AS $$\nBEGIN\n"
-            f"  {BUMP};\n"
-            f"  PERFORM pg_notify('{NOTIFY_CHANNEL}', '');\n"
+            "LANGUAGE plpgsql AS $$\n"
+            "DECLARE\n  tx text := txid_current()::text;\n"
+            "BEGIN\n"
+            f"  IF current_setting('{BUMPED_SETTING}', true) IS DISTINCT FROM tx THEN\n"
+            f"    {BUMP};\n"
+            f"    PERFORM set_config('{BUMPED_SETTING}', tx, true);\n"
+            f"    PERFORM pg_notify('{NOTIFY_CHANNEL}', '');\n"
+            "  END IF;\n"
             "  RETURN NULL;\nEND\n$$"
         )
         for table in RULE_TABLES:

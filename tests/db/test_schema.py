@@ -140,6 +140,36 @@ def test_triggers_bump_generation_and_renames_cascade(db_url: str) -> None:
         engine.dispose()
 
 
+def test_postgresql_bumps_once_per_transaction_and_savepoints_keep_it(pg_url: str) -> None:
+    """Many statements in one transaction bump once; a bump undone with its savepoint is made
+    again by the next change, so a committed change always moves the generation."""
+    engine = _init(pg_url)
+    try:
+        start = read_generation(engine)
+        with engine.begin() as conn:
+            for i in range(50):
+                conn.execute(text("INSERT INTO inbound_connector (name) VALUES (:n)"), {"n": f"bulk{i}"})
+                conn.execute(text("INSERT INTO inbound_domain (connector, scope, pattern) VALUES (:n, 'sender', :d)"),
+                             {"n": f"bulk{i}", "d": f"bulk{i}.test"})
+        assert read_generation(engine) == start + 1
+        with engine.begin() as conn:
+            savepoint = conn.begin_nested()
+            conn.execute(text("DELETE FROM inbound_connector WHERE name = 'bulk0'"))
+            savepoint.rollback()
+            conn.execute(text("DELETE FROM inbound_connector WHERE name = 'bulk1'"))
+        assert read_generation(engine) == start + 2
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM inbound_connector WHERE name = 'bulk2'"))
+            savepoint = conn.begin_nested()
+            conn.execute(text("DELETE FROM inbound_connector WHERE name = 'bulk3'"))
+            savepoint.rollback()
+        assert read_generation(engine) == start + 3
+        names = set(load(engine).snapshot.by_name)
+        assert {"bulk0", "bulk3"} <= names and not {"bulk1", "bulk2"} & names
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize("statement", [
     "INSERT INTO inbound_connector (name, mode) VALUES ('x', 'enforcing')",
     "INSERT INTO inbound_connector (name, certificate) VALUES ('x', 'any')",
