@@ -42,7 +42,7 @@ class DnsFailure(Exception):
     """DNS did not answer usefully (timeout, SERVFAIL): keep the last good answer."""
 
 
-_DNS_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+_DNS_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 
 
 def dns_name(text: str) -> str:
@@ -50,7 +50,7 @@ def dns_name(text: str) -> str:
     name = text.strip().rstrip(".").lower()
     if not name.isascii():
         return to_a_label(name)
-    if not name or len(name) > 253 or not all(_DNS_LABEL.match(label) for label in name.split(".")):
+    if not name or len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
         raise PatternError(f"invalid DNS name {text!r}")
     return name
 

@@ -14,11 +14,14 @@ import enum
 import fnmatch
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 
 import idna
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_LABEL_RE = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_LABEL = re.compile(_LABEL_RE)
+_HOST_NAME = re.compile(rf"(?:{_LABEL_RE}\.)*{_LABEL_RE}")
 _MAX_DOMAIN = 253
 
 
@@ -44,11 +47,10 @@ def to_a_label(domain: str) -> str:
     name = name.lower()
     if len(name) > _MAX_DOMAIN:
         raise PatternError(f"domain {domain!r} is longer than {_MAX_DOMAIN} characters")
-    labels = name.split(".")
-    for label in labels:
-        if not _LABEL.match(label):
-            raise PatternError(f"invalid domain {domain!r}: bad label {label!r}")
-    if labels[-1].isdigit():
+    if not _HOST_NAME.fullmatch(name):
+        label = next(label for label in name.split(".") if not _LABEL.fullmatch(label))
+        raise PatternError(f"invalid domain {domain!r}: bad label {label!r}")
+    if name.rpartition(".")[2].isdigit():
         raise PatternError(f"invalid domain {domain!r}: the top-level label is numeric")
     return name
 
@@ -195,9 +197,35 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+_HOST_BITS4 = tuple(0xFFFFFFFF >> plen for plen in range(33))
+
+
+def _plain_ipv4_network(raw: str) -> ipaddress.IPv4Network | None:
+    """``a.b.c.d`` or ``a.b.c.d/n`` in their strict form, without ipaddress's string parser
+    (a rule load parses every range of every connector); None for anything else, which the
+    full parser then judges."""
+    addr, slash, plen = raw.partition("/")
+    if slash:
+        if not (plen.isascii() and plen.isdigit()) or int(plen) > 32:
+            return None
+        prefix = int(plen)
+    else:
+        prefix = 32
+    try:
+        value = int.from_bytes(socket.inet_pton(socket.AF_INET, addr), "big")
+    except OSError:
+        return None
+    if value & _HOST_BITS4[prefix]:
+        return None
+    return ipaddress.IPv4Network((value, prefix))
+
+
 def parse_network(text: str) -> Network:
     """An address or CIDR range; host bits must be zero so that a typo cannot widen a range."""
     raw = text.strip()
+    fast = _plain_ipv4_network(raw)
+    if fast is not None:
+        return fast
     try:
         net = ipaddress.ip_network(raw, strict=True)
     except ValueError as exc:

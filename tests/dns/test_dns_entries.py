@@ -80,6 +80,8 @@ def test_parse_entry() -> None:
     assert parse_entry("a:b::/32") is None and parse_entry("a::1") is None  # IPv6, not DNS
     with pytest.raises(PatternError):
         parse_entry("spf:bad name.test")
+    with pytest.raises(PatternError):
+        parse_entry("spf:_spf\n.example.com")
     assert parse_entry("spf:_spf.Example.com") == "spf:_spf.example.com"
     with pytest.raises(PatternError, match="is an address, not a name"):
         parse_entry("a:192.0.2.1")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tlsgate.patterns import (
     CertNamePattern,
@@ -32,7 +34,8 @@ def test_domain_pattern_parse(text: str, kind: DomainKind, domain: str) -> None:
 
 
 @pytest.mark.parametrize("text", ["", "exa mple.com", "a..b", "*example.com", "ex*ample.com", "mail.*.com",
-                                  "user@example.com", "-a.example", "a" * 64 + ".com", "example.123", "**"])
+                                  "user@example.com", "-a.example", "a" * 64 + ".com", "example.123", "**",
+                                  "mail\n.example.com", "example.com\n.evil"])
 def test_domain_pattern_rejects(text: str) -> None:
     with pytest.raises(PatternError):
         DomainPattern.parse(text)
@@ -96,6 +99,24 @@ def test_issuer_pattern() -> None:
 ])
 def test_parse_network(text: str, net: str) -> None:
     assert parse_network(text) == ipaddress.ip_network(net)
+
+
+_octet = st.one_of(st.integers(0, 300).map(str), st.sampled_from(["00", "01", "010", "0x1", "", " 1", "١"]))
+_prefix = st.one_of(st.just(""), st.integers(0, 40).map(lambda n: f"/{n}"),
+                    st.sampled_from(["/", "/024", "/+8", "/ 8", "/8 ", "/²", "/255.255.255.0", "/0.0.0.255"]))
+
+
+@given(st.lists(_octet, min_size=3, max_size=5), _prefix)
+def test_parse_network_agrees_with_ipaddress_on_ipv4(octets: list[str], prefix: str) -> None:
+    """The IPv4 fast path accepts exactly what ipaddress accepts, with the same network."""
+    text = ".".join(octets) + prefix
+    try:
+        expected = ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError:
+        with pytest.raises(PatternError):
+            parse_network(text)
+    else:
+        assert parse_network(text) == expected
 
 
 @pytest.mark.parametrize("text", ["192.0.2.1/24", "192.0.2.0/33", "300.1.1.1", "a:mail.example.com", ""])
