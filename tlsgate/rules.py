@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from tlsgate.config import DatabaseConfig, DnsConfig
 from tlsgate.dnsranges import DnsCache, ResolverSettings, apply_dns, dns_entries
 from tlsgate.snapshot import Snapshot
-from tlsgate.store import StoreError, load, open_engine, read_generation, safe_url
+from tlsgate.store import LoadCache, StoreError, load, open_engine, read_generation, safe_url
 
 log = logging.getLogger("tlsgate.rules")
 
@@ -47,6 +47,7 @@ class RuleHolder:
         self._on_swap = on_swap
         self._snapshot: Snapshot | None = None
         self._base: Snapshot | None = None  # as loaded from the database, before DNS entries
+        self._cache = LoadCache()  # a poll that sees a change rebuilds only what changed
         self.dns = DnsCache(resolver_settings(dns or DnsConfig()))
         self._outage: str | None = None
         self._wake = threading.Event()
@@ -87,7 +88,9 @@ class RuleHolder:
                         self._recovered()
                         return self._refresh_dns(current)
                 started = time.monotonic()
-                result = load(engine)
+                if force:  # SIGHUP: build every connector afresh
+                    self._cache = LoadCache()
+                result = load(engine, cache=self._cache)
             except StoreError as exc:
                 self._failed(str(exc))
                 return self._refresh_dns(self._base) if self._base is not None else False

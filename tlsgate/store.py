@@ -249,6 +249,17 @@ class RowProblem:
 
 
 @dataclass
+class LoadCache:
+    """The inbound connectors of the previous load with the raw rows each was built from, so
+    that a reload rebuilds only the connectors whose rows changed. Only connectors that loaded
+    without any problem and have no pinned certificate (whose checks depend on the date) are
+    kept; a connector is reused only when its row, the types of its values and every child row
+    are equal to those it was built from."""
+
+    inbound: dict[str, tuple[tuple[object, ...], InboundConnector]] = field(default_factory=dict)
+
+
+@dataclass
 class LoadResult:
     snapshot: Snapshot
     problems: list[RowProblem] = field(default_factory=list)
@@ -432,7 +443,8 @@ def _inbound_settings(row: Mapping[str, object], r: _RowReader) -> dict[str, Any
 
 
 def _load_inbound(
-    conn: Connection, problems: list[RowProblem], now: datetime, expiry_days: int = 30
+    conn: Connection, problems: list[RowProblem], now: datetime, expiry_days: int = 30,
+    cache: LoadCache | None = None,
 ) -> list[InboundConnector]:
     parents = _select(conn, "inbound_connector", ("name", "comment", *_INBOUND_SETTINGS))
     by_name = _check_names("inbound_connector", parents, problems)
@@ -446,11 +458,20 @@ def _load_inbound(
     settings_seen: dict[tuple[object, ...], dict[str, Any]] = {}
 
     earlier = _by_connector(problems)
+    kept: dict[str, tuple[tuple[object, ...], InboundConnector]] = {}
     out: list[InboundConnector] = []
     all_names = set(by_name) | set(domains) | set(addresses) | set(names) | set(certs)
     for name in sorted(all_names):
         first = len(problems)
         parent = by_name.get(name)
+        raw: tuple[object, ...] | None = None
+        if cache is not None and parent is not None and name not in certs and name not in case_dupes:
+            raw = (parent, tuple(map(type, parent)), domains.get(name), addresses.get(name), names.get(name))
+            hit = cache.inbound.get(name)
+            if hit is not None and hit[0] == raw:
+                kept[name] = hit
+                out.append(hit[1])
+                continue
         r = _RowReader("inbound_connector", (name,), name, problems)
         if parent is None:
             child_tables = [
@@ -568,7 +589,12 @@ def _load_inbound(
             r.warn(None, "has no sender, recipient, header From domain or address: it matches no mail")
 
         kw["problems"] = _own_errors(name, earlier.get(name, []) + problems[first:]) if r.failed else ()
-        out.append(InboundConnector(**kw))
+        connector = InboundConnector(**kw)
+        out.append(connector)
+        if raw is not None and len(problems) == first and not r.failed:
+            kept[name] = (raw, connector)
+    if cache is not None:
+        cache.inbound = kept
     return out
 
 
@@ -656,10 +682,13 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def load(engine: Engine, now: datetime | None = None, *, expiry_days: int = 30) -> LoadResult:
+def load(
+    engine: Engine, now: datetime | None = None, *, expiry_days: int = 30, cache: LoadCache | None = None
+) -> LoadResult:
     """Read every rule table in one transaction and build a snapshot.
 
     A pinned certificate that expires within ``expiry_days`` is a warning; an expired one an error.
+    With ``cache`` (kept from one load to the next), unchanged connectors are not parsed again.
 
     Raises StoreError when the database cannot be read at all; bad rows never raise.
     """
@@ -679,7 +708,7 @@ def load(engine: Engine, now: datetime | None = None, *, expiry_days: int = 30) 
                     generation = conn.execute(
                         text("SELECT generation FROM rules_generation WHERE id = 1")
                     ).scalar()
-                    inbound = _load_inbound(conn, problems, moment, expiry_days)
+                    inbound = _load_inbound(conn, problems, moment, expiry_days, cache)
                     outbound = _load_outbound(conn, problems)
         except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:
             raise StoreError(describe_db_error(engine, exc)) from None

@@ -16,6 +16,7 @@ from tlsgate.engine import decide
 from tlsgate.model import FailAction, Mode, SessionFacts
 from tlsgate.patterns import parse_address
 from tlsgate.store import (
+    LoadCache,
     current_version,
     init_schema,
     load,
@@ -136,6 +137,32 @@ def test_triggers_bump_generation_and_renames_cascade(db_url: str) -> None:
             left = conn.execute(text("SELECT count(*) FROM inbound_domain WHERE connector = 'contoso-2'")).scalar()
         assert left == 0
         assert read_generation(engine) > after
+    finally:
+        engine.dispose()
+
+
+def test_reload_with_a_cache_rebuilds_what_changed_and_nothing_else(db_url: str) -> None:
+    engine = _init(db_url)
+    try:
+        cache = LoadCache()
+        first = load(engine, cache=cache).snapshot.by_name
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE inbound_connector SET require_tls = :f WHERE name = 'contoso-in'"), {"f": False})
+            conn.execute(text("UPDATE inbound_domain SET pattern = 'fabrikam.example' WHERE connector = 'fabrikam-in'"))
+            conn.execute(text("INSERT INTO inbound_domain (connector, scope, pattern) "
+                              "VALUES ('woodgrove-in', 'sender', 'not a domain!')"))
+        result = load(engine, cache=cache)
+        second = result.snapshot.by_name
+        assert second["onprem-in"] is first["onprem-in"]  # untouched: not parsed again
+        assert second["contoso-in"].require_tls is False
+        assert [str(p) for p in second["fabrikam-in"].sender_domains] == ["fabrikam.example"]
+        assert second["woodgrove-in"].misconfigured  # a new bad row is never hidden by the cache
+        assert any("not a domain!" in str(p) for p in result.errors)
+        assert result.snapshot.inbound == load(engine).snapshot.inbound  # the same as a load from scratch
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM inbound_domain WHERE pattern = 'not a domain!'"))
+        third = load(engine, cache=cache).snapshot.by_name
+        assert not third["woodgrove-in"].misconfigured and third["onprem-in"] is first["onprem-in"]
     finally:
         engine.dispose()
 
