@@ -27,6 +27,7 @@ from types import FrameType
 
 from tlsgate import logsetup, sdnotify
 from tlsgate.config import EX_CONFIG, Config, ConfigError, load_config
+from tlsgate.metrics import Metrics
 from tlsgate.rules import RuleHolder
 from tlsgate_milter.milter import (
     Judge,
@@ -93,7 +94,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     logsetup.configure(cfg.log, "tlsgate-milter")
     holder = RuleHolder(cfg.database, dns=cfg.dns)
-    judge = Judge(snapshot=lambda: holder.snapshot, settings=MilterSettings.from_config(cfg))
+    metrics = None
+    if cfg.milter.metrics:
+        metrics = Metrics("tlsgate-milter")
+        metrics.watch(lambda: holder.snapshot, lambda: holder.db_errors, lambda: holder.dns_failures)
+        try:
+            metrics.serve(cfg.milter.metrics)
+        except (OSError, ValueError) as exc:
+            log.error("cannot serve metrics on %s: %s", cfg.milter.metrics, exc)
+            logsetup.stop()
+            return EX_SOFTWARE
+    judge = Judge(snapshot=lambda: holder.snapshot, settings=MilterSettings.from_config(cfg), metrics=metrics)
     try:
         open_socket(
             judge, cfg.milter.listen, cfg.milter.socket_mode, cfg.milter.socket_group, cfg.milter.timeout

@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ import Milter
 from tlsgate.config import Config
 from tlsgate.decisionlog import decision_line
 from tlsgate.engine import decide
+from tlsgate.metrics import Metrics
 from tlsgate.model import (
     CertRequirement,
     Decision,
@@ -136,6 +138,7 @@ class Judge:
     settings: MilterSettings = field(default_factory=MilterSettings)
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     activity: Activity = field(default_factory=Activity)
+    metrics: Metrics | None = None
 
     def decide(self, snapshot: Snapshot, facts: SessionFacts) -> Decision:
         """The engine's verdict, with pinned-certificate connectors handled as configured."""
@@ -211,6 +214,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         self._host: str | None = None
         self._queue_id: str | None = None
         self._busy = False  # counted in Activity from MAIL FROM until abort or close
+        self._decided_in = 0.0  # seconds the last decision took, for the metrics
         self._reset_message()
 
     # --------------------------------------------------------------- per message state
@@ -262,7 +266,16 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
             client_name=self._client_name,
         )
 
+    def _decide(self, snapshot: Snapshot, facts: SessionFacts) -> Decision:
+        started = time.perf_counter()
+        decision = self._judge.decide(snapshot, facts)
+        self._decided_in = time.perf_counter() - started
+        return decision
+
     def _log(self, facts: SessionFacts, decision: Decision) -> None:
+        """The decision's mail log line, and its count in the metrics."""
+        if self._judge.metrics is not None:
+            self._judge.metrics.record(decision, self._decided_in)
         line = decision_line(facts, decision, stage=facts.stage.value)
         if decision.connector is None:
             log.debug("%s", line)
@@ -277,6 +290,8 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
 
     def _refuse_unknown_rules(self) -> int:
         settings = self._judge.settings
+        if self._judge.metrics is not None:
+            self._judge.metrics.record(None, 0.0)
         text = reply_text(settings.unknown_rules_text, "TLS policy rules are not available")
         log.warning(
             "%s: %s client=%s[%s]: no rules loaded yet",
@@ -358,7 +373,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
             return self._refuse_unknown_rules()
         recipient = envelope_address(to)
         facts = self._facts(Stage.RCPT, recipient)
-        decision = self._judge.decide(snapshot, facts)
+        decision = self._decide(snapshot, facts)
         self._log(facts, decision)
         if decision.action is not None:
             return self._refuse(decision)
@@ -411,7 +426,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
             verdict = at_rcpt
             for author in authors:
                 facts = self._facts(Stage.DATA, recipient, author)
-                decision = self._judge.decide(snapshot, facts)
+                decision = self._decide(snapshot, facts)
                 connector = decision.connector
                 if connector is None or not connector.header_from_domains:
                     continue  # judged at RCPT already

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import tempfile
@@ -260,3 +261,32 @@ mt.disconnect(conn)
     assert client.returncode == 0 and "FINISHED" in out, milter.log()
     assert milter.stop() == 0
     assert "still open" not in milter.log()
+
+
+def test_metrics_count_the_milter_decisions(workdir: Path) -> None:
+    from tests.policyd.policydhelp import BIN
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = make_rules_db(workdir / "rules.sqlite", RULES)
+    sock = workdir / "milter.sock"
+    config = write_config(workdir, url, f"unix:{sock}", extra=f"metrics = 127.0.0.1:{port}\n")
+    process = MilterProcess(config, sock, workdir / "milter.log").start()
+    try:
+        miltertest(workdir, f"""
+conn = session("{sock}", "192.0.2.7", false)
+mail(conn, "<a@contoso.test>")
+if mt.rcptto(conn, "<b@example.test>") ~= nil then fail("rcpt") end
+if mt.getreply(conn) ~= SMFIR_REPLYCODE then fail("plaintext not refused") end
+mail(conn, "<a@else.test>")
+if mt.rcptto(conn, "<b@example.test>") ~= nil then fail("rcpt") end
+if mt.getreply(conn) ~= SMFIR_CONTINUE then fail("other sender refused") end
+mt.disconnect(conn)
+""")
+        stats = subprocess.run([BIN / "tlsgate", "-c", config, "stats"], capture_output=True, text=True, timeout=30)
+        assert stats.returncode == 0, stats.stdout + stats.stderr
+        assert "decisions: 2" in stats.stdout
+        assert "contoso-in: reject 1" in stats.stdout and "(no connector): pass 1" in stats.stdout
+    finally:
+        assert process.stop() == 0
