@@ -420,6 +420,10 @@ _INBOUND_SETTINGS = (
 )
 
 
+_INBOUND_COLUMNS = ("name", "comment", *_INBOUND_SETTINGS)
+_OUTBOUND_COLUMNS = ("name", "enabled", "comment", "tls_level", "min_tls_version")
+
+
 def _inbound_settings(row: Mapping[str, object], r: _RowReader) -> dict[str, Any]:
     """The typed settings of one inbound_connector row (every column but name and comment)."""
     kw: dict[str, Any] = {}
@@ -446,7 +450,7 @@ def _load_inbound(
     conn: Connection, problems: list[RowProblem], now: datetime, expiry_days: int = 30,
     cache: LoadCache | None = None,
 ) -> list[InboundConnector]:
-    parents = _select(conn, "inbound_connector", ("name", "comment", *_INBOUND_SETTINGS))
+    parents = _select(conn, "inbound_connector", _INBOUND_COLUMNS)
     by_name = _check_names("inbound_connector", parents, problems)
     domains = _group(_select(conn, "inbound_domain", ("connector", "scope", "pattern")))
     addresses = _group(_select(conn, "inbound_address", ("connector", "address")))
@@ -599,8 +603,7 @@ def _load_inbound(
 
 
 def _load_outbound(conn: Connection, problems: list[RowProblem]) -> list[OutboundConnector]:
-    columns = ("name", "enabled", "comment", "tls_level", "min_tls_version")
-    by_name = _check_names("outbound_connector", _select(conn, "outbound_connector", columns), problems)
+    by_name = _check_names("outbound_connector", _select(conn, "outbound_connector", _OUTBOUND_COLUMNS), problems)
     domains = _group(_select(conn, "outbound_domain", ("connector", "pattern")))
     matches = _group(_select(conn, "outbound_match_name", ("connector", "name")))
     hosts = _group(_select(conn, "outbound_smart_host", ("connector", "host", "port", "mx_lookup")))
@@ -616,7 +619,7 @@ def _load_outbound(conn: Connection, problems: list[RowProblem]) -> list[Outboun
             r.table = "outbound_domain" if name in domains else "outbound_smart_host"
             r.error("connector", f"refers to outbound connector {name!r}, which does not exist")
         else:
-            row = dict(zip(columns, parent, strict=True))
+            row = dict(zip(_OUTBOUND_COLUMNS, parent, strict=True))
         if name in case_dupes:
             r.failed = True
         kw: dict[str, Any] = {"name": name}
