@@ -22,7 +22,7 @@ from bench.common import machine, summarize
 
 HERE = Path(__file__).resolve().parent
 
-NOISE = ("Measured on a shared 2-core machine while other test suites ran: figures are noisy "
+NOISE = ("Measured on a shared 2-core virtual machine: figures are noisy "
          "(see the load average and the min–max ranges). Server and load generator share the two cores.")
 
 
