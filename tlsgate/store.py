@@ -493,12 +493,15 @@ def _load_inbound(
         if name in case_dupes:
             r.failed = True
         values = parent[2:]
-        key = values + tuple(map(type, values))
-        settings = settings_seen.get(key)
+        key: tuple[object, ...] | None = values + tuple(map(type, values))
+        try:
+            settings = settings_seen.get(key)  # type: ignore[arg-type]
+        except TypeError:  # a value a driver returned unhashable: parse it every time
+            settings, key = None, None
         if settings is None:
             known = len(problems)
             settings = _inbound_settings(dict(zip(_INBOUND_SETTINGS, values, strict=True)), r)
-            if len(problems) == known:
+            if key is not None and len(problems) == known:
                 settings_seen[key] = settings
         kw: dict[str, Any] = {"name": name, "comment": _str(parent[1]) or "", **settings}
 
