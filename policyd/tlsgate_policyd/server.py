@@ -39,7 +39,6 @@ from tlsgate_policyd.protocol import (
 
 log = logging.getLogger("tlsgate.policyd")
 
-READ_SIZE = 65536
 # Every smtpd process may connect at once after a restart; the default backlog of 100 would
 # make some of them fail (EAGAIN on unix sockets) and answer default_action.
 BACKLOG = 1024
@@ -88,24 +87,87 @@ class Responder:
             log.log(level, "%s", decision_line(facts, decision))
 
 
-class Connection:
-    __slots__ = ("busy", "peer", "task")
+class Connection(asyncio.Protocol):
+    """One client connection: requests are parsed and answered as their bytes arrive, with no
+    task per connection or per read (the event loop calls back; the answer is written inline)."""
 
-    def __init__(self, peer: str, task: asyncio.Task[None]) -> None:
-        self.peer = peer
-        self.task = task
+    def __init__(self, server: PolicyServer) -> None:
+        self._server = server
+        self._parser = RequestReader(server.limits)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "unix"
         self.busy = False  # part of a request received and not yet answered
+        self.last = time.monotonic()  # when bytes last arrived
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = _peer(transport)
+        self._server.admit(self)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.last = time.monotonic()
+        respond = self._server.responder.respond
+        try:
+            for request in self._parser.feed(data):
+                self.transport.write(encode(respond(request)))
+        except ProtocolError as exc:
+            log.warning("closing connection from %s: %s", self.peer, exc)
+            self.transport.close()
+            return
+        self.busy = self._parser.pending
+        if self._server.closing and not self.busy:
+            self.transport.close()  # the request in flight at shutdown is answered
+
+    def eof_received(self) -> bool:
+        if self._parser.pending:
+            log.warning("connection from %s closed in the middle of a request", self.peer)
+        return False
+
+    def pause_writing(self) -> None:
+        # A client that sends without reading its answers is not read further until it does.
+        assert self.transport is not None
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        assert self.transport is not None
+        self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            log.debug("connection from %s ended: %s", self.peer, exc)
+        self._server.forget(self)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def expire(self, now: float) -> None:
+        """Close the connection when it has been silent too long for its state."""
+        cfg = self._server.config
+        timeout = cfg.request_timeout if self.busy else cfg.idle_timeout
+        if self.transport is None or now - self.last < timeout or self.transport.is_closing():
+            return
+        if self.busy:
+            log.warning("closing connection from %s: request incomplete after %.0fs", self.peer, timeout)
+        else:
+            log.debug("closing idle connection from %s", self.peer)
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()  # answers it does not read would keep a close waiting forever
+        else:
+            self.transport.close()
 
 
 class PolicyServer:
     def __init__(self, config: Config, responder: Responder) -> None:
-        self._cfg = config.policyd
-        self._responder = responder
-        self._limits = Limits(self._cfg.max_line, self._cfg.max_attributes, self._cfg.max_request)
-        self._servers: list[asyncio.Server] = []
+        self.config = config.policyd
+        self.responder = responder
+        self.limits = Limits(self.config.max_line, self.config.max_attributes, self.config.max_request)
+        self._servers: list[asyncio.AbstractServer] = []
         self._conns: set[Connection] = set()
-        self._closing = False
+        self.closing = False
         self._unix_paths: list[str] = []
+        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def connections(self) -> int:
@@ -113,18 +175,20 @@ class PolicyServer:
 
     async def start(self, inherited: list[int] | None = None) -> None:
         """Listen on inherited (socket-activated) descriptors, or on the configured addresses."""
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep())
         if inherited:
             for fd in inherited:
                 sock = socket.socket(fileno=fd)
                 sock.setblocking(False)
                 if sock.family == socket.AF_UNIX:
-                    server = await asyncio.start_unix_server(self._accept, sock=sock, limit=self._limits.max_line)
+                    server = await loop.create_unix_server(self._connection, sock=sock)
                 else:
-                    server = await asyncio.start_server(self._accept, sock=sock, limit=self._limits.max_line)
+                    server = await loop.create_server(self._connection, sock=sock)
                 self._servers.append(server)
                 log.info("listening on inherited socket %s", _sockname(sock))
             return
-        for listen in self._cfg.listen:
+        for listen in self.config.listen:
             if listen.startswith("unix:"):
                 self._servers.append(await self._listen_unix(listen[5:]))
             else:
@@ -134,12 +198,12 @@ class PolicyServer:
                     if not ipaddress.ip_address(host).is_loopback:
                         log.warning("listening on %s: the policy protocol has no authentication; "
                                     "anyone who can reach it learns the rules' verdicts", listen)
-                server = await asyncio.start_server(self._accept, host, int(port), reuse_address=True,
-                                                    backlog=BACKLOG)
+                server = await loop.create_server(self._connection, host, int(port), reuse_address=True,
+                                                  backlog=BACKLOG)
                 self._servers.append(server)
                 log.info("listening on %s", listen)
 
-    async def _listen_unix(self, path: str) -> asyncio.Server:
+    async def _listen_unix(self, path: str) -> asyncio.AbstractServer:
         with contextlib.suppress(FileNotFoundError):
             st = os.lstat(path)
             if not stat.S_ISSOCK(st.st_mode):
@@ -147,98 +211,87 @@ class PolicyServer:
             os.unlink(path)  # a stale socket from a previous run
         old = os.umask(0o177)
         try:
-            server = await asyncio.start_unix_server(self._accept, path, limit=self._limits.max_line,
-                                                     backlog=BACKLOG)
+            server = await asyncio.get_running_loop().create_unix_server(self._connection, path, backlog=BACKLOG)
         finally:
             os.umask(old)
         self._unix_paths.append(path)
         try:
-            gid = grp.getgrnam(self._cfg.socket_group).gr_gid
+            gid = grp.getgrnam(self.config.socket_group).gr_gid
             os.chown(path, -1, gid)
         except KeyError:
-            log.warning("group %s does not exist: %s keeps its default group", self._cfg.socket_group, path)
+            log.warning("group %s does not exist: %s keeps its default group", self.config.socket_group, path)
         except PermissionError:
-            log.warning("cannot give %s to group %s (not root and not a member)", path, self._cfg.socket_group)
-        os.chmod(path, self._cfg.socket_mode)
-        log.info("listening on unix:%s mode %04o", path, self._cfg.socket_mode)
+            log.warning("cannot give %s to group %s (not root and not a member)", path, self.config.socket_group)
+        os.chmod(path, self.config.socket_mode)
+        log.info("listening on unix:%s mode %04o", path, self.config.socket_mode)
         return server
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = _peer(writer)
-        if self._closing or len(self._conns) >= self._cfg.max_connections:
-            log.warning("refusing connection from %s: %s", peer,
-                        "shutting down" if self._closing else f"{len(self._conns)} connections already open")
-            writer.close()
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        conn = Connection(peer, task)
-        self._conns.add(conn)
-        try:
-            await self._serve(conn, reader, writer)
-        except asyncio.CancelledError:
-            pass
-        except (ConnectionError, OSError) as exc:
-            log.debug("connection from %s ended: %s", peer, exc)
-        finally:
-            self._conns.discard(conn)
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
-                await writer.wait_closed()
+    def _connection(self) -> Connection:
+        return Connection(self)
 
-    async def _serve(self, conn: Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        parser = RequestReader(self._limits)
-        while not self._closing or conn.busy:
-            timeout = self._cfg.request_timeout if parser.pending else self._cfg.idle_timeout
-            try:
-                data = await asyncio.wait_for(reader.read(READ_SIZE), timeout)
-            except TimeoutError:
-                if parser.pending:
-                    log.warning("closing connection from %s: request incomplete after %.0fs", conn.peer, timeout)
-                else:
-                    log.debug("closing idle connection from %s", conn.peer)
-                return
-            if not data:
-                if parser.pending:
-                    log.warning("connection from %s closed in the middle of a request", conn.peer)
-                return
-            try:
-                for request in parser.feed(data):
-                    writer.write(encode(self._responder.respond(request)))
-            except ProtocolError as exc:
-                log.warning("closing connection from %s: %s", conn.peer, exc)
-                return
-            conn.busy = parser.pending
-            await writer.drain()
+    def admit(self, conn: Connection) -> None:
+        """A new connection: served, or closed at once when shutting down or over the limit."""
+        assert conn.transport is not None
+        if self.closing or len(self._conns) >= self.config.max_connections:
+            log.warning("refusing connection from %s: %s", conn.peer,
+                        "shutting down" if self.closing else f"{len(self._conns)} connections already open")
+            conn.transport.close()
+            return
+        self._conns.add(conn)
+
+    def forget(self, conn: Connection) -> None:
+        self._conns.discard(conn)
+
+    async def _sweep(self) -> None:
+        """Close connections silent beyond their timeout, checked a few times per timeout."""
+        period = min(1.0, max(0.05, min(self.config.idle_timeout, self.config.request_timeout) / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for conn in list(self._conns):
+                conn.expire(now)
 
     async def shutdown(self, grace: float = 10.0) -> None:
         """Stop accepting, let requests in flight finish (up to ``grace`` seconds), close the rest."""
-        self._closing = True
+        self.closing = True
         for server in self._servers:
             server.close()
         for path in self._unix_paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        idle = [c.task for c in self._conns if not c.busy]
-        for task in idle:
-            task.cancel()
-        busy = [c.task for c in self._conns if c.busy]
+        # Bytes a client sent just before the stop may still wait in the kernel, behind
+        # connections accepted in the same turn of the loop: a few turns let them be read, so
+        # that their connection counts as busy and gets its answer.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        for conn in list(self._conns):
+            if not conn.busy and conn.transport is not None:
+                conn.transport.close()
+        busy = [c for c in self._conns if c.busy]
         if busy:
             log.info("waiting up to %.0fs for %d requests in flight", grace, len(busy))
-            _done, pending = await asyncio.wait(busy, timeout=grace)
-            for task in pending:
-                task.cancel()
-        await asyncio.gather(*(c.task for c in list(self._conns)), return_exceptions=True)
+            await asyncio.wait([c.done for c in busy], timeout=grace)
+        left = [c.done for c in self._conns]
+        if left:  # closed ones flush their last answer; a client that reads nothing is cut off
+            await asyncio.wait(left, timeout=1.0)
+        for conn in list(self._conns):
+            if conn.transport is not None:
+                conn.transport.abort()
+        await asyncio.gather(*left, return_exceptions=True)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         for server in self._servers:
             with contextlib.suppress(asyncio.CancelledError):
                 await server.wait_closed()
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
-    sock = writer.get_extra_info("socket")
+    sock = transport.get_extra_info("socket")
     return f"unix:{sock.getsockname()}" if sock is not None else "unix"
 
 

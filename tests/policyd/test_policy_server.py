@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -96,6 +97,38 @@ def test_a_stuck_client_does_not_block_others(daemon: PolicydProcess) -> None:
     assert stuck.closed_by_peer()
     assert other.ask(request()).startswith("REJECT")
     daemon.wait_log("request incomplete after 1s")
+
+
+def test_idle_and_unread_connections_are_closed_after_idle_timeout(work: Path) -> None:
+    url = make_db(work / "rules.sqlite")
+    sock = work / "policy.sock"
+    config = write_config(work, url, f"unix:{sock}", idle_timeout="1", request_timeout="1")
+    proc = PolicydProcess(config, sock, work / "policyd.log").start()
+    try:
+        idle = PolicyClient(sock)
+        assert idle.ask(request()).startswith("REJECT")
+        # A client that sends request after request and never reads an answer: the daemon stops
+        # reading it once its answers pile up, and cuts it off when it has been silent too long.
+        greedy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        greedy.connect(str(sock))
+        greedy.settimeout(0.2)
+        many = request() * 2000
+        sent = 0
+        with contextlib.suppress(TimeoutError, BrokenPipeError, ConnectionResetError):
+            for _ in range(200):
+                sent += greedy.send(many)
+        assert sent > 0
+        other = PolicyClient(sock)
+        assert other.ask(request()).startswith("REJECT")  # the others are served meanwhile
+        assert idle.closed_by_peer()
+        proc.wait_log("closing idle connection", count=2)
+        greedy.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            while greedy.recv(1 << 20):
+                pass  # the answers it had, then the end of the connection
+        greedy.close()
+    finally:
+        assert proc.stop() == 0, proc.log()
 
 
 @pytest.mark.parametrize("bad", [
