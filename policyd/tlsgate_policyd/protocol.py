@@ -87,13 +87,11 @@ class RequestReader:
         """
         buffer = self._buffer
         end = buffer.find(b"\n\n")
-        if end <= 0 or buffer[0] == 0x0A:
-            return None
+        if end <= 0 or buffer[0] == 0x0A or buffer.find(b"\r", 0, end) >= 0:
+            return None  # a CR may end an empty request before this one: judged line by line
         if end + 2 > self._limits.max_request:
             raise RequestTooLarge(f"request larger than {self._limits.max_request} bytes")
         block = bytes(buffer[:end])
-        if b"\r" in block:
-            return None
         lines = block.split(b"\n")
         if max(map(len, lines)) > self._limits.max_line:
             raise LineTooLong(f"line longer than {self._limits.max_line} bytes")
