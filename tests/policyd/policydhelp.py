@@ -77,12 +77,14 @@ class PolicydProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait_rules: bool = True) -> PolicydProcess:
+        # The log is appended to: a restart waits for this instance's lines, not the last one's.
+        earlier = self.log() if self.log_path.exists() else ""
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen([str(BIN / "tlsgate-policyd"), "--config", str(self.config)],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
-        self.wait_log("tlsgate-policyd ready")
+        self.wait_log("tlsgate-policyd ready", count=earlier.count("tlsgate-policyd ready") + 1)
         if wait_rules:
-            self.wait_log("loaded rules generation")
+            self.wait_log("loaded rules generation", count=earlier.count("loaded rules generation") + 1)
         return self
 
     def log(self) -> str:
