@@ -493,16 +493,16 @@ def _load_inbound(
         if name in case_dupes:
             r.failed = True
         values = parent[2:]
-        key: tuple[object, ...] | None = values + tuple(map(type, values))
+        settings_key: tuple[object, ...] | None = values + tuple(map(type, values))
         try:
-            settings = settings_seen.get(key)  # type: ignore[arg-type]
+            settings = settings_seen.get(settings_key)  # type: ignore[arg-type]
         except TypeError:  # a value a driver returned unhashable: parse it every time
-            settings, key = None, None
+            settings, settings_key = None, None
         if settings is None:
             known = len(problems)
             settings = _inbound_settings(dict(zip(_INBOUND_SETTINGS, values, strict=True)), r)
-            if key is not None and len(problems) == known:
-                settings_seen[key] = settings
+            if settings_key is not None and len(problems) == known:
+                settings_seen[settings_key] = settings
         kw: dict[str, Any] = {"name": name, "comment": _str(parent[1]) or "", **settings}
 
         scoped: dict[str, list[DomainPattern]] = {s: [] for s in schema.SCOPES}

@@ -214,7 +214,6 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         self._host: str | None = None
         self._queue_id: str | None = None
         self._busy = False  # counted in Activity from MAIL FROM until abort or close
-        self._decided_in = 0.0  # seconds the last decision took, for the metrics
         self._reset_message()
 
     # --------------------------------------------------------------- per message state
@@ -266,16 +265,16 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
             client_name=self._client_name,
         )
 
-    def _decide(self, snapshot: Snapshot, facts: SessionFacts) -> Decision:
+    def _decide(self, snapshot: Snapshot, facts: SessionFacts) -> tuple[Decision, float]:
+        """The decision, and the seconds it took (for the metrics)."""
         started = time.perf_counter()
         decision = self._judge.decide(snapshot, facts)
-        self._decided_in = time.perf_counter() - started
-        return decision
+        return decision, time.perf_counter() - started
 
-    def _log(self, facts: SessionFacts, decision: Decision) -> None:
+    def _log(self, facts: SessionFacts, decision: Decision, seconds: float) -> None:
         """The decision's mail log line, and its count in the metrics."""
         if self._judge.metrics is not None:
-            self._judge.metrics.record(decision, self._decided_in)
+            self._judge.metrics.record(decision, seconds)
         line = decision_line(facts, decision, stage=facts.stage.value)
         if decision.connector is None:
             log.debug("%s", line)
@@ -373,8 +372,8 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
             return self._refuse_unknown_rules()
         recipient = envelope_address(to)
         facts = self._facts(Stage.RCPT, recipient)
-        decision = self._decide(snapshot, facts)
-        self._log(facts, decision)
+        decision, seconds = self._decide(snapshot, facts)
+        self._log(facts, decision, seconds)
         if decision.action is not None:
             return self._refuse(decision)
         self._accepted.append((recipient, decision))
@@ -426,11 +425,11 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
             verdict = at_rcpt
             for author in authors:
                 facts = self._facts(Stage.DATA, recipient, author)
-                decision = self._decide(snapshot, facts)
+                decision, seconds = self._decide(snapshot, facts)
                 connector = decision.connector
                 if connector is None or not connector.header_from_domains:
                     continue  # judged at RCPT already
-                self._log(facts, decision)
+                self._log(facts, decision, seconds)
                 if decision.outcome is Outcome.FAIL or verdict.connector is None:
                     verdict = decision
                 if decision.action is not None and (

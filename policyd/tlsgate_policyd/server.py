@@ -96,9 +96,13 @@ class Connection(asyncio.Protocol):
         self._parser = RequestReader(server.limits)
         self.transport: asyncio.Transport | None = None
         self.peer = "unix"
-        self.busy = False  # part of a request received and not yet answered
         self.last = time.monotonic()  # when bytes last arrived
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def busy(self) -> bool:
+        """Part of a request received and not yet answered."""
+        return self._parser.pending
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -117,7 +121,6 @@ class Connection(asyncio.Protocol):
             log.warning("closing connection from %s: %s", self.peer, exc)
             self.transport.close()
             return
-        self.busy = self._parser.pending
         if self._server.closing and not self.busy:
             self.transport.close()  # the request in flight at shutdown is answered
 
