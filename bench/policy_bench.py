@@ -7,6 +7,9 @@ server that disagrees is reported as such and its figures are not counted.
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
 import socket
 import sys
 import time
@@ -75,14 +78,16 @@ def start_postfwd(work: Path, program: str, connectors: int) -> Server:
     port = free_port()
     pidfile = work / f"{program}-{connectors}.pid"
     pidfile.unlink(missing_ok=True)
-    # Debian's Net::Server dies silently when user/group "nobody" cannot be resolved
-    # (the group is "nogroup"); -c 0 turns the request cache off so that every request is judged.
+    # postfwd2 reads its rule file after switching to -u/-g (postfwd1 before): a user that cannot
+    # read the work directory leaves it without rules, answering DUNNO. Both run as the bench's
+    # own user, like every other server here. -c 0 turns the request cache off: every request
+    # is judged.
+    user, group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
     args = [program, "-d", "-f", str(rules), "-i", "127.0.0.1", "-p", str(port), "--proto", "tcp", "-n",
-            "-c", "0", "-u", "nobody", "-g", "nogroup", "--pidfile", str(pidfile)]
+            "-c", "0", "-u", user, "-g", group, "--pidfile", str(pidfile)]
     if program == "postfwd2":
-        # postfwd2's cache daemon listens on a fixed default socket shared by every instance,
-        # and its parent cache keys leave out TLS attributes: a private cache socket and no
-        # parent cache, or answers leak between instances and TLS/non-TLS requests.
+        # postfwd2's cache daemon listens by default on /var/tmp/postfwd2-cache.socket, shared by
+        # every instance: a private one, and no parent caches.
         args += ["--cache_socket", f"tcp:127.0.0.1:{free_port()}", "--no_parent_cache"]
     child = Child(args, work / f"{program}-{connectors}.log", pidfile=pidfile)
     child.start(_connectable(("127.0.0.1", port)), timeout=300)
