@@ -89,21 +89,24 @@ class RequestReader:
         end = buffer.find(b"\n\n")
         if end <= 0 or buffer[0] == 0x0A or buffer.find(b"\r", 0, end) >= 0:
             return None  # a CR may end an empty request before this one: judged line by line
-        if end + 2 > self._limits.max_request:
-            raise RequestTooLarge(f"request larger than {self._limits.max_request} bytes")
+        limits = self._limits
+        if end + 2 > limits.max_request:
+            raise RequestTooLarge(f"request larger than {limits.max_request} bytes")
         block = bytes(buffer[:end])
-        lines = block.split(b"\n")
-        if max(map(len, lines)) > self._limits.max_line:
-            raise LineTooLong(f"line longer than {self._limits.max_line} bytes")
+        if end > limits.max_line and max(map(len, block.split(b"\n"))) > limits.max_line:
+            raise LineTooLong(f"line longer than {limits.max_line} bytes")
         del buffer[: end + 2]
-        attrs: dict[str, str] = {}
-        for line in lines:
-            name, sep, value = line.partition(b"=")
-            if not sep or not name:
-                raise _malformed(line)
-            attrs[name.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-        if len(attrs) > self._limits.max_attributes:
-            raise TooManyAttributes(f"more than {self._limits.max_attributes} attributes")
+        # Decoding the block at once gives what decoding each name and value gives: a newline
+        # or "=" is never part of a multi-byte sequence, so a replacement never crosses them.
+        lines = block.decode("utf-8", "replace").split("\n")
+        try:
+            attrs = dict([line.split("=", 1) for line in lines])
+        except ValueError:
+            attrs = {"": ""}  # a line without "=": named below
+        if "" in attrs:
+            raise _malformed(next(line for line in lines if "=" not in line or line[0] == "="))
+        if len(attrs) > limits.max_attributes:
+            raise TooManyAttributes(f"more than {limits.max_attributes} attributes")
         return attrs
 
     def _next_line(self) -> dict[str, str] | None:
@@ -127,7 +130,7 @@ class RequestReader:
             return attrs
         name, sep, value = line.partition(b"=")
         if not sep or not name:
-            raise _malformed(line)
+            raise _malformed(line.decode("utf-8", "replace"))
         self._attrs[name.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
         if len(self._attrs) > self._limits.max_attributes:
             raise TooManyAttributes(f"more than {self._limits.max_attributes} attributes")
@@ -137,8 +140,8 @@ class RequestReader:
 _MORE: dict[str, str] = {}  # sentinel: a line was consumed, the request goes on
 
 
-def _malformed(line: bytes) -> MalformedLine:
-    return MalformedLine(f"line without name=value: {line[:40].decode('utf-8', 'replace')!r}")
+def _malformed(line: str) -> MalformedLine:
+    return MalformedLine(f"line without name=value: {line[:40]!r}")
 
 
 _XTEXT = re.compile(r"\+([0-9A-Fa-f]{2})")

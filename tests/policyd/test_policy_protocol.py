@@ -103,6 +103,7 @@ def _parse(data: bytes, size: int) -> tuple[list[dict[str, str]], bool]:
 
 _LINE = st.one_of(
     st.builds(lambda n, v: b"a%d=%s" % (n, v), st.integers(0, 9), st.binary(max_size=40)),
+    st.builds(lambda n, v: b"%s=%s" % (n, v), st.binary(min_size=1, max_size=4), st.binary(max_size=8)),
     st.sampled_from([b"", b"\r", b"a1=1\r", b"b=", b"=x", b"noequals", b"c=" + b"x" * 50, b"d=" + b"x" * 70]),
 )
 _REQUESTS = st.lists(st.lists(_LINE, max_size=12), max_size=4)
