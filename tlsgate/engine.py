@@ -74,24 +74,21 @@ def find_candidates(snapshot: Snapshot, facts: SessionFacts) -> list[Candidate]:
         if facts.header_from and facts.stage is Stage.DATA
         else None
     )
-    hits = {
-        Scope.SENDER: snapshot.domains[Scope.SENDER].lookup(sender_domain) if sender_domain else {},
-        Scope.RECIPIENT: snapshot.domains[Scope.RECIPIENT].lookup(rcpt_domain) if rcpt_domain else {},
-        Scope.HEADER_FROM: (
-            snapshot.domains[Scope.HEADER_FROM].lookup(header_domain) if header_domain else {}
-        ),
-    }
+    domains = snapshot.domains
+    sender_hits = domains[Scope.SENDER].lookup(sender_domain) if sender_domain else {}
+    rcpt_hits = domains[Scope.RECIPIENT].lookup(rcpt_domain) if rcpt_domain else {}
+    header_hits = domains[Scope.HEADER_FROM].lookup(header_domain) if header_domain else {}
     range_hits = snapshot.ranges.lookup(facts.client_address) if facts.client_address else {}
 
     found: list[Candidate] = []
-    ids = set(range_hits).union(*hits.values())
+    ids = set(range_hits).union(sender_hits, rcpt_hits, header_hits)
     for idx in ids:
         c = snapshot.inbound[idx]
-        if c.sender_domains and idx not in hits[Scope.SENDER]:
+        if c.sender_domains and idx not in sender_hits:
             continue
-        if c.recipient_domains and idx not in hits[Scope.RECIPIENT]:
+        if c.recipient_domains and idx not in rcpt_hits:
             continue
-        if c.header_from_domains and idx not in hits[Scope.HEADER_FROM]:
+        if c.header_from_domains and idx not in header_hits:
             continue
         if c.scopes_ranges and idx not in range_hits:
             continue
@@ -107,9 +104,9 @@ def find_candidates(snapshot: Snapshot, facts: SessionFacts) -> list[Candidate]:
         if c.scopes_ranges:
             matched.append(f"client {facts.client_address}")
         rank = (
-            hits[Scope.SENDER].get(idx, _NO_MATCH),
-            hits[Scope.HEADER_FROM].get(idx, _NO_MATCH),
-            hits[Scope.RECIPIENT].get(idx, _NO_MATCH),
+            sender_hits.get(idx, _NO_MATCH),
+            header_hits.get(idx, _NO_MATCH),
+            rcpt_hits.get(idx, _NO_MATCH),
             range_hits.get(idx, -1),
         )
         found.append(Candidate(c, rank, tuple(matched)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import functools
 import ipaddress
 import re
 import socket
@@ -107,10 +108,12 @@ class DomainPattern:
         return self.domain
 
 
+@functools.lru_cache(maxsize=8192)
 def normalise_domain(domain: str) -> str | None:
     """Normalise a domain seen in mail; None when it is not a valid domain name.
 
-    Address literals (``[192.0.2.1]``) and garbage never match a domain pattern.
+    Address literals (``[192.0.2.1]``) and garbage never match a domain pattern. The same
+    domains come back with every recipient and every message, so answers are remembered.
     """
     try:
         return to_a_label(domain)
