@@ -1,0 +1,109 @@
+"""The daemons' log writer: every line written once, in order, to stderr or to a syslog socket."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tlsgate import logsetup
+from tlsgate.config import LogConfig
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    switches = (logging.logThreads, logging.logProcesses, logging.logMultiprocessing, logging._srcfile)
+    yield
+    logsetup.stop()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+    logging.logThreads, logging.logProcesses, logging.logMultiprocessing, logging._srcfile = switches
+
+
+def test_lines_from_many_threads_are_all_written_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    logsetup.configure(LogConfig(target="stderr", level="info"), "tlsgate-test")
+    log = logging.getLogger("tlsgate.test")
+
+    def talk(n: int) -> None:
+        for i in range(500):
+            log.info("thread %d line %d", n, i)
+            log.debug("thread %d hidden %d", n, i)
+
+    threads = [threading.Thread(target=talk, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("failed")
+    log.info("%d and %d", 1)  # a bad format string is reported, not raised
+    logsetup.stop()
+
+    lines = out.getvalue().splitlines()
+    for n in range(4):
+        mine = [line.split(": ", 2)[-1] for line in lines if f"thread {n} line" in line]
+        assert mine == [f"thread {n} line {i}" for i in range(500)]
+    assert not [line for line in lines if "hidden" in line]
+    assert f"tlsgate-test[{os.getpid()}]: ERROR: failed" in out.getvalue()
+    assert "ValueError: boom" in out.getvalue()
+
+
+def test_syslog_gets_one_datagram_per_line(tmp_path: Path) -> None:
+    path = str(tmp_path / "log")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(path)
+        logsetup.configure(LogConfig(target="syslog", level="info", syslog_socket=path), "tlsgate-test")
+        for i in range(50):
+            logging.getLogger("tlsgate.test").info("line %d", i)
+        syslog.settimeout(5)
+        got = [syslog.recv(4096) for _ in range(50)]  # a datagram socket queues only a few
+        logsetup.stop()
+    # facility mail (2), severity info (6): <22>
+    assert got == [f"<22>tlsgate-test[{os.getpid()}]: line {i}\x00".encode() for i in range(50)]
+
+
+def test_stop_writes_what_is_left_and_later_lines_do_not_vanish(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    logsetup.configure(LogConfig(target="stderr", level="info"), "tlsgate-test")
+    for i in range(1000):
+        logging.getLogger("tlsgate.test").info("burst %d", i)
+    logsetup.stop()
+    assert out.getvalue().count("burst") == 1000
+    assert not logging.getLogger().handlers
+
+
+def test_a_syslog_that_reads_nothing_does_not_hold_up_the_exit(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logging, "raiseExceptions", False)  # the lines after the close fail quietly
+    path = str(tmp_path / "log")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(path)
+        logsetup.configure(LogConfig(target="syslog", level="info", syslog_socket=path), "tlsgate-test")
+        for i in range(500):
+            logging.getLogger("tlsgate.test").info("line %d", i)
+        writer = logsetup._writer
+        assert writer is not None
+        began = time.monotonic()
+        logsetup.stop(timeout=0.5)
+        assert time.monotonic() - began < 5
+        assert syslog.recv(4096).endswith(b"line 0\x00")  # the writer was blocked, not gone
+    writer._thread.join(10)  # its last lines fail once the socket is gone, then it ends
+    assert not writer._thread.is_alive()
