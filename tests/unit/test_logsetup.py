@@ -107,3 +107,35 @@ def test_a_syslog_that_reads_nothing_does_not_hold_up_the_exit(tmp_path: Path,
         assert syslog.recv(4096).endswith(b"line 0\x00")  # the writer was blocked, not gone
     writer._thread.join(10)  # its last lines fail once the socket is gone, then it ends
     assert not writer._thread.is_alive()
+
+
+class _CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_a_busy_daemon_s_lines_are_written_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _CountingStream()
+    monkeypatch.setattr(sys, "stderr", out)
+    logsetup.configure(LogConfig(target="stderr", level="info"), "tlsgate-test")
+    log = logging.getLogger("tlsgate.test")
+    log.info("alone")
+    deadline = time.monotonic() + 10
+    while "alone" not in out.getvalue():  # a quiet daemon's line is written without company
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    began = time.monotonic()
+    lines = 0
+    while time.monotonic() - began < 0.5:
+        log.info("busy %d", lines)
+        lines += 1
+        time.sleep(0)  # let the writer run between lines, as a daemon's I/O does
+    logsetup.stop()
+    assert out.getvalue().count("busy") == lines
+    # 0.5 s of lines fit in a few dozen writes, not one per line
+    assert out.writes < 100 < lines, (out.writes, lines)
