@@ -90,7 +90,7 @@ class RuleHolder:
                 started = time.monotonic()
                 if force:  # SIGHUP: build every connector afresh
                     self._cache = LoadCache()
-                result = load(engine, cache=self._cache)
+                result = load(engine, cache=self._cache, freeze=True)
             except StoreError as exc:
                 self._failed(str(exc))
                 return self._refresh_dns(self._base) if self._base is not None else False

@@ -675,32 +675,44 @@ def _load_outbound(conn: Connection, problems: list[RowProblem]) -> list[Outboun
 
 
 @contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
+def _collector_paused(freeze: bool = False) -> Iterator[None]:
     """A load allocates millions of objects that live on, and every one of them would make the
     cyclic garbage collector run again over the growing heap (a third of the load time at
-    100,000 connectors). Reference counting still frees what a load drops."""
+    100,000 connectors). Reference counting still frees what a load drops.
+
+    With ``freeze``, everything alive when the load ends is moved to the collector's permanent
+    generation before the collector runs again. A daemon's snapshot lives until the next load;
+    left to the collector, each of its objects would be scanned by a young collection, then
+    again by every full one: at 100,000 connectors a full collection holds the interpreter for
+    0.25 to 0.4 s, stalling every answer. Frozen objects are still freed by reference counting
+    when the next snapshot replaces them (a load leaves no reference cycles behind)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        if freeze:
+            gc.freeze()
         if was_enabled:
             gc.enable()
 
 
 def load(
-    engine: Engine, now: datetime | None = None, *, expiry_days: int = 30, cache: LoadCache | None = None
+    engine: Engine, now: datetime | None = None, *, expiry_days: int = 30, cache: LoadCache | None = None,
+    freeze: bool = False,
 ) -> LoadResult:
     """Read every rule table in one transaction and build a snapshot.
 
     A pinned certificate that expires within ``expiry_days`` is a warning; an expired one an error.
     With ``cache`` (kept from one load to the next), unchanged connectors are not parsed again.
+    ``freeze`` (for a daemon's long-lived snapshot) keeps the garbage collector from scanning
+    what the load built.
 
     Raises StoreError when the database cannot be read at all; bad rows never raise.
     """
     moment = now or datetime.now(UTC)
     problems: list[RowProblem] = []
-    with _collector_paused():
+    with _collector_paused(freeze):
         try:
             with engine.connect() as raw:
                 conn = raw
