@@ -81,6 +81,7 @@ def find_candidates(snapshot: Snapshot, facts: SessionFacts) -> list[Candidate]:
     range_hits = snapshot.ranges.lookup(facts.client_address) if facts.client_address else {}
 
     found: list[Candidate] = []
+    values = (sender_domain, header_domain, rcpt_domain, facts.client_address)
     ids = set(range_hits).union(sender_hits, rcpt_hits, header_hits)
     for idx in ids:
         c = snapshot.inbound[idx]
@@ -94,22 +95,13 @@ def find_candidates(snapshot: Snapshot, facts: SessionFacts) -> list[Candidate]:
             continue
         if not (c.has_domain_scope or c.scopes_ranges):
             continue
-        matched = []
-        if c.sender_domains:
-            matched.append(f"sender domain {sender_domain}")
-        if c.header_from_domains:
-            matched.append(f"header From domain {header_domain}")
-        if c.recipient_domains:
-            matched.append(f"recipient domain {rcpt_domain}")
-        if c.scopes_ranges:
-            matched.append(f"client {facts.client_address}")
         rank = (
             sender_hits.get(idx, _NO_MATCH),
             header_hits.get(idx, _NO_MATCH),
             rcpt_hits.get(idx, _NO_MATCH),
             range_hits.get(idx, -1),
         )
-        found.append(Candidate(c, rank, tuple(matched)))
+        found.append(Candidate(c, rank, values))
     found.sort(key=lambda cand: cand.connector.name)
     found.sort(key=lambda cand: cand.rank, reverse=True)
     return found

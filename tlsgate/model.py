@@ -208,11 +208,28 @@ class Check:
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """A connector whose scope matched, with the sort key that ranked it."""
+    """A connector whose scope matched, with the sort key that ranked it and the session's
+    values its scopes matched (sender, header From and recipient domains, client address)."""
 
     connector: InboundConnector
     rank: tuple[object, ...]
-    matched: tuple[str, ...]
+    values: tuple[str | None, str | None, str | None, Address | None]
+
+    @property
+    def matched(self) -> tuple[str, ...]:
+        """What matched, in words, for an explanation (built only when asked for)."""
+        c = self.connector
+        sender, header_from, recipient, client = self.values
+        out = []
+        if c.sender_domains:
+            out.append(f"sender domain {sender}")
+        if c.header_from_domains:
+            out.append(f"header From domain {header_from}")
+        if c.recipient_domains:
+            out.append(f"recipient domain {recipient}")
+        if c.scopes_ranges:
+            out.append(f"client {client}")
+        return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
