@@ -203,6 +203,24 @@ def _guarded(callback: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+def _unanswered(callback: _F) -> _F:
+    """For a callback the MTA does not wait for (``Milter.noreply``): a failure cannot be
+    answered there, so it is logged and answered at the next callback that replies (RCPT or
+    end of message) with TEMPFAIL. No message passes without a decision."""
+
+    @functools.wraps(callback)
+    def wrapper(self: TlsgateMilter, *args: Any) -> Any:
+        try:
+            return callback(self, *args)
+        except Exception:  # the next reply is TEMPFAIL
+            log.exception("%s: %s callback failed; answering TEMPFAIL at the next command",
+                          self._queue_id or "NOQUEUE", callback.__name__)
+            self._failed = callback.__name__
+            return CONTINUE
+
+    return wrapper  # type: ignore[return-value]
+
+
 class TlsgateMilter(Milter.Base):  # type: ignore[misc]
     """The state of one SMTP connection, and the callbacks that judge its messages."""
 
@@ -214,6 +232,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         self._host: str | None = None
         self._queue_id: str | None = None
         self._busy = False  # counted in Activity from MAIL FROM until abort or close
+        self._failed: str | None = None  # a callback without a reply that failed
         self._reset_message()
 
     # --------------------------------------------------------------- per message state
@@ -318,6 +337,13 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         self.setreply("550", "5.7.1", reply_text(f"Message refused: {problem}", "Message refused"))
         return REJECT
 
+    def _earlier_failure(self) -> int:
+        """TEMPFAIL for a callback that replies, after one that could not (logged there)."""
+        log.warning("%s: answering TEMPFAIL: the %s callback failed earlier in this session",
+                    self._queue_id or "NOQUEUE", self._failed)
+        self.setreply("451", "4.3.0", "tlsgate-milter internal error, try again later")
+        return TEMPFAIL
+
     def _internal_error(self, callback: str) -> int:
         log.exception(
             "%s: %s callback failed, answering TEMPFAIL", self._queue_id or "NOQUEUE", callback
@@ -342,19 +368,22 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         opts[0] = self._actions = opts[0] & wanted
         return rc
 
-    @_guarded
+    @Milter.noreply
+    @_unanswered
     def connect(self, hostname: str, family: int, hostaddr: object) -> int:
         self._client = client_address(family, hostaddr)
         self._client_name = client_name(hostname)
         self._refresh()
         return CONTINUE
 
-    @_guarded
+    @Milter.noreply
+    @_unanswered
     def hello(self, heloname: str) -> int:
         self._refresh()
         return CONTINUE
 
-    @_guarded
+    @Milter.noreply
+    @_unanswered
     def envfrom(self, mailfrom: str, *params: str) -> int:
         self._reset_message()
         if not self._busy:
@@ -366,6 +395,8 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
 
     @_guarded
     def envrcpt(self, to: str, *params: str) -> int:
+        if self._failed:
+            return self._earlier_failure()
         self._refresh()
         snapshot = self._judge.snapshot()
         if snapshot is None:
@@ -379,7 +410,8 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         self._accepted.append((recipient, decision))
         return CONTINUE
 
-    @_guarded
+    @Milter.noreply
+    @_unanswered
     def header(self, name: str, value: str) -> int:
         lowered = name.lower()
         if lowered == "from":
@@ -401,6 +433,8 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
             self._reset_message()
 
     def _end_of_message(self) -> int:
+        if self._failed:
+            return self._earlier_failure()
         self._refresh()
         snapshot = self._judge.snapshot()
         if snapshot is None:

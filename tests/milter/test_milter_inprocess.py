@@ -13,6 +13,7 @@ from pathlib import Path
 
 import Milter
 import pytest
+import tlsgate_milter.milter as milter_module
 from Milter import testctx
 from tlsgate_milter.milter import Judge, MilterSettings, TlsgateMilter
 
@@ -44,13 +45,22 @@ INSERT INTO inbound_domain VALUES ('watch-in', 'sender', 'watch.test');
 TLS13 = {"{tls_version}": "TLSv1.3", "{cipher}": "TLS_AES_256_GCM_SHA384", "{cipher_bits}": "256"}
 
 
+NO_REPLY_STEPS = (Milter.P_NR_CONN | Milter.P_NR_HELO | Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_DATA
+                  | Milter.P_NR_UNKN | Milter.P_NR_EOH | Milter.P_NR_BODY | Milter.P_NR_HDR)
+
+
 class FixedCtx(testctx.TestCtx):  # type: ignore[misc]
     """TestCtx of pymilter 1.0.5 with two bugs worked around.
 
     Its getsymval compares ``self._stage >= 0`` while the header callback (and any code
     between callbacks) runs with ``_stage = None``: a TypeError. And negotiation writes into
     the class-level ``default_opts`` list, leaking one test's options into the next.
+
+    It offers every protocol step except replies skipped: TestCtx takes a NOREPLY answer for
+    a refusal. (Postfix, in the socket and end-to-end tests, offers those too.)
     """
+
+    offer = 0x1FFFFF & ~NO_REPLY_STEPS
 
     def getsymval(self, name: str) -> str | None:
         if getattr(self, "_stage", None) is None:
@@ -60,7 +70,7 @@ class FixedCtx(testctx.TestCtx):  # type: ignore[misc]
         return result
 
     def _negotiate(self) -> int:
-        testctx.TestCtx.default_opts = [Milter.CURR_ACTS, 0x1FFFFF, 0, 0]
+        testctx.TestCtx.default_opts = [Milter.CURR_ACTS, self.offer, 0, 0]
         rc: int = super()._negotiate()
         return rc
 
@@ -389,6 +399,38 @@ def test_an_exception_answers_tempfail_and_is_logged_with_the_queue_id(
     assert "ABCDEF12: envrcpt callback failed, answering TEMPFAIL" in caplog.text
     assert "RuntimeError: boom" in caplog.text
     ctx._close()
+
+
+def test_steps_that_decide_nothing_ask_for_no_reply_and_a_failure_is_answered_at_rcpt(
+    snapshot: Snapshot, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The MTA need not wait for connect, HELO, MAIL and header callbacks; one that fails is
+    answered TEMPFAIL at the next command that waits for a reply, so nothing passes undecided."""
+    judge = Judge(snapshot=lambda: snapshot)
+    Milter.factory = lambda: TlsgateMilter(judge)
+    ctx = FixedCtx()
+    ctx.offer = 0x1FFFFF  # an MTA that can skip replies, as Postfix does
+    assert ctx._negotiate() == Milter.CONTINUE
+    milter = ctx._priv
+    quiet = Milter.P_NR_CONN | Milter.P_NR_HELO | Milter.P_NR_MAIL | Milter.P_NR_HDR
+    assert milter._protocol & quiet == quiet
+    assert not milter._protocol & (Milter.P_NR_RCPT | Milter.P_NR_EOH)  # RCPT and end of message decide
+    ctx._setsymval("i", "ABCDEF12")
+    assert milter.connect("client.example", 2, "192.0.2.7") == Milter.NOREPLY
+    assert milter.hello("client.example") == Milter.NOREPLY
+
+    def broken(value: str) -> str:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(milter_module, "envelope_address", broken)
+    assert milter.envfrom("<a@other.test>") == Milter.NOREPLY
+    assert "envfrom callback failed; answering TEMPFAIL at the next command" in caplog.text
+    monkeypatch.undo()
+    assert milter.envrcpt("<b@example.test>") == Milter.TEMPFAIL  # no connector: a pass but for the failure
+    assert ctx._reply == ("451", "4.3.0", "tlsgate-milter internal error, try again later")
+    assert milter.header("From", "a@contoso.test") == Milter.NOREPLY
+    assert milter.eom() == Milter.TEMPFAIL
+    milter.close()
 
 
 def test_a_percent_in_a_reply_text_is_doubled_for_libmilter(tmp_path: Path) -> None:
