@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import Milter
 
@@ -203,10 +203,10 @@ def _guarded(callback: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-def _unanswered(callback: _F) -> _F:
-    """For a callback the MTA does not wait for (``Milter.noreply``): a failure cannot be
-    answered there, so it is logged and answered at the next callback that replies (RCPT or
-    end of message) with TEMPFAIL. No message passes without a decision."""
+def _no_reply(callback: _F) -> _F:
+    """A callback the MTA does not wait for (``Milter.noreply``, when the MTA offers it). A
+    failure cannot be answered there, so it is logged and answered at the next callback that
+    replies (RCPT or end of message) with TEMPFAIL. No message passes without a decision."""
 
     @functools.wraps(callback)
     def wrapper(self: TlsgateMilter, *args: Any) -> Any:
@@ -218,7 +218,7 @@ def _unanswered(callback: _F) -> _F:
             self._failed = callback.__name__
             return CONTINUE
 
-    return wrapper  # type: ignore[return-value]
+    return cast(_F, Milter.noreply(wrapper))
 
 
 class TlsgateMilter(Milter.Base):  # type: ignore[misc]
@@ -368,22 +368,19 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         opts[0] = self._actions = opts[0] & wanted
         return rc
 
-    @Milter.noreply
-    @_unanswered
+    @_no_reply
     def connect(self, hostname: str, family: int, hostaddr: object) -> int:
         self._client = client_address(family, hostaddr)
         self._client_name = client_name(hostname)
         self._refresh()
         return CONTINUE
 
-    @Milter.noreply
-    @_unanswered
+    @_no_reply
     def hello(self, heloname: str) -> int:
         self._refresh()
         return CONTINUE
 
-    @Milter.noreply
-    @_unanswered
+    @_no_reply
     def envfrom(self, mailfrom: str, *params: str) -> int:
         self._reset_message()
         if not self._busy:
@@ -410,8 +407,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         self._accepted.append((recipient, decision))
         return CONTINUE
 
-    @Milter.noreply
-    @_unanswered
+    @_no_reply
     def header(self, name: str, value: str) -> int:
         lowered = name.lower()
         if lowered == "from":
