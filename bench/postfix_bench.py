@@ -11,6 +11,7 @@ maildir happens behind, as it does in production, and competes for the same CPU.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
 import smtplib
 import sqlite3
@@ -86,6 +87,14 @@ def drive(port: int, messages: int, per_session: int, processes: int) -> dict[st
     return {"rate": accepted / elapsed, "accepted": accepted, "failed": sum(r[1] for r in results), "seconds": elapsed}
 
 
+def _cpu_seconds(child: Child) -> float:
+    """User plus system CPU time of a running child, all its threads."""
+    pid = child.pid()
+    assert pid is not None
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(work: Path, *, runs: int = 5, messages: int = 300, processes: int = 4,
         per_session: tuple[int, ...] = (1, 10)) -> dict[str, Any]:
     reason = skip_reason()
@@ -119,6 +128,7 @@ def run(work: Path, *, runs: int = 5, messages: int = 300, processes: int = 4,
         noop_sock.chmod(0o666)
         instance.start(_main_cf("postfix alone", milter_sock, noop_sock))
         out: dict[str, Any] = {"runs": runs, "messages": messages, "processes": processes, "results": {}}
+        cpu_before = [_cpu_seconds(child) for child in children]  # start-up excluded
         for run_index in range(runs):
             for config in CONFIGS:
                 instance.reload(_main_cf(config, milter_sock, noop_sock))
@@ -132,6 +142,14 @@ def run(work: Path, *, runs: int = 5, messages: int = 300, processes: int = 4,
         # judged it (a pass, logged at INFO); count their lines to show they were in the path.
         out["policyd_decisions"] = (work / "postfix-policyd.log").read_text().count("connector=bench-in")
         out["milter_decisions"] = (work / "postfix-milter.log").read_text().count("connector=bench-in")
+        # Each add-on is idle outside its configurations: its CPU time over the messages it saw
+        # is its cost per message, the share it takes from Postfix on the shared cores.
+        per_config = runs * (messages * len(per_session) + 8)
+        seen = {"policyd": 2 * per_config, "milter": 2 * per_config, "noop": per_config}
+        out["cpu_us_per_message"] = {
+            name: 1e6 * (_cpu_seconds(child) - before) / seen[name]
+            for name, child, before in zip(("policyd", "milter", "noop"), children, cpu_before, strict=True)
+        }
         return out
     finally:
         instance.stop()

@@ -85,6 +85,11 @@ def part2_md(data: dict[str, Any]) -> list[str]:
                          f"{_median(res['tlsgate-milter'][k], 'rate') / _median(res['no-op pymilter'][k], 'rate'):.2f}")
     lines += ["", f"Decisions logged with the bench connector: tlsgate-policyd {data.get('policyd_decisions')}, "
               f"tlsgate-milter {data.get('milter_decisions')} (they were in the path)."]
+    cpu = data.get("cpu_us_per_message")
+    if cpu:
+        lines += ["", "CPU time per message of each add-on process (user + system, all threads, over every message "
+                  f"it saw): tlsgate-policyd {cpu['policyd']:.0f} µs, tlsgate-milter {cpu['milter']:.0f} µs, "
+                  f"no-op pymilter {cpu['noop']:.0f} µs."]
     return lines
 
 
@@ -92,7 +97,7 @@ def part3_md(data: dict[str, Any]) -> list[str]:
     lines = ["## 3. Scale of rules", "",
              f"{data['connectors']:,} inbound connectors, each with a sender domain and an address range "
              f"(plus one spare); median (min–max) of {data['runs']} loads, each in a fresh process "
-             "(`tlsgate.store.load`, peak RSS from `getrusage`, including the interpreter and libraries).", "",
+             "(`tlsgate.store.load`, peak RSS from VmHWM in /proc/self/status, including the interpreter and libraries).", "",
              "| database | load s | peak RSS MB | RSS before load MB | change query µs |", "|---|---|---|---|---|"]
     for name, d in data["databases"].items():
         if "skipped" in d:
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                                       connector_counts=(10, 1000) if quick else (10, 10_000, 100_000),
                                       postfwd_counts=(10,) if quick else (10, 1000), conns=(1, 4) if quick else (1, 16, 64),
                                       sample=40 if quick else 200),
-        "2": lambda: postfix_bench.run(work / "p2", runs=runs, messages=8 if quick else 200,
+        "2": lambda: postfix_bench.run(work / "p2", runs=runs, messages=8 if quick else 500,
                                        processes=2 if quick else 4, per_session=(1, 4) if quick else (1, 10)),
         "3": lambda: scale_bench.run(work / "p3", runs=runs, connectors=500 if quick else 100_000,
                                      query_count=50 if quick else 2000, postgresql=not args.no_postgresql),
