@@ -6,10 +6,11 @@ has gathered each time it wakes and writes it: one write for a stream, one datag
 for syslog. A slow syslog socket never stalls an event loop, and no line is dropped (the
 buffer is unbounded; a decision line is small).
 
-A line logged after a quiet moment is written at once. A line that follows a write within
-``LINGER`` seconds waits that long, and the lines logged meanwhile are written with it: a busy
-daemon does not wake the writer, and hand it the interpreter lock, once per line (at thousands
-of decisions per second that cost more than the decisions).
+A line logged after a quiet moment wakes the writer and is written at once; the writer then
+takes what has gathered every ``LINGER`` seconds for as long as lines keep coming, and goes
+back to waiting after a quiet interval. A busy daemon's threads thus never wake the writer:
+waking it, and handing it the interpreter lock, cost more per line than the decision the line
+records (measured: about 50 µs of the event loop's time per request at 500 requests/s).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class _Writer(logging.Handler):
         self._target = target
         self._records: collections.deque[logging.LogRecord] = collections.deque()
         self._wake = threading.Event()
+        self._idle = True  # waiting for a line to wake it
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="tlsgate-log", daemon=True)
         self._thread.start()
@@ -81,7 +83,8 @@ class _Writer(logging.Handler):
             return False
         record.args = None
         self._records.append(record)
-        if not self._wake.is_set():
+        if self._idle:
+            self._idle = False
             self._wake.set()
         return True
 
@@ -89,16 +92,17 @@ class _Writer(logging.Handler):
         self.handle(record)
 
     def _run(self) -> None:
-        written = 0.0
-        while True:
+        while not self._stopping:
             self._wake.wait()
-            if time.monotonic() - written < LINGER and not self._stopping:
-                time.sleep(LINGER)  # lines are coming fast: let the next ones join this one
             self._wake.clear()
-            self._write()
-            written = time.monotonic()
-            if self._stopping:
-                return
+            self._write()  # the first line after a quiet moment, at once
+            while not self._stopping:
+                time.sleep(LINGER)  # then the lines logged meanwhile, together
+                self._idle = True  # from here on, a new line wakes the writer
+                if not self._records:
+                    break  # quiet: wait to be woken
+                self._idle = False
+                self._write()
 
     def _write(self) -> None:
         records = self._records
