@@ -1,5 +1,6 @@
 """Part 2: messages per second through a private Postfix with STARTTLS, with no add-on,
-tlsgate-policyd, tlsgate-milter, both, and a no-op pymilter milter, in the same run.
+tlsgate-policyd, the floor policy server (DUNNO to everything), tlsgate-milter, both, and a
+no-op pymilter milter, in the same run.
 
 One Postfix instance (tests/support/postfix.py) is reloaded between configurations, which
 are interleaved within each run so that drifting machine load hits them all alike. Clients
@@ -27,8 +28,11 @@ from tests.support.postfix import PrivatePostfix, client_tls_context, skip_reaso
 
 TLS_MACROS = "{tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}"
 MAIL_MACROS = f"i {{auth_type}} {{auth_authen}} {{auth_author}} {{mail_addr}} {{mail_host}} {{mail_mailer}} {TLS_MACROS}"
-POLICY = "check_policy_service { unix:tlsgate/policy.sock, timeout=10s, default_action=DEFER_IF_PERMIT }"
-CONFIGS = ("postfix alone", "tlsgate-policyd", "tlsgate-milter", "policyd + milter", "no-op pymilter")
+POLICY = "check_policy_service {{ unix:tlsgate/{}, timeout=10s, default_action=DEFER_IF_PERMIT }}"
+# The floor policy server answers DUNNO without deciding: what Postfix's policy delegation
+# costs by itself, the best any policy daemon could do here.
+CONFIGS = ("postfix alone", "tlsgate-policyd", "floor policy server", "tlsgate-milter", "policyd + milter",
+           "no-op pymilter")
 MESSAGE = (b"From: a@bench.test\r\nTo: b@tlsgate.test\r\nSubject: bench\r\n\r\n" + b"benchmark body line\r\n" * 40)
 
 
@@ -36,7 +40,9 @@ def _main_cf(config: str, milter_sock: Path, noop_sock: Path) -> dict[str, str]:
     restrictions = "reject_unauth_destination"
     milters = ""
     if config in ("tlsgate-policyd", "policyd + milter"):
-        restrictions = f"reject_unauth_destination, {POLICY}"
+        restrictions = f"reject_unauth_destination, {POLICY.format('policy.sock')}"
+    if config == "floor policy server":
+        restrictions = f"reject_unauth_destination, {POLICY.format('floor.sock')}"
     if config in ("tlsgate-milter", "policyd + milter"):
         milters = f"unix:{milter_sock}"
     if config == "no-op pymilter":
@@ -121,7 +127,9 @@ def run(work: Path, *, runs: int = 5, messages: int = 300, processes: int = 4,
                         "socket_mode = 0666\nsocket_group = root\n\n[log]\ntarget = stderr\nlevel = info\n")
         for name, args, sock in (("policyd", [*DAEMONS["tlsgate-policyd"], "--config", str(conf)], sockdir / "policy.sock"),
                                  ("milter", [*DAEMONS["tlsgate-milter"], "--config", str(conf)], milter_sock),
-                                 ("noop", [sys.executable, "-m", "bench.noop_milter", f"unix:{noop_sock}"], noop_sock)):
+                                 ("noop", [sys.executable, "-m", "bench.noop_milter", f"unix:{noop_sock}"], noop_sock),
+                                 ("floor", [sys.executable, "-m", "bench.floor_server", str(sockdir / "floor.sock")],
+                                  sockdir / "floor.sock")):
             child = Child(args, work / f"postfix-{name}.log")
             children.append(child)
             child.start(lambda s=sock: s.exists())
@@ -145,10 +153,10 @@ def run(work: Path, *, runs: int = 5, messages: int = 300, processes: int = 4,
         # Each add-on is idle outside its configurations: its CPU time over the messages it saw
         # is its cost per message, the share it takes from Postfix on the shared cores.
         per_config = runs * (messages * len(per_session) + 8)
-        seen = {"policyd": 2 * per_config, "milter": 2 * per_config, "noop": per_config}
+        seen = {"policyd": 2 * per_config, "milter": 2 * per_config, "noop": per_config, "floor": per_config}
         out["cpu_us_per_message"] = {
             name: 1e6 * (_cpu_seconds(child) - before) / seen[name]
-            for name, child, before in zip(("policyd", "milter", "noop"), children, cpu_before, strict=True)
+            for name, child, before in zip(seen, children, cpu_before, strict=True)
         }
         return out
     finally:

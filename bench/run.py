@@ -78,18 +78,19 @@ def part2_md(data: dict[str, Any]) -> list[str]:
         for k, rows in modes.items():
             base = _median(res["postfix alone"][k], "rate")
             lines.append(f"| {config} | {k} | {_cell(rows, 'rate', '{:,.1f}')} | {_median(rows, 'rate') / base:.2f} |")
+    lines.append("")
     for k in next(iter(res.values())):
-        if "tlsgate-milter" in res and "no-op pymilter" in res:
-            lines.append("")
-            lines.append(f"- tlsgate-milter / no-op pymilter, {k} per connection: "
-                         f"{_median(res['tlsgate-milter'][k], 'rate') / _median(res['no-op pymilter'][k], 'rate'):.2f}")
+        for ours, peer in (("tlsgate-policyd", "floor policy server"), ("tlsgate-milter", "no-op pymilter")):
+            if ours in res and peer in res:
+                lines.append(f"- {ours} / {peer}, {k} per connection: "
+                             f"{_median(res[ours][k], 'rate') / _median(res[peer][k], 'rate'):.2f}")
     lines += ["", f"Decisions logged with the bench connector: tlsgate-policyd {data.get('policyd_decisions')}, "
               f"tlsgate-milter {data.get('milter_decisions')} (they were in the path)."]
     cpu = data.get("cpu_us_per_message")
     if cpu:
         lines += ["", "CPU time per message of each add-on process (user + system, all threads, over every message "
-                  f"it saw): tlsgate-policyd {cpu['policyd']:.0f} µs, tlsgate-milter {cpu['milter']:.0f} µs, "
-                  f"no-op pymilter {cpu['noop']:.0f} µs."]
+                  f"it saw): tlsgate-policyd {cpu['policyd']:.0f} µs, floor policy server {cpu.get('floor', 0):.0f} µs, "
+                  f"tlsgate-milter {cpu['milter']:.0f} µs, no-op pymilter {cpu['noop']:.0f} µs."]
     return lines
 
 
