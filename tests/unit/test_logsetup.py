@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -65,13 +66,20 @@ def test_lines_from_many_threads_are_all_written_in_order(monkeypatch: pytest.Mo
     assert "ValueError: boom" in out.getvalue()
 
 
-def test_syslog_gets_one_datagram_per_line(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def logging_to_syslog(tmp_path: Path, lines: int) -> Iterator[socket.socket]:
+    """A syslog socket of our own, and a daemon that has logged ``lines`` lines to it."""
     path = str(tmp_path / "log")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
         syslog.bind(path)
         logsetup.configure(LogConfig(target="syslog", level="info", syslog_socket=path), "tlsgate-test")
-        for i in range(50):
+        for i in range(lines):
             logging.getLogger("tlsgate.test").info("line %d", i)
+        yield syslog
+
+
+def test_syslog_gets_one_datagram_per_line(tmp_path: Path) -> None:
+    with logging_to_syslog(tmp_path, 50) as syslog:
         syslog.settimeout(5)
         got = [syslog.recv(4096) for _ in range(50)]  # a datagram socket queues only a few
         logsetup.stop()
@@ -93,12 +101,7 @@ def test_stop_writes_what_is_left_and_later_lines_do_not_vanish(monkeypatch: pyt
 def test_a_syslog_that_reads_nothing_does_not_hold_up_the_exit(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(logging, "raiseExceptions", False)  # the lines after the close fail quietly
-    path = str(tmp_path / "log")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
-        syslog.bind(path)
-        logsetup.configure(LogConfig(target="syslog", level="info", syslog_socket=path), "tlsgate-test")
-        for i in range(500):
-            logging.getLogger("tlsgate.test").info("line %d", i)
+    with logging_to_syslog(tmp_path, 500) as syslog:
         writer = logsetup._writer
         assert writer is not None
         began = time.monotonic()
