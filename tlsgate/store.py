@@ -680,19 +680,22 @@ def _collector_paused(freeze: bool = False) -> Iterator[None]:
     cyclic garbage collector run again over the growing heap (a third of the load time at
     100,000 connectors). Reference counting still frees what a load drops.
 
-    With ``freeze``, everything alive when the load ends is moved to the collector's permanent
-    generation before the collector runs again. A daemon's snapshot lives until the next load;
-    left to the collector, each of its objects would be scanned by a young collection, then
-    again by every full one: at 100,000 connectors a full collection holds the interpreter for
-    0.25 to 0.4 s, stalling every answer. Frozen objects are still freed by reference counting
-    when the next snapshot replaces them (a load leaves no reference cycles behind)."""
+    With ``freeze``, a load that succeeds ends with one full collection, then moves everything
+    still alive to the collector's permanent generation. A daemon's snapshot lives until the next
+    load; left to the collector, each of its objects would be scanned by the young collections,
+    then again by every full one: at 100,000 connectors a full collection holds the interpreter
+    for 0.25 to 0.4 s, stalling every answer. The collection first frees the garbage cycles that
+    any thread left while the collector was paused, which a freeze would keep forever; a failed
+    load freezes nothing. Frozen objects are still freed by reference counting when the next
+    snapshot replaces them (a load leaves no reference cycles behind)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
-    finally:
         if freeze:
+            gc.collect()
             gc.freeze()
+    finally:
         if was_enabled:
             gc.enable()
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import sqlite3
+import weakref
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -139,4 +142,37 @@ def test_a_daemon_s_snapshot_is_frozen_out_of_the_collector_and_still_freed(sqli
     finally:
         holder.stop()
         engine.dispose()
+        gc.unfreeze()
+
+
+class _Node:
+    pass
+
+
+def test_garbage_left_before_a_load_is_collected_not_frozen(sqlite_url: str, tmp_path: Path) -> None:
+    """A freeze keeps what it takes forever: garbage cycles are collected first, and a load that
+    fails (a database without the schema yet, polled again and again) freezes nothing."""
+    _seed(sqlite_url)
+    holder = RuleHolder(DatabaseConfig(url=sqlite_url))
+    sqlite3.connect(tmp_path / "empty.sqlite").close()
+    broken = RuleHolder(DatabaseConfig(url=f"sqlite:///{tmp_path}/empty.sqlite"))
+    was_enabled = gc.isenabled()
+    gc.disable()  # the cycle below must still be there when the load starts
+    try:
+        node = _Node()
+        node.me = node  # type: ignore[attr-defined]
+        gone = weakref.ref(node)
+        del node
+        assert gone() is not None
+        assert holder.refresh(force=True)
+        assert gone() is None
+        frozen = gc.get_freeze_count()
+        for _ in range(5):
+            assert broken.refresh() is False
+        assert gc.get_freeze_count() == frozen
+    finally:
+        if was_enabled:
+            gc.enable()
+        holder.stop()
+        broken.stop()
         gc.unfreeze()
