@@ -203,19 +203,29 @@ def _guarded(callback: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+_SESSION_CALLBACKS = frozenset({"connect", "hello"})
+
+
 def _no_reply(callback: _F) -> _F:
     """A callback the MTA does not wait for (``Milter.noreply``, when the MTA offers it). A
     failure cannot be answered there, so it is logged and answered at the next callback that
-    replies (RCPT or end of message) with TEMPFAIL. No message passes without a decision."""
+    replies (RCPT or end of message) with TEMPFAIL: for the rest of the session after a connect
+    or HELO failure, for the message after a MAIL FROM or header failure. No message passes
+    without a decision."""
+
+    name = callback.__name__
 
     @functools.wraps(callback)
     def wrapper(self: TlsgateMilter, *args: Any) -> Any:
         try:
             return callback(self, *args)
         except Exception:  # the next reply is TEMPFAIL
+            if name in _SESSION_CALLBACKS:
+                self._session_failure = name
+            else:
+                self._message_failure = name
             log.exception("%s: %s callback failed; answering TEMPFAIL at the next command",
-                          self._queue_id or "NOQUEUE", callback.__name__)
-            self._failed = callback.__name__
+                          self._queue_id or "NOQUEUE", name)
             return CONTINUE
 
     return cast(_F, Milter.noreply(wrapper))
@@ -232,7 +242,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         self._host: str | None = None
         self._queue_id: str | None = None
         self._busy = False  # counted in Activity from MAIL FROM until abort or close
-        self._failed: str | None = None  # a callback without a reply that failed
+        self._session_failure: str | None = None  # connect or HELO failed, unanswered
         self._reset_message()
 
     # --------------------------------------------------------------- per message state
@@ -244,6 +254,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         self._from_malformed: str | None = None
         self._trace_count = 0
         self._queue_id = None
+        self._message_failure: str | None = None  # MAIL FROM or a header failed, unanswered
 
     def _leave(self) -> None:
         """The session is done with its messages (abort or close)."""
@@ -340,7 +351,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
     def _earlier_failure(self) -> int:
         """TEMPFAIL for a callback that replies, after one that could not (logged there)."""
         log.warning("%s: answering TEMPFAIL: the %s callback failed earlier in this session",
-                    self._queue_id or "NOQUEUE", self._failed)
+                    self._queue_id or "NOQUEUE", self._session_failure or self._message_failure)
         self.setreply("451", "4.3.0", "tlsgate-milter internal error, try again later")
         return TEMPFAIL
 
@@ -392,7 +403,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
 
     @_guarded
     def envrcpt(self, to: str, *params: str) -> int:
-        if self._failed:
+        if self._session_failure or self._message_failure:
             return self._earlier_failure()
         self._refresh()
         snapshot = self._judge.snapshot()
@@ -429,7 +440,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
             self._reset_message()
 
     def _end_of_message(self) -> int:
-        if self._failed:
+        if self._session_failure or self._message_failure:
             return self._earlier_failure()
         self._refresh()
         snapshot = self._judge.snapshot()

@@ -406,7 +406,7 @@ def test_steps_that_decide_nothing_ask_for_no_reply_and_a_failure_is_answered_at
 ) -> None:
     """The MTA need not wait for connect, HELO, MAIL and header callbacks; one that fails is
     answered TEMPFAIL at the next command that waits for a reply, so nothing passes undecided."""
-    judge = Judge(snapshot=lambda: snapshot)
+    judge = Judge(snapshot=lambda: snapshot, settings=MilterSettings(trace_header=False))
     Milter.factory = lambda: TlsgateMilter(judge)
     ctx = FixedCtx()
     ctx.offer = 0x1FFFFF  # an MTA that can skip replies, as Postfix does
@@ -430,6 +430,17 @@ def test_steps_that_decide_nothing_ask_for_no_reply_and_a_failure_is_answered_at
     assert ctx._reply == ("451", "4.3.0", "tlsgate-milter internal error, try again later")
     assert milter.header("From", "a@contoso.test") == Milter.NOREPLY
     assert milter.eom() == Milter.TEMPFAIL
+    # a MAIL FROM failure concerns its message only; a HELO failure the rest of the session
+    assert milter.envfrom("<a@other.test>") == Milter.NOREPLY
+    assert milter.envrcpt("<b@example.test>") == Milter.CONTINUE
+    assert milter.eom() == Milter.CONTINUE
+    monkeypatch.setattr(milter_module, "tls_from_macros", broken)
+    assert milter.hello("client.example") == Milter.NOREPLY
+    monkeypatch.undo()
+    for _ in range(2):
+        assert milter.envfrom("<a@other.test>") == Milter.NOREPLY
+        assert milter.envrcpt("<b@example.test>") == Milter.TEMPFAIL
+        milter.abort()
     milter.close()
 
 
