@@ -352,8 +352,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         """TEMPFAIL for a callback that replies, after one that could not (logged there)."""
         log.warning("%s: answering TEMPFAIL: the %s callback failed earlier in this session",
                     self._queue_id or "NOQUEUE", self._session_failure or self._message_failure)
-        self.setreply("451", "4.3.0", "tlsgate-milter internal error, try again later")
-        return TEMPFAIL
+        return self._tempfail()
 
     def _internal_error(self, callback: str) -> int:
         log.exception(
@@ -361,6 +360,10 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         )
         if callback in ("close", "abort"):
             return CONTINUE
+        return self._tempfail()
+
+    def _tempfail(self) -> int:
+        """451 4.3.0: something went wrong here; the client tries again later."""
         try:
             self.setreply("451", "4.3.0", "tlsgate-milter internal error, try again later")
         except Exception:
