@@ -371,8 +371,9 @@ def _select(conn: Connection, table: str, columns: Sequence[str]) -> list[tuple[
 def _group(rows: list[tuple[Any, ...]]) -> dict[str, list[tuple[Any, ...]]]:
     """Child rows by connector name (their first column), without it."""
     out: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
-    for connector, *rest in rows:
-        out[connector if type(connector) is str else _str(connector) or ""].append(tuple(rest))
+    for row in rows:
+        connector = row[0]
+        out[connector if type(connector) is str else _str(connector) or ""].append(row[1:])
     return out
 
 
@@ -381,11 +382,12 @@ def _check_names(
 ) -> dict[str, tuple[Any, ...]]:
     """Index parent rows by name (their first column); a name that differs from another only
     in case is an error for both, since an administrator cannot tell which one a child row meant."""
-    by_name: dict[str, tuple[Any, ...]] = {}
+    by_name = {_str(row[0]) or "": row for row in rows}
+    if len({name.casefold() for name in by_name}) == len(rows):
+        return by_name  # the usual case: no two names alike, in any case
     folded: dict[str, list[str]] = defaultdict(list)
     for row in rows:
         name = _str(row[0]) or ""
-        by_name[name] = row
         folded[name.casefold()].append(name)
     for names in folded.values():
         if len(names) > 1:
@@ -464,14 +466,15 @@ def _load_inbound(
     earlier = _by_connector(problems)
     kept: dict[str, tuple[tuple[object, ...], InboundConnector]] = {}
     out: list[InboundConnector] = []
-    all_names = set(by_name) | set(domains) | set(addresses) | set(names) | set(certs)
+    all_names = set(by_name).union(domains, addresses, names, certs)
+    cached = cache.inbound if cache is not None else None
     for name in sorted(all_names):
         first = len(problems)
         parent = by_name.get(name)
         raw: tuple[object, ...] | None = None
-        if cache is not None and parent is not None and name not in certs and name not in case_dupes:
+        if cached is not None and parent is not None and name not in certs and name not in case_dupes:
             raw = (parent, tuple(map(type, parent)), domains.get(name), addresses.get(name), names.get(name))
-            hit = cache.inbound.get(name)
+            hit = cached.get(name)
             if hit is not None and hit[0] == raw:
                 kept[name] = hit
                 out.append(hit[1])
