@@ -99,6 +99,24 @@ def machine() -> dict[str, str]:
     return info
 
 
+def yardstick(repeats: int = 7, rounds: int = 20_000) -> float:
+    """Microseconds for one fixed piece of pure-Python work, best of ``repeats``: a Postfix
+    policy request split into a dict of its 30 attributes.
+
+    Every figure here is CPU-bound Python on shared cores, and the same host can run twice as
+    slowly from one hour to the next. Taken at the start and the end of a run, this says how fast
+    the host was meanwhile, so that reports can be compared by it (lower is faster).
+    """
+    lines = policy_request("someone@example.net", True, 1).decode().rstrip("\n").split("\n")
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        for _ in range(rounds):
+            dict([line.split("=", 1) for line in lines])
+        best = min(best, time.perf_counter() - began)
+    return best / rounds * 1e6
+
+
 # ----------------------------------------------------------------------------- rules
 
 

@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import policy_bench, postfix_bench, scale_bench, socketmap_bench
-from bench.common import machine, summarize
+from bench.common import machine, summarize, yardstick
 
 HERE = Path(__file__).resolve().parent
 
 NOISE = ("Measured on a shared 2-core virtual machine: figures are noisy "
-         "(see the load average and the min–max ranges). Server and load generator share the two cores.")
+         "(see the load average and the min–max ranges). Server and load generator share the two cores. "
+         "The yardstick (a fixed piece of Python, timed at the start and the end; lower is faster) tells how "
+         "fast the host was: compare reports by it.")
 
 
 def _cell(rows: list[dict[str, Any]], key: str, fmt: str) -> str:
@@ -209,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = {p.strip() for p in args.parts.split(",")}
     began = time.monotonic()
     info = machine()
+    info["yardstick at start"] = f"{yardstick():.2f} µs"
     results: dict[str, Any] = {}
     jobs = {
         "1": lambda: policy_bench.run(work / "p1", runs=runs, duration=0.3 if quick else 1.0,
@@ -236,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     elapsed = time.monotonic() - began
+    info["yardstick at end"] = f"{yardstick():.2f} µs"
     (out / "results.json").write_text(json.dumps({"machine": info, "results": results, "elapsed": elapsed}, indent=1))
     (out / "REPORT.md").write_text(report(results, info, out, runs, elapsed))
     print(f"wrote {out / 'REPORT.md'}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import DUNNO, REJECT, postfwd_rules, request_mix, sqlite_rules, verdict
+from bench.common import DUNNO, REJECT, postfwd_rules, request_mix, sqlite_rules, verdict, yardstick
 from bench.loadgen import _answer_end, ask_all, run_load
 from bench.policy_bench import check_verdicts, start_floor, start_tlsgate
 
@@ -32,6 +32,11 @@ def test_request_mix_is_realistic_and_expects_reject_only_without_tls() -> None:
         partner = attrs["sender"].split("@")[1].startswith("partner")
         assert (expected == REJECT) == (partner and not attrs["encryption_protocol"])
     assert {e for _, e in mix} == {REJECT, DUNNO}
+
+
+def test_yardstick_times_the_work_it_names() -> None:
+    one, more = yardstick(repeats=1, rounds=200), yardstick(repeats=3, rounds=2000)
+    assert 0 < one < 1e4 and 0 < more < 1e4  # microseconds for one request's split, not seconds
 
 
 def test_answer_framing() -> None:
@@ -93,6 +98,7 @@ def test_quick_run_policy_scale_socketmap(tmp_path: Path) -> None:
     assert results["4"]["results"]["500"]["1"][0]["rate"] > 0
     report = (tmp_path / "REPORT.md").read_text()
     assert "## 1. Policy daemon" in report and "## 3. Scale of rules" in report
+    assert "| yardstick at start |" in report and "| yardstick at end |" in report
 
 
 @pytest.mark.postfix
