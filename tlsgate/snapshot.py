@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 
@@ -101,12 +101,28 @@ def range_contains(ranges: Iterable[Network], address: Address) -> bool:
     return any(address.version == net.version and address in net for net in ranges)
 
 
+def _indexed(c: InboundConnector) -> tuple[object, ...]:
+    """All that the indexes hold of a connector, apart from its position."""
+    if not c.enabled:
+        return ()
+    return (c.sender_domains, c.recipient_domains, c.header_from_domains,
+            c.client_ranges if c.scopes_ranges else ())
+
+
+def _same_indexes(old: tuple[InboundConnector, ...], new: tuple[InboundConnector, ...]) -> bool:
+    """True when indexes built for ``old`` are those ``new`` would get: the same count, and at
+    every position the same connector object or one alike in what is indexed."""
+    return len(old) == len(new) and all(a is b or _indexed(a) == _indexed(b) for a, b in zip(old, new, strict=True))
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Connectors as loaded at one moment, with their indexes.
 
     ``generation`` is the database's change counter at load time; ``errors`` are the problems
-    found while loading (also attached to the connectors they concern).
+    found while loading (also attached to the connectors they concern). Given the ``previous``
+    snapshot, its indexes are shared when they would come out the same: a change of settings
+    (TLS required, certificate, failure action) at 100,000 connectors then skips rebuilding them.
     """
 
     inbound: tuple[InboundConnector, ...]
@@ -117,20 +133,25 @@ class Snapshot:
     domains: Mapping[Scope, DomainIndex] = field(init=False, repr=False)
     ranges: RangeIndex = field(init=False, repr=False)
     by_name: Mapping[str, InboundConnector] = field(init=False, repr=False)
+    previous: InitVar[Snapshot | None] = None
 
-    def __post_init__(self) -> None:
-        live = [(i, c) for i, c in enumerate(self.inbound) if c.enabled]
-        domains = {
-            Scope.SENDER: DomainIndex((i, p) for i, c in live for p in c.sender_domains),
-            Scope.RECIPIENT: DomainIndex((i, p) for i, c in live for p in c.recipient_domains),
-            Scope.HEADER_FROM: DomainIndex((i, p) for i, c in live for p in c.header_from_domains),
-        }
-        object.__setattr__(self, "domains", MappingProxyType(domains))
-        object.__setattr__(
-            self,
-            "ranges",
-            RangeIndex((i, n) for i, c in live if c.scopes_ranges for n in c.client_ranges),
-        )
+    def __post_init__(self, previous: Snapshot | None) -> None:
+        if previous is not None and _same_indexes(previous.inbound, self.inbound):
+            object.__setattr__(self, "domains", previous.domains)
+            object.__setattr__(self, "ranges", previous.ranges)
+        else:
+            live = [(i, c) for i, c in enumerate(self.inbound) if c.enabled]
+            domains = {
+                Scope.SENDER: DomainIndex((i, p) for i, c in live for p in c.sender_domains),
+                Scope.RECIPIENT: DomainIndex((i, p) for i, c in live for p in c.recipient_domains),
+                Scope.HEADER_FROM: DomainIndex((i, p) for i, c in live for p in c.header_from_domains),
+            }
+            object.__setattr__(self, "domains", MappingProxyType(domains))
+            object.__setattr__(
+                self,
+                "ranges",
+                RangeIndex((i, n) for i, c in live if c.scopes_ranges for n in c.client_ranges),
+            )
         object.__setattr__(
             self, "by_name", MappingProxyType({c.name: c for c in self.inbound})
         )

@@ -254,9 +254,11 @@ class LoadCache:
     that a reload rebuilds only the connectors whose rows changed. Only connectors that loaded
     without any problem and have no pinned certificate (whose checks depend on the date) are
     kept; a connector is reused only when its row, the types of its values and every child row
-    are equal to those it was built from."""
+    are equal to those it was built from. The previous snapshot lends its indexes to the next
+    when they would come out the same (see :class:`Snapshot`)."""
 
     inbound: dict[str, tuple[tuple[object, ...], InboundConnector]] = field(default_factory=dict)
+    snapshot: Snapshot | None = None
 
 
 @dataclass
@@ -741,7 +743,10 @@ def load(
             outbound=tuple(outbound),
             generation=int(generation or 0),
             errors=tuple(str(p) for p in problems if p.severity == "error"),
+            previous=cache.snapshot if cache is not None else None,
         )
+        if cache is not None:
+            cache.snapshot = snap
     return LoadResult(snap, problems)
 
 

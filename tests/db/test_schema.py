@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from tlsgate.engine import decide
-from tlsgate.model import FailAction, Mode, SessionFacts
+from tlsgate.model import FailAction, Mode, Scope, SessionFacts
 from tlsgate.patterns import parse_address
 from tlsgate.store import (
     LoadCache,
@@ -163,6 +163,27 @@ def test_reload_with_a_cache_rebuilds_what_changed_and_nothing_else(db_url: str)
             conn.execute(text("DELETE FROM inbound_domain WHERE pattern = 'not a domain!'"))
         third = load(engine, cache=cache).snapshot.by_name
         assert not third["woodgrove-in"].misconfigured and third["onprem-in"] is first["onprem-in"]
+    finally:
+        engine.dispose()
+
+
+def test_a_settings_change_keeps_the_indexes_of_the_previous_load(db_url: str) -> None:
+    engine = _init(db_url)
+    try:
+        cache = LoadCache()
+        first = load(engine, cache=cache).snapshot
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE inbound_connector SET require_tls = :f WHERE name = 'contoso-in'"), {"f": False})
+        second = load(engine, cache=cache).snapshot
+        assert second.domains is first.domains and second.ranges is first.ranges
+        assert second.by_name["contoso-in"].require_tls is False
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO inbound_domain (connector, scope, pattern) "
+                              "VALUES ('contoso-in', 'sender', 'contoso.example')"))
+        third = load(engine, cache=cache).snapshot
+        assert third.domains is not second.domains
+        found = third.domains[Scope.SENDER].lookup("contoso.example")
+        assert [third.inbound[i].name for i in found] == ["contoso-in"]
     finally:
         engine.dispose()
 

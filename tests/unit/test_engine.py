@@ -227,3 +227,49 @@ def test_decision_cost_does_not_grow_with_connectors() -> None:
     snap = Snapshot(inbound=many)
     cands = find_candidates(snap, facts(sender="a@d99999.example", client_address="10.1.134.159"))
     assert [c.connector.name for c in cands] == ["c99999"]
+
+
+def _lookups(snap: Snapshot) -> list[object]:
+    """What the indexes answer for a fixed set of probes, by connector name."""
+    names = [c.name for c in snap.inbound]
+    out: list[object] = []
+    for domain in ("contoso.com", "mail.contoso.com", "fabrikam.com", "other.org"):
+        for scope, index in snap.domains.items():
+            out.append((scope, domain, sorted((names[i], v) for i, v in index.lookup(domain).items())))
+    for address in ("192.0.2.7", "198.51.100.9", "2001:db8::1"):
+        found = snap.ranges.lookup(ipaddress.ip_address(address))
+        out.append((address, sorted((names[i], v) for i, v in found.items())))
+    return out
+
+
+BASE = (
+    conn("a", sender=["contoso.com"], require_tls=True),
+    conn("b", sender=["*.contoso.com"], rcpt=["fabrikam.com"], ranges=["192.0.2.0/24"]),
+    conn("c", ranges=["198.51.100.0/24", "2001:db8::/32"]),
+    conn("d", sender=["fabrikam.com"], ranges=["192.0.2.0/25"], restrict_to_ranges=True),
+)
+
+# Each variant changes one connector: settings only (the indexes are shared), or what is indexed
+# (they are rebuilt, and must answer as a snapshot built from scratch does).
+INDEX_VARIANTS: list[tuple[str, tuple[InboundConnector, ...], bool]] = [
+    ("same objects", BASE, True),
+    ("settings only", (replace(BASE[0], require_tls=False, min_key_bits=4096), *BASE[1:]), True),
+    ("an equal copy", (replace(BASE[0]), *BASE[1:]), True),
+    ("sender domain changed", (conn("a", sender=["other.org"], require_tls=True), *BASE[1:]), False),
+    ("disabled", (replace(BASE[0], enabled=False), *BASE[1:]), False),
+    ("range changed", (*BASE[:2], conn("c", ranges=["198.51.100.0/25"]), BASE[3]), False),
+    ("ranges stop restricting", (*BASE[:3], replace(BASE[3], restrict_to_ranges=False)), False),
+    ("connector added", (*BASE, conn("e", sender=["contoso.com"])), False),
+    ("connector removed", BASE[1:], False),
+    ("order changed", (BASE[1], BASE[0], *BASE[2:]), False),
+]
+
+
+@pytest.mark.parametrize(("connectors", "shared"), [v[1:] for v in INDEX_VARIANTS], ids=[v[0] for v in INDEX_VARIANTS])
+def test_a_snapshot_shares_the_previous_indexes_only_when_they_come_out_the_same(
+        connectors: tuple[InboundConnector, ...], shared: bool) -> None:
+    previous = Snapshot(inbound=BASE)
+    snap = Snapshot(inbound=connectors, previous=previous)
+    assert (snap.domains is previous.domains and snap.ranges is previous.ranges) is shared
+    assert _lookups(snap) == _lookups(Snapshot(inbound=connectors))
+    assert snap.by_name == {c.name: c for c in connectors}
