@@ -125,7 +125,7 @@ class RuleHolder:
         if wanted:
             snap = Snapshot(inbound=apply_dns(base.inbound, self.dns), outbound=base.outbound,
                             generation=base.generation, loaded_at=base.loaded_at, errors=base.errors,
-                            previous=self._snapshot)
+                            previous=None if everything else self._snapshot)
         self._snapshot = snap
         if self._on_swap is not None:
             self._on_swap(snap)

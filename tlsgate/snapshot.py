@@ -130,9 +130,10 @@ class Snapshot:
     generation: int = 0
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     errors: tuple[str, ...] = ()
-    domains: Mapping[Scope, DomainIndex] = field(init=False, repr=False)
-    ranges: RangeIndex = field(init=False, repr=False)
-    by_name: Mapping[str, InboundConnector] = field(init=False, repr=False)
+    # Derived from inbound, and shared between snapshots: never part of a comparison.
+    domains: Mapping[Scope, DomainIndex] = field(init=False, repr=False, compare=False)
+    ranges: RangeIndex = field(init=False, repr=False, compare=False)
+    by_name: Mapping[str, InboundConnector] = field(init=False, repr=False, compare=False)
     previous: InitVar[Snapshot | None] = None
 
     def __post_init__(self, previous: Snapshot | None) -> None:

@@ -273,9 +273,11 @@ def test_forced_reload_resolves_every_entry_and_forgets_deleted_ones(server: Dns
     assert holder.refresh() is True
     server.records[("mail.partner.test", "A")] = ["127.0.0.6"]
     assert holder.refresh() is False  # the TTL has not run out
+    before = holder.snapshot
     assert holder.refresh(force=True) is True  # SIGHUP: every entry asked again, TTL or not
     snap = holder.snapshot
-    assert snap is not None
+    assert snap is not None and before is not None
+    assert snap.domains is not before.domains  # everything built afresh, indexes included
     assert {str(n) for n in snap.by_name["p"].client_ranges} >= {"127.0.0.6/32", "192.0.2.0/24"}
     con = sqlite3.connect(path)
     con.execute("DELETE FROM inbound_address WHERE address LIKE 'a:%'")
