@@ -259,8 +259,6 @@ class LoadCache:
 
     inbound: dict[str, tuple[tuple[object, ...], InboundConnector]] = field(default_factory=dict)
     snapshot: Snapshot | None = None
-    #: each inbound child table's rows as last read, with their grouping by connector
-    children: dict[str, tuple[list[tuple[Any, ...]], dict[str, list[tuple[Any, ...]]]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -381,25 +379,6 @@ def _group(rows: list[tuple[Any, ...]]) -> dict[str, list[tuple[Any, ...]]]:
     return out
 
 
-def _grouped(
-    conn: Connection, table: str, columns: Sequence[str], cache: LoadCache | None
-) -> dict[str, list[tuple[Any, ...]]]:
-    """The rows of a child table grouped by connector. With a cache, a table whose rows are all
-    equal to those of the previous load, in the same order, gives back the previous grouping: the
-    same result, and the cached connectors hold its very lists, so that comparing a connector's
-    rows with those it was built from costs no more than an identity check. (The connector
-    column is text in every dialect, so rows equal here group alike.)"""
-    rows = _select(conn, table, columns)
-    if cache is None:
-        return _group(rows)
-    previous = cache.children.get(table)
-    if previous is not None and previous[0] == rows:
-        return previous[1]
-    grouped = _group(rows)
-    cache.children[table] = (rows, grouped)
-    return grouped
-
-
 def _check_names(
     table: str, rows: list[tuple[Any, ...]], problems: list[RowProblem]
 ) -> dict[str, tuple[Any, ...]]:
@@ -477,10 +456,10 @@ def _load_inbound(
 ) -> list[InboundConnector]:
     parents = _select(conn, "inbound_connector", _INBOUND_COLUMNS)
     by_name = _check_names("inbound_connector", parents, problems)
-    domains = _grouped(conn, "inbound_domain", ("connector", "scope", "pattern"), cache)
-    addresses = _grouped(conn, "inbound_address", ("connector", "address"), cache)
-    names = _grouped(conn, "inbound_cert_name", ("connector", "field", "pattern"), cache)
-    certs = _grouped(conn, "inbound_certificate", ("connector", "id", "pem", "cert_sha256"), cache)
+    domains = _group(_select(conn, "inbound_domain", ("connector", "scope", "pattern")))
+    addresses = _group(_select(conn, "inbound_address", ("connector", "address")))
+    names = _group(_select(conn, "inbound_cert_name", ("connector", "field", "pattern")))
+    certs = _group(_select(conn, "inbound_certificate", ("connector", "id", "pem", "cert_sha256")))
     case_dupes = {p.connector for p in problems if p.table == "inbound_connector" and p.column == "name"}
     # Connectors mostly share their settings: parse each distinct, valid combination once. The
     # key holds the values' types too, so that 1.0 never borrows the parse of 1 or True.
