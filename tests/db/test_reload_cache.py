@@ -82,3 +82,23 @@ def test_a_cached_reload_equals_a_load_from_scratch(tmp_path: Path, steps: list[
         con.close()
     finally:
         engine.dispose()
+
+
+def test_the_cache_keeps_each_combination_of_column_types_once(tmp_path: Path) -> None:
+    path = tmp_path / "types.sqlite"
+    engine = open_engine(f"sqlite:///{path}")
+    try:
+        init_schema(engine)
+        con = sqlite3.connect(path)
+        con.executemany("INSERT INTO inbound_connector (name, comment) VALUES (?, ?)",
+                        [(f"c{i}", None if i % 2 else "partner") for i in range(50)])
+        con.executemany("INSERT INTO inbound_domain VALUES (?, 'sender', ?)", [(f"c{i}", f"d{i}.example") for i in range(50)])
+        con.commit()
+        con.close()
+        cache = LoadCache()
+        load(engine, cache=cache)
+        assert len(cache.inbound) == 50
+        kept_types = [raw[1] for raw, _ in cache.inbound.values()]
+        assert len({id(t) for t in kept_types}) == len(set(kept_types)) == 2  # comment NULL or text
+    finally:
+        engine.dispose()
