@@ -31,16 +31,18 @@ PG_ADMIN = os.environ.get("TLSGATE_BENCH_PG", "postgresql+psycopg://postgres@127
 
 # Memory from /proc/self/status: ru_maxrss survives execve on Linux, so a child's would start
 # at the size of the bench process that forked it.
+# The load is the daemons' own (tlsgate.rules.RuleHolder): with the cache that later reloads
+# compare against, which a daemon holds for as long as it runs, and frozen out of the collector.
 LOAD_PROBE = r"""
 import json, sys, time
-from tlsgate.store import load, open_engine
+from tlsgate.store import LoadCache, load, open_engine
 def status_mb(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 engine = open_engine(sys.argv[1])
 before = status_mb("VmRSS")
 began = time.perf_counter()
-result = load(engine)
+result = load(engine, cache=LoadCache(), freeze=True)
 seconds = time.perf_counter() - began
 print(json.dumps({"seconds": seconds, "rss_before_mb": before, "peak_rss_mb": status_mb("VmHWM"),
                   "inbound": len(result.snapshot.inbound), "problems": len(result.problems)}))
