@@ -3,14 +3,13 @@ whatever sequence of row changes came in between: the cache only ever saves work
 
 from __future__ import annotations
 
-import ipaddress
 import sqlite3
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tlsgate.model import Scope
+from tests.support.indexes import index_answers
 from tlsgate.snapshot import Snapshot
 from tlsgate.store import LoadCache, init_schema, load, open_engine
 
@@ -45,13 +44,8 @@ CHANGES = st.one_of(
 
 
 def _answers(snap: Snapshot) -> list[object]:
-    """What the snapshot's indexes answer, by connector name."""
-    names = [c.name for c in snap.inbound]
-    out: list[object] = [sorted((names[i], v) for i, v in snap.domains[scope].lookup(domain).items())
-                         for scope in Scope for domain in ("contoso.com", "mail.contoso.com", "fabrikam.com")]
-    for address in ("192.0.2.7", "192.0.2.200", "198.51.100.7"):
-        out.append(sorted((names[i], v) for i, v in snap.ranges.lookup(ipaddress.ip_address(address)).items()))
-    return out
+    return index_answers(snap, ("contoso.com", "mail.contoso.com", "fabrikam.com"),
+                         ("192.0.2.7", "192.0.2.200", "198.51.100.7"))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.indexes import index_answers
 from tlsgate.engine import decide, find_candidates, has_forward_secrecy, version_key
 from tlsgate.model import (
     CertRequirement,
@@ -230,16 +231,8 @@ def test_decision_cost_does_not_grow_with_connectors() -> None:
 
 
 def _lookups(snap: Snapshot) -> list[object]:
-    """What the indexes answer for a fixed set of probes, by connector name."""
-    names = [c.name for c in snap.inbound]
-    out: list[object] = []
-    for domain in ("contoso.com", "mail.contoso.com", "fabrikam.com", "other.org"):
-        for scope, index in snap.domains.items():
-            out.append((scope, domain, sorted((names[i], v) for i, v in index.lookup(domain).items())))
-    for address in ("192.0.2.7", "198.51.100.9", "2001:db8::1"):
-        found = snap.ranges.lookup(ipaddress.ip_address(address))
-        out.append((address, sorted((names[i], v) for i, v in found.items())))
-    return out
+    return index_answers(snap, ("contoso.com", "mail.contoso.com", "fabrikam.com", "other.org"),
+                         ("192.0.2.7", "198.51.100.9", "2001:db8::1"))
 
 
 BASE = (
