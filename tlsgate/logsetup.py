@@ -11,6 +11,10 @@ takes what has gathered every ``LINGER`` seconds for as long as lines keep comin
 back to waiting after a quiet interval. A busy daemon's threads thus never wake the writer:
 waking it, and handing it the interpreter lock, cost more per line than the decision the line
 records (measured: about 50 µs of the event loop's time per request at 500 requests/s).
+
+A decision line, logged for every request, goes through :func:`line`: the writer's buffer takes
+its time, level and text, without the LogRecord that the logging module would build, and the
+writer formats it as any other line.
 """
 
 from __future__ import annotations
@@ -46,18 +50,59 @@ def _handler(cfg: LogConfig, ident: str) -> logging.Handler:
                 facility=logging.handlers.SysLogHandler.LOG_MAIL,
                 socktype=socket.SOCK_DGRAM,
             )
-            handler.setFormatter(logging.Formatter(f"{ident}[{os.getpid()}]: %(message)s"))
+            handler.setFormatter(_LineFormatter(f"{ident}[{os.getpid()}]: ", timed=False, levelled=False))
             return handler
         except OSError:
             pass  # no syslog socket (a container): fall back to stderr below
     handler = logging.StreamHandler(sys.stderr)
     if _under_systemd():
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        handler.setFormatter(_LineFormatter("", timed=False, levelled=True))
     else:
-        handler.setFormatter(
-            logging.Formatter(f"%(asctime)s {ident}[{os.getpid()}]: %(levelname)s: %(message)s")
-        )
+        handler.setFormatter(_LineFormatter(f"{ident}[{os.getpid()}]: ", timed=True, levelled=True))
     return handler
+
+
+class _LineFormatter(logging.Formatter):
+    """``[time ]prefix[LEVEL: ]message``, the time as logging's default (``2026-11-29 12:00:00,123``).
+
+    One f-string per line, the time's text kept for the second it names: a daemon writes a
+    line per decision, and the general formatter's record dictionary and ``strftime`` per line
+    cost the writer more than the decision took.
+    """
+
+    def __init__(self, prefix: str, *, timed: bool, levelled: bool) -> None:
+        super().__init__()
+        self._prefix = prefix
+        self._timed = timed
+        self._levelled = levelled
+        self._second = -1
+        self._stamp = ""
+
+    def line(self, created: float, levelname: str, message: str) -> str:
+        head = self._prefix
+        if self._levelled:
+            head = f"{head}{levelname}: "
+        if self._timed:
+            second = int(created)
+            if second != self._second:
+                self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+                self._second = second
+            head = f"{self._stamp},{int((created - second) * 1000):03d} {head}"
+        return head + message
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.line(record.created, record.levelname, record.getMessage())
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            text = f"{text}\n{record.exc_text}"
+        if record.stack_info:
+            text = f"{text}\n{self.formatStack(record.stack_info)}"
+        return text
+
+
+# A line queued by line(): when it was logged, its level and its text.
+_Line = tuple[float, int, str]
 
 
 class _Writer(logging.Handler):
@@ -66,7 +111,7 @@ class _Writer(logging.Handler):
     def __init__(self, target: logging.Handler) -> None:
         super().__init__()
         self._target = target
-        self._records: collections.deque[logging.LogRecord] = collections.deque()
+        self._records: collections.deque[logging.LogRecord | _Line] = collections.deque()
         self._wake = threading.Event()
         self._idle = True  # waiting for a line to wake it
         self._stopping = False
@@ -82,14 +127,26 @@ class _Writer(logging.Handler):
             self.handleError(record)
             return False
         record.args = None
-        self._records.append(record)
-        if self._idle:
-            self._idle = False
-            self._wake.set()
+        self._queue(record)
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
         self.handle(record)
+
+    def _queue(self, item: logging.LogRecord | _Line) -> None:
+        self._records.append(item)
+        if self._idle:
+            self._idle = False
+            self._wake.set()
+
+    def serves(self, logger: logging.Logger) -> bool:
+        """True when a line of ``logger`` would reach this writer and nothing else."""
+        node: logging.Logger | None = logger
+        while node is not None and node.parent is not None:
+            if node.handlers or node.filters or not node.propagate:
+                return False
+            node = node.parent
+        return node is not None and node.handlers == [self] and not node.filters and not self.filters
 
     def _run(self) -> None:
         while not self._stopping:
@@ -112,15 +169,20 @@ class _Writer(logging.Handler):
         if not batch:
             return
         target = self._target
-        if isinstance(target, logging.StreamHandler):
+        formatter = target.formatter
+        if isinstance(target, logging.StreamHandler) and isinstance(formatter, _LineFormatter):
             try:
-                target.stream.write("".join(target.format(r) + "\n" for r in batch))
+                target.stream.write("".join([
+                    formatter.line(item[0], logging.getLevelName(item[1]), item[2]) + "\n"
+                    if isinstance(item, tuple) else target.format(item) + "\n"
+                    for item in batch
+                ]))
                 target.stream.flush()
             except Exception:  # noqa: BLE001 - as logging itself does: report, never raise
-                target.handleError(batch[0])
+                target.handleError(_record(batch[0]))
         else:
-            for record in batch:
-                target.handle(record)
+            for item in batch:
+                target.handle(_record(item))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Write every buffered line and end the thread; a log that blocks longer than
@@ -131,6 +193,30 @@ class _Writer(logging.Handler):
         if not self._thread.is_alive():
             self._write()
             self._target.close()
+
+
+def _record(item: logging.LogRecord | _Line) -> logging.LogRecord:
+    if not isinstance(item, tuple):
+        return item
+    created, level, text = item
+    return logging.makeLogRecord({"created": created, "msecs": (created - int(created)) * 1000,
+                                  "levelno": level, "levelname": logging.getLevelName(level), "msg": text})
+
+
+def line(logger: logging.Logger, level: int, text: str) -> None:
+    """Log ``text`` as it is, the way ``logger.log(level, "%s", text)`` would.
+
+    The path of a daemon's line per decision: once configured, the line goes straight to the
+    writer's buffer, as a time, a level and the text, without a LogRecord, unless a handler or
+    filter of someone else's would have seen it. Check ``logger.isEnabledFor(level)`` before
+    building the text.
+    """
+    writer = _writer
+    if writer is not None and writer.serves(logger):
+        if logger.isEnabledFor(level):
+            writer._queue((time.time(), level, text))
+    else:
+        logger.log(level, "%s", text)
 
 
 def configure(cfg: LogConfig, ident: str) -> None:

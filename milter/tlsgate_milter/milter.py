@@ -27,6 +27,7 @@ from typing import Any, TypeVar, cast
 
 import Milter
 
+from tlsgate import logsetup
 from tlsgate.config import Config
 from tlsgate.decisionlog import decision_line
 from tlsgate.engine import decide
@@ -305,11 +306,9 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         """The decision's mail log line, and its count in the metrics."""
         if self._judge.metrics is not None:
             self._judge.metrics.record(decision, seconds)
-        line = decision_line(facts, decision, stage=facts.stage.value)
-        if decision.connector is None:
-            log.debug("%s", line)
-        else:
-            log.info("%s", line)
+        level = logging.INFO if decision.connector is not None else logging.DEBUG
+        if log.isEnabledFor(level):
+            logsetup.line(log, level, decision_line(facts, decision, stage=facts.stage.value))
 
     def _refuse(self, decision: Decision) -> int:
         code = str(decision.smtp_code or 450)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from tlsgate import logsetup
 from tlsgate.config import Config
 from tlsgate.decisionlog import decision_line
 from tlsgate.engine import decide
@@ -84,7 +85,7 @@ class Responder:
     def _log(facts: SessionFacts, decision: Decision) -> None:
         level = logging.INFO if decision.connector is not None else logging.DEBUG
         if log.isEnabledFor(level):
-            log.log(level, "%s", decision_line(facts, decision))
+            logsetup.line(log, level, decision_line(facts, decision))
 
 
 class Connection(asyncio.Protocol):

@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -142,3 +143,76 @@ def test_a_busy_daemon_s_lines_are_written_in_batches(monkeypatch: pytest.Monkey
     assert out.getvalue().count("busy") == lines
     # 0.5 s of lines fit in a few dozen writes, not one per line
     assert out.writes < 100 < lines, (out.writes, lines)
+
+
+STDERR_LINE = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} tlsgate-test\[\d+\]: INFO: "
+
+
+def test_a_line_reads_as_a_logged_message_and_keeps_its_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    logsetup.configure(LogConfig(target="stderr", level="info"), "tlsgate-test")
+    log = logging.getLogger("tlsgate.test")
+    log.info("first %s", "record")
+    logsetup.line(log, logging.INFO, "NOQUEUE: pass 100% {braces} and %s kept as they are")
+    logsetup.line(log, logging.DEBUG, "below the level")
+    log.info("last record")
+    logsetup.stop()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3, lines
+    assert all(re.match(STDERR_LINE, line) for line in lines), lines
+    assert [line.split("INFO: ", 1)[1] for line in lines] == [
+        "first record", "NOQUEUE: pass 100% {braces} and %s kept as they are", "last record"]
+
+
+def test_a_line_under_systemd_carries_only_its_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.setenv("INVOCATION_ID", "0123")
+    logsetup.configure(LogConfig(target="stderr", level="info"), "tlsgate-test")
+    log = logging.getLogger("tlsgate.test")
+    logsetup.line(log, logging.INFO, "a decision")
+    log.warning("a warning")
+    logsetup.stop()
+    assert out.getvalue() == "INFO: a decision\nWARNING: a warning\n"
+
+
+def test_a_line_to_syslog_is_one_datagram_at_its_level(tmp_path: Path) -> None:
+    with logging_to_syslog(tmp_path, 0) as syslog:
+        log = logging.getLogger("tlsgate.test")
+        logsetup.line(log, logging.INFO, "a decision")
+        logsetup.line(log, logging.WARNING, "a warning")
+        syslog.settimeout(5)
+        got = [syslog.recv(4096) for _ in range(2)]
+        logsetup.stop()
+    # facility mail (2): info is <22>, warning <20>
+    assert got == [f"<22>tlsgate-test[{os.getpid()}]: a decision\x00".encode(),
+                   f"<20>tlsgate-test[{os.getpid()}]: a warning\x00".encode()]
+
+
+def test_a_line_still_reaches_any_other_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    logsetup.configure(LogConfig(target="stderr", level="info"), "tlsgate-test")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    log = logging.getLogger("tlsgate.test.other")
+    keep = Keep()
+    log.addHandler(keep)
+    try:
+        logsetup.line(log, logging.INFO, "50% done")
+    finally:
+        log.removeHandler(keep)
+    logsetup.line(log, logging.INFO, "unseen")
+    logsetup.stop()
+    assert seen == ["50% done"]
+    assert "50% done" in sys.stderr.getvalue() and "unseen" in sys.stderr.getvalue()
+
+
+def test_a_line_without_a_writer_goes_through_logging(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO):
+        logsetup.line(logging.getLogger("tlsgate.test"), logging.INFO, "100% as is")
+    assert [r.getMessage() for r in caplog.records] == ["100% as is"]
