@@ -43,6 +43,8 @@ log = logging.getLogger("tlsgate.policyd")
 # Every smtpd process may connect at once after a restart; the default backlog of 100 would
 # make some of them fail (EAGAIN on unix sockets) and answer default_action.
 BACKLOG = 1024
+# One read's worth: a request is about 1 KiB; a larger one arrives over several reads.
+RECEIVE_BUFFER = 65536
 
 
 class Responder:
@@ -88,9 +90,14 @@ class Responder:
             logsetup.line(log, level, decision_line(facts, decision))
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     """One client connection: requests are parsed and answered as their bytes arrive, with no
-    task per connection or per read (the event loop calls back; the answer is written inline)."""
+    task per connection or per read (the event loop calls back; the answer is written inline).
+
+    Bytes are received into the server's one buffer. A plain protocol's transport allocates
+    256 KiB for every read; until glibc has raised its mmap threshold (after freeing some larger
+    block), each of those is a fresh mapping: measured, 14 µs per read against 1.5 µs.
+    """
 
     def __init__(self, server: PolicyServer) -> None:
         self._server = server
@@ -110,6 +117,13 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         self.peer = _peer(transport)
         self._server.admit(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._server.receive_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # The buffer is the next connection's as soon as this returns: the bytes are copied.
+        self.data_received(self._server.receive_buffer[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
@@ -172,6 +186,9 @@ class PolicyServer:
         self.closing = False
         self._unix_paths: list[str] = []
         self._sweeper: asyncio.Task[None] | None = None
+        # Shared by every connection: the event loop fills it and a connection copies out of
+        # it before the next read (see Connection).
+        self.receive_buffer = memoryview(bytearray(RECEIVE_BUFFER))
 
     @property
     def connections(self) -> int:

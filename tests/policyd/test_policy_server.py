@@ -87,6 +87,21 @@ def test_many_concurrent_connections(daemon: PolicydProcess) -> None:
         c.close()
 
 
+def test_requests_in_pieces_and_in_pairs_on_interleaved_connections(daemon: PolicydProcess) -> None:
+    """Every connection's bytes stay its own, however reads of several connections interleave."""
+    partner, other = request(), request(sender="a@other.test")
+    first, second = PolicyClient(daemon.sock), PolicyClient(daemon.sock)
+    for cut in (1, len(partner) // 2, len(partner) - 1):
+        first.sock.sendall(partner[:cut])
+        assert second.ask(other) == "DUNNO"  # read and answered while the first waits in pieces
+        first.sock.sendall(partner[cut:])
+        assert first.read_answer().startswith("REJECT 5.7.10")
+    second.sock.sendall(partner + other + partner)
+    assert [second.read_answer().split()[0] for _ in range(3)] == ["REJECT", "DUNNO", "REJECT"]
+    first.close()
+    second.close()
+
+
 def test_a_stuck_client_does_not_block_others(daemon: PolicydProcess) -> None:
     stuck = PolicyClient(daemon.sock)
     stuck.sock.sendall(b"request=smtpd_access_policy\nsender=a@contoso.com\n")  # never finishes
