@@ -7,7 +7,17 @@ from=<a@contoso.com> to=<b@example.org> tls=none reason="TLS required by connect
 
 from __future__ import annotations
 
+import functools
+
 from tlsgate.model import Decision, FailAction, Outcome, SessionFacts
+from tlsgate.patterns import Address
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_text(address: Address) -> str:
+    """An address as text; the same clients come back with every recipient, and ipaddress
+    spells an address slowly."""
+    return str(address)
 
 
 def verdict_word(decision: Decision) -> str:
@@ -46,7 +56,8 @@ def decision_line(facts: SessionFacts, decision: Decision, *, stage: str | None 
         parts.append(f"connector={decision.connector.name}")
     if stage:
         parts.append(f"stage={stage}")
-    parts.append(f"client={facts.client_name or 'unknown'}[{facts.client_address or 'unknown'}]")
+    address = _address_text(facts.client_address) if facts.client_address else "unknown"
+    parts.append(f"client={facts.client_name or 'unknown'}[{address}]")
     if facts.sender is not None:
         parts.append(f"from=<{facts.sender}>")
     if facts.recipient:

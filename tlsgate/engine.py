@@ -102,8 +102,9 @@ def find_candidates(snapshot: Snapshot, facts: SessionFacts) -> list[Candidate]:
             range_hits.get(idx, -1),
         )
         found.append(Candidate(c, rank, values))
-    found.sort(key=lambda cand: cand.connector.name)
-    found.sort(key=lambda cand: cand.rank, reverse=True)
+    if len(found) > 1:
+        found.sort(key=lambda cand: cand.connector.name)
+        found.sort(key=lambda cand: cand.rank, reverse=True)
     return found
 
 

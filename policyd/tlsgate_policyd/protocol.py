@@ -67,6 +67,12 @@ class RequestReader:
         return bool(self._buffer or self._attrs)
 
     def feed(self, data: bytes) -> Iterator[dict[str, str]]:
+        if not self._buffer and not self._attrs and data.find(b"\n\n") == len(data) - 2 > 0:
+            # Exactly one request, as Postfix writes it: judged without copying it to the buffer.
+            request = self._block(data, len(data) - 2)
+            if request is not None:
+                yield request
+                return
         self._buffer += data
         while True:
             request = self._whole_request() if not self._attrs else None
@@ -87,15 +93,22 @@ class RequestReader:
         """
         buffer = self._buffer
         end = buffer.find(b"\n\n")
+        request = self._block(buffer, end)
+        if request is not None:
+            del buffer[: end + 2]
+        return request
+
+    def _block(self, buffer: bytes | bytearray, end: int) -> dict[str, str] | None:
+        """The request in ``buffer[:end]``, whose empty line follows at ``end``; None to leave
+        it to the line-by-line path."""
         if end <= 0 or buffer[0] == 0x0A or buffer.find(b"\r", 0, end) >= 0:
             return None  # a CR may end an empty request before this one: judged line by line
         limits = self._limits
         if end + 2 > limits.max_request:
             raise RequestTooLarge(f"request larger than {limits.max_request} bytes")
-        block = bytes(buffer[:end])
+        block = buffer[:end]
         if end > limits.max_line and max(map(len, block.split(b"\n"))) > limits.max_line:
             raise LineTooLong(f"line longer than {limits.max_line} bytes")
-        del buffer[: end + 2]
         # Decoding the block at once gives what decoding each name and value gives: a newline
         # or "=" is never part of a multi-byte sequence, so a replacement never crosses them.
         lines = block.decode("utf-8", "replace").split("\n")
@@ -172,38 +185,33 @@ _STAGES = {
 _client_address = functools.lru_cache(maxsize=4096)(parse_address)
 
 
-def _opt(attrs: Mapping[str, str], name: str) -> str | None:
-    value = attrs.get(name, "").strip()
-    return value or None
-
-
 def facts_from_request(attrs: Mapping[str, str]) -> SessionFacts:
     """Session facts from one request. Empty and missing attributes mean the same: absent.
 
     ``header_from`` is never known to a policy server, so header From connectors are left to
     the milter even at END-OF-MESSAGE.
     """
-    bits_text = attrs.get("encryption_keysize", "").strip()
+    get = attrs.get  # a request is answered per recipient: no helper call per attribute
+    bits_text = get("encryption_keysize", "").strip()
     bits = int(bits_text) if bits_text.isdigit() and len(bits_text) < 6 else 0
-    subject = _opt(attrs, "ccert_subject")
-    issuer = _opt(attrs, "ccert_issuer")
-    state = attrs.get("protocol_state", "").strip().upper()
-    recipient = _opt(attrs, "recipient")
-    sender = attrs.get("sender")
+    subject = get("ccert_subject", "").strip()
+    issuer = get("ccert_issuer", "").strip()
+    state = get("protocol_state", "").strip().upper()
+    sender = get("sender")
     return SessionFacts(
-        client_address=_client_address(attrs.get("client_address", "")),
-        client_name=_opt(attrs, "client_name"),
+        client_address=_client_address(get("client_address", "")),
+        client_name=get("client_name", "").strip() or None,
         sender=sender.strip() if sender is not None else None,
-        recipient=recipient,
-        tls_protocol=_opt(attrs, "encryption_protocol"),
-        tls_cipher=_opt(attrs, "encryption_cipher"),
+        recipient=get("recipient", "").strip() or None,
+        tls_protocol=get("encryption_protocol", "").strip() or None,
+        tls_cipher=get("encryption_cipher", "").strip() or None,
         tls_cipher_bits=bits,
         cert_subject=xtext_decode(subject) if subject else None,
         cert_issuer=xtext_decode(issuer) if issuer else None,
-        cert_fingerprint=(_opt(attrs, "ccert_fingerprint") or "").upper() or None,
-        pubkey_fingerprint=(_opt(attrs, "ccert_pubkey_fingerprint") or "").upper() or None,
+        cert_fingerprint=get("ccert_fingerprint", "").strip().upper() or None,
+        pubkey_fingerprint=get("ccert_pubkey_fingerprint", "").strip().upper() or None,
         stage=Stage.RCPT if state == "RCPT" else _STAGES.get(state, Stage.RCPT),
-        queue_id=_opt(attrs, "queue_id"),
+        queue_id=get("queue_id", "").strip() or None,
     )
 
 
