@@ -150,22 +150,26 @@ class _Node:
 
 
 def test_garbage_left_before_a_load_is_collected_not_frozen(sqlite_url: str, tmp_path: Path) -> None:
-    """A freeze keeps what it takes forever: garbage cycles are collected first, and a load that
-    fails (a database without the schema yet, polled again and again) freezes nothing."""
+    """A freeze keeps what it takes forever: garbage cycles are collected first (before the
+    process's first load, after each later one), and a load that fails (a database without the
+    schema yet, polled again and again) freezes nothing."""
     _seed(sqlite_url)
     holder = RuleHolder(DatabaseConfig(url=sqlite_url))
     sqlite3.connect(tmp_path / "empty.sqlite").close()
     broken = RuleHolder(DatabaseConfig(url=f"sqlite:///{tmp_path}/empty.sqlite"))
     was_enabled = gc.isenabled()
-    gc.disable()  # the cycle below must still be there when the load starts
+    gc.disable()  # each cycle below must still be there when its load starts
+    gc.unfreeze()  # as in a new process: nothing frozen yet
     try:
-        node = _Node()
-        node.me = node  # type: ignore[attr-defined]
-        gone = weakref.ref(node)
-        del node
-        assert gone() is not None
-        assert holder.refresh(force=True)
-        assert gone() is None
+        for _ in range(2):  # the first freeze of the process, then a later one
+            node = _Node()
+            node.me = node  # type: ignore[attr-defined]
+            gone = weakref.ref(node)
+            del node
+            assert gone() is not None
+            assert holder.refresh(force=True)
+            assert gone() is None
+            assert gc.get_freeze_count() > 0
         frozen = gc.get_freeze_count()
         for _ in range(5):
             assert broken.refresh() is False
