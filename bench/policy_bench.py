@@ -106,47 +106,89 @@ def check_verdicts(server: Server, sample: int) -> tuple[bool, str]:
     return True, f"{sample}/{sample} verdicts as expected ({refused} REJECT 5.7.10)"
 
 
+def _mix(server: Server) -> list[bytes]:
+    return [r for r, _ in request_mix(max(server.connectors, 10), 4000, seed=2)]
+
+
+def _one_run(server: Server, mix: list[bytes], connections: int, duration: float, max_requests: int) -> dict[str, Any]:
+    result = run_load(server.address, connections, mix, processes=1 if connections == 1 else 2,
+                      duration=duration, max_requests=max_requests)
+    return {"rate": result.rate, "p50_ms": result.latency_ms(0.5), "p99_ms": result.latency_ms(0.99),
+            "requests": result.requests, "client_cpu_pct": 100 * result.client_cpu_seconds / result.seconds,
+            "client_processes": result.client_processes, "errors": result.errors}
+
+
 def measure(server: Server, conns: tuple[int, ...], runs: int, duration: float, max_requests: int) -> dict[str, Any]:
-    mix = [r for r, _ in request_mix(max(server.connectors, 10), 4000, seed=2)]
-    out: dict[str, Any] = {}
-    for connections in conns:
-        rows = []
-        for _ in range(runs):
-            result = run_load(server.address, connections, mix, processes=1 if connections == 1 else 2,
-                              duration=duration, max_requests=max_requests)
-            rows.append({"rate": result.rate, "p50_ms": result.latency_ms(0.5), "p99_ms": result.latency_ms(0.99),
-                         "requests": result.requests, "client_cpu_pct": 100 * result.client_cpu_seconds / result.seconds,
-                         "client_processes": result.client_processes, "errors": result.errors})
-        out[str(connections)] = rows
+    mix = _mix(server)
+    return {str(c): [_one_run(server, mix, c, duration, max_requests) for _ in range(runs)] for c in conns}
+
+
+def measure_interleaved(servers: list[Server], conns: tuple[int, ...], runs: int,
+                        duration: float) -> list[dict[str, Any]]:
+    """Every server's runs taken in turn, one run of each per round (the order reversed every
+    other round): a host that slows down or speeds up during the bench then moves every
+    server's figures alike, and the ratios between them hold."""
+    mixes = [_mix(server) for server in servers]
+    out: list[dict[str, Any]] = [{str(c): [] for c in conns} for _ in servers]
+    for round_ in range(runs):
+        for connections in conns:
+            order = list(range(len(servers)))
+            if round_ % 2:
+                order.reverse()
+            for i in order:
+                out[i][str(connections)].append(_one_run(servers[i], mixes[i], connections, duration, 1_000_000))
     return out
+
+
+def _start(starter: Callable[[], Server], sample: int) -> tuple[Server, dict[str, Any]]:
+    began = time.monotonic()
+    server = starter()
+    entry: dict[str, Any] = {"name": server.name, "kind": server.kind, "connectors": server.connectors,
+                             "startup_s": time.monotonic() - began}
+    try:
+        slow = server.kind.startswith("postfwd") and server.connectors > 100
+        ok, note = check_verdicts(server, 40 if slow else sample)
+    except BaseException:
+        server.child.stop()
+        raise
+    entry.update(valid=ok, check=note)
+    print(f"  {server.name}: {note}", flush=True)
+    return server, entry
 
 
 def run(work: Path, *, runs: int = 5, duration: float = 2.0, connector_counts: tuple[int, ...] = (10, 10_000, 100_000),
         postfwd_counts: tuple[int, ...] = (10, 1000), conns: tuple[int, ...] = (1, 16, 64),
         sample: int = 200, postfwd: bool = True) -> dict[str, Any]:
+    """The floor and tlsgate-policyd at every connector count run side by side, interleaved (the
+    targets are ratios between them); postfwd1 and postfwd2 follow one after the other."""
     work.mkdir(parents=True, exist_ok=True)
-    starters: list[Callable[[], Server]] = [lambda: start_floor(work)]
-    starters += [lambda n=n: start_tlsgate(work, n) for n in connector_counts]
+    results: dict[str, Any] = {"runs": runs, "duration": duration, "servers": [], "interleaved": True}
+    side_by_side: list[Callable[[], Server]] = [lambda: start_floor(work)]
+    side_by_side += [lambda n=n: start_tlsgate(work, n) for n in connector_counts]
+    started: list[tuple[Server, dict[str, Any]]] = []
+    try:
+        for starter in side_by_side:
+            started.append(_start(starter, sample))
+        valid = [(server, entry) for server, entry in started if entry["valid"]]
+        figures = measure_interleaved([server for server, _ in valid], conns, runs, duration)
+        for (_, entry), result in zip(valid, figures, strict=True):
+            entry["results"] = result
+    finally:
+        for server, _ in started:
+            server.child.stop()
+    results["servers"] += [entry for _, entry in started]
     if postfwd:
         for program in ("postfwd1", "postfwd2"):
-            starters += [lambda p=program, n=n: start_postfwd(work, p, n) for n in postfwd_counts]
-    results: dict[str, Any] = {"runs": runs, "duration": duration, "servers": []}
-    for starter in starters:
-        began = time.monotonic()
-        server = starter()
-        entry: dict[str, Any] = {"name": server.name, "kind": server.kind, "connectors": server.connectors,
-                                 "startup_s": time.monotonic() - began}
-        try:
-            slow = server.kind.startswith("postfwd") and server.connectors > 100
-            ok, note = check_verdicts(server, 40 if slow else sample)
-            entry.update(valid=ok, check=note)
-            print(f"  {server.name}: {note}", flush=True)
-            if ok:
-                # postfwd with many rules takes a large fraction of a second per request:
-                # bound its count so a run stays short, and say so in the report.
-                limit = 400 if slow else 1_000_000
-                entry["results"] = measure(server, conns, 1 if slow else runs, duration, limit)
-        finally:
-            server.child.stop()
-        results["servers"].append(entry)
+            for n in postfwd_counts:
+                server, entry = _start(lambda p=program, n=n: start_postfwd(work, p, n), sample)
+                try:
+                    if entry["valid"]:
+                        # postfwd with many rules takes a large fraction of a second per request:
+                        # bound its count so a run stays short, and say so in the report.
+                        slow = n > 100
+                        entry["results"] = measure(server, conns, 1 if slow else runs, duration,
+                                                   400 if slow else 1_000_000)
+                finally:
+                    server.child.stop()
+                results["servers"].append(entry)
     return results

@@ -42,7 +42,10 @@ def part1_md(data: dict[str, Any]) -> list[str]:
              "request in flight per connection (as each smtpd process); requests are full Postfix 3.7 RCPT requests, "
              "half from partner domains spread over all connectors (half of those without TLS: REJECT 5.7.10), "
              "half from other domains. Client CPU is the load generator's CPU time as % of one core "
-             "(1 client process for 1 connection, 2 otherwise).", "",
+             "(1 client process for 1 connection, 2 otherwise)." + (
+                 " The floor and the tlsgate-policyd daemons run side by side, their runs interleaved (one run "
+                 "of each in turn), so that a host slowing down moves them alike; postfwd follows."
+                 if data.get("interleaved") else ""), "",
              "| server | verdict check | conns | requests/s | p50 ms | p99 ms | client CPU % |", "|---|---|---|---|---|---|---|"]
     for s in data["servers"]:
         results = s.get("results") or {}
