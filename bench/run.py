@@ -67,6 +67,10 @@ def part1_md(data: dict[str, Any]) -> list[str]:
             lines.append(f"- tlsgate-policyd (10 connectors) / {label}: {_median(t10['16'], 'rate') / _median(other['16'], 'rate'):.2f}")
     if "16" in t10 and "16" in t100k:
         lines.append(f"- tlsgate-policyd 100,000 / 10 connectors: {_median(t100k['16'], 'rate') / _median(t10['16'], 'rate'):.2f}")
+        others = [f"{_median(t100k[c], 'rate') / _median(t10[c], 'rate'):.2f} at {c}"
+                  for c in t10 if c != "16" and c in t100k]
+        if others:
+            lines.append(f"  (the same ratio at the other connection counts: {', '.join(others)})")
     return lines
 
 
