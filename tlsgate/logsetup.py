@@ -91,13 +91,15 @@ class _LineFormatter(logging.Formatter):
         return head + message
 
     def format(self, record: logging.LogRecord) -> str:
+        """What ``logging.Formatter`` makes of a record, traceback and stack included."""
         text = self.line(record.created, record.levelname, record.getMessage())
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            text = f"{text}\n{record.exc_text}"
-        if record.stack_info:
-            text = f"{text}\n{self.formatStack(record.stack_info)}"
+        for extra in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
+            if extra:
+                if not text.endswith("\n"):
+                    text += "\n"
+                text += extra
         return text
 
 
@@ -140,13 +142,15 @@ class _Writer(logging.Handler):
             self._wake.set()
 
     def serves(self, logger: logging.Logger) -> bool:
-        """True when a line of ``logger`` would reach this writer and nothing else."""
+        """True when a line of ``logger`` would reach this writer and nothing else, and no level
+        of the writer's own would hold it back."""
         node: logging.Logger | None = logger
         while node is not None and node.parent is not None:
             if node.handlers or node.filters or not node.propagate:
                 return False
             node = node.parent
-        return node is not None and node.handlers == [self] and not node.filters and not self.filters
+        return (node is not None and node.handlers == [self] and not node.filters and not self.filters
+                and self.level == logging.NOTSET)
 
     def _run(self) -> None:
         while not self._stopping:

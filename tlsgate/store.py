@@ -702,7 +702,8 @@ def _collector_paused(freeze: bool = False) -> Iterator[None]:
     after it, the collection would scan the whole new snapshot (0.3 to 0.4 s of a daemon's
     start at 100,000 connectors, answering temporary failures meanwhile). What that leaves to
     the freeze is the garbage cycles other threads make during that one load, once per process;
-    every later load collects after itself."""
+    every later load collects after itself (as does the first, should anything else have frozen
+    objects before it)."""
     first = freeze and gc.get_freeze_count() == 0
     if first:
         gc.collect()

@@ -216,3 +216,71 @@ def test_a_line_without_a_writer_goes_through_logging(caplog: pytest.LogCaptureF
     with caplog.at_level(logging.INFO):
         logsetup.line(logging.getLogger("tlsgate.test"), logging.INFO, "100% as is")
     assert [r.getMessage() for r in caplog.records] == ["100% as is"]
+
+
+def _records() -> list[logging.LogRecord]:
+    """Plain, multi-line, ending in a newline, with a traceback, with a stack, at odd moments."""
+    log = logging.getLogger("tlsgate.test.records")
+    out: list[logging.LogRecord] = []
+    keep = logging.Handler()
+    keep.emit = out.append  # type: ignore[method-assign]
+    log.addHandler(keep)
+    log.propagate = False
+    log.setLevel(logging.DEBUG)
+    try:
+        log.info("plain %d", 1)
+        log.warning("two\nlines")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("ends in a newline\n")
+            log.error("with traceback", exc_info=True)
+        log.info("with stack", stack_info=True)
+    finally:
+        log.removeHandler(keep)
+        log.propagate = True
+        log.setLevel(logging.NOTSET)
+    for record, created in zip(out, (0.0, 1_700_000_000.9995, 1_700_000_000.0001, 1_799_999_999.5, 86_399.999),
+                               strict=True):
+        record.created, record.msecs = created, (created - int(created)) * 1000
+    return out
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [
+    (logsetup._LineFormatter("tlsgate-test[7]: ", timed=True, levelled=True),
+     logging.Formatter("%(asctime)s tlsgate-test[7]: %(levelname)s: %(message)s")),
+    (logsetup._LineFormatter("", timed=False, levelled=True), logging.Formatter("%(levelname)s: %(message)s")),
+    (logsetup._LineFormatter("tlsgate-test[7]: ", timed=False, levelled=False),
+     logging.Formatter("tlsgate-test[7]: %(message)s")),
+])
+def test_the_line_formatter_writes_what_logging_s_own_would(ours: logging.Formatter,
+                                                          theirs: logging.Formatter) -> None:
+    for record in _records():
+        theirs_text = theirs.format(logging.makeLogRecord(record.__dict__))
+        assert ours.format(logging.makeLogRecord(record.__dict__)) == theirs_text
+
+
+def test_a_line_obeys_what_would_silence_a_logged_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    logsetup.configure(LogConfig(target="stderr", level="info"), "tlsgate-test")
+    log = logging.getLogger("tlsgate.test.quiet")
+    writer = logsetup._writer
+    assert writer is not None
+    logging.disable(logging.INFO)
+    try:
+        logsetup.line(log, logging.INFO, "disabled")
+    finally:
+        logging.disable(logging.NOTSET)
+    writer.setLevel(logging.WARNING)
+    logsetup.line(log, logging.INFO, "below the writer's level")
+    logsetup.line(log, logging.WARNING, "at the writer's level")
+    writer.setLevel(logging.NOTSET)
+    log.propagate = False
+    try:
+        logsetup.line(log, logging.INFO, "not propagated")
+    finally:
+        log.propagate = True
+    logsetup.line(log, logging.INFO, "kept")
+    logsetup.stop()
+    assert [line.split(": ", 2)[2] for line in out.getvalue().splitlines()] == ["at the writer's level", "kept"]

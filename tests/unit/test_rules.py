@@ -161,7 +161,9 @@ def test_garbage_left_before_a_load_is_collected_not_frozen(sqlite_url: str, tmp
     gc.disable()  # each cycle below must still be there when its load starts
     gc.unfreeze()  # as in a new process: nothing frozen yet
     try:
-        for _ in range(2):  # the first freeze of the process, then a later one
+        assert broken.refresh() is False  # a first load that fails freezes nothing...
+        assert gc.get_freeze_count() == 0
+        for _ in range(2):  # ...so the next one is still the first freeze, then a later one
             node = _Node()
             node.me = node  # type: ignore[attr-defined]
             gone = weakref.ref(node)
