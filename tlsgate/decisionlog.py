@@ -8,7 +8,9 @@ from=<a@contoso.com> to=<b@example.org> tls=none reason="TLS required by connect
 from __future__ import annotations
 
 import functools
+import logging
 
+from tlsgate import logsetup
 from tlsgate.model import Decision, FailAction, Outcome, SessionFacts
 from tlsgate.patterns import Address
 
@@ -70,3 +72,11 @@ def decision_line(facts: SessionFacts, decision: Decision, *, stage: str | None 
     if decision.reason:
         parts.append(f"reason={_quote(decision.reason)}")
     return " ".join(parts)
+
+
+def log_decision(logger: logging.Logger, facts: SessionFacts, decision: Decision, *, stage: str | None = None) -> None:
+    """The decision's line: INFO when a connector decided, DEBUG when none applied (built only
+    when that level is logged)."""
+    level = logging.INFO if decision.connector is not None else logging.DEBUG
+    if logger.isEnabledFor(level):
+        logsetup.line(logger, level, decision_line(facts, decision, stage=stage))

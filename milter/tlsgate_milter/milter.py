@@ -27,9 +27,8 @@ from typing import Any, TypeVar, cast
 
 import Milter
 
-from tlsgate import logsetup
 from tlsgate.config import Config
-from tlsgate.decisionlog import decision_line
+from tlsgate.decisionlog import log_decision
 from tlsgate.engine import decide
 from tlsgate.metrics import Metrics
 from tlsgate.model import (
@@ -306,9 +305,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         """The decision's mail log line, and its count in the metrics."""
         if self._judge.metrics is not None:
             self._judge.metrics.record(decision, seconds)
-        level = logging.INFO if decision.connector is not None else logging.DEBUG
-        if log.isEnabledFor(level):
-            logsetup.line(log, level, decision_line(facts, decision, stage=facts.stage.value))
+        log_decision(log, facts, decision, stage=facts.stage.value)
 
     def _refuse(self, decision: Decision) -> int:
         code = str(decision.smtp_code or 450)

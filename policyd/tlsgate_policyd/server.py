@@ -21,12 +21,10 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from tlsgate import logsetup
 from tlsgate.config import Config
-from tlsgate.decisionlog import decision_line
+from tlsgate.decisionlog import log_decision
 from tlsgate.engine import decide
 from tlsgate.metrics import Metrics
-from tlsgate.model import Decision, SessionFacts
 from tlsgate.snapshot import Snapshot
 from tlsgate_policyd.protocol import (
     Limits,
@@ -80,14 +78,8 @@ class Responder:
         decision = decide(snap, facts, self._clock())
         if self._metrics is not None:
             self._metrics.record(decision, time.perf_counter() - started)
-        self._log(facts, decision)
+        log_decision(log, facts, decision)
         return answer(decision, monitor_header=self._monitor_header)
-
-    @staticmethod
-    def _log(facts: SessionFacts, decision: Decision) -> None:
-        level = logging.INFO if decision.connector is not None else logging.DEBUG
-        if log.isEnabledFor(level):
-            logsetup.line(log, level, decision_line(facts, decision))
 
 
 class Connection(asyncio.BufferedProtocol):
