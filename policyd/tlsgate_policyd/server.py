@@ -43,6 +43,8 @@ log = logging.getLogger("tlsgate.policyd")
 BACKLOG = 1024
 # One read's worth: a request is about 1 KiB; a larger one arrives over several reads.
 RECEIVE_BUFFER = 65536
+# A bug met while deciding: the client tries again later (as the milter's answer for the same).
+INTERNAL_ERROR = "DEFER 4.3.0 tlsgate-policyd internal error, try again later"
 
 
 class Responder:
@@ -59,6 +61,14 @@ class Responder:
         self.decisions = 0
 
     def respond(self, attrs: dict[str, str]) -> str:
+        """The answer to one request; a failure while deciding is a temporary one."""
+        try:
+            return self._respond(attrs)
+        except Exception:  # never a pass, and the connection stays up
+            log.exception("%s: deciding failed; answering DEFER", (attrs.get("queue_id") or "").strip() or "NOQUEUE")
+            return INTERNAL_ERROR
+
+    def _respond(self, attrs: dict[str, str]) -> str:
         if attrs.get("request") != "smtpd_access_policy":
             log.warning("ignoring request=%r: answering DUNNO", attrs.get("request", "")[:40])
             return "DUNNO"

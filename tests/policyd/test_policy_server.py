@@ -161,6 +161,41 @@ def test_bad_input_closes_only_that_connection(daemon: PolicydProcess, bad: byte
     daemon.wait_log("WARNING: closing connection from")
 
 
+# Loaded by the daemon's interpreter through PYTHONPATH: deciding fails for one sender.
+FAULT = """
+import tlsgate_policyd.server as server
+
+_decide = server.decide
+
+
+def decide(snapshot, facts, now):
+    if facts.sender == "boom@contoso.com":
+        raise RuntimeError("injected fault")
+    return _decide(snapshot, facts, now)
+
+
+server.decide = decide
+"""
+
+
+def test_a_failure_while_deciding_answers_defer_and_keeps_the_connection(work: Path) -> None:
+    url = make_db(work / "rules.sqlite")
+    sock = work / "policy.sock"
+    (work / "fault").mkdir()
+    (work / "fault" / "sitecustomize.py").write_text(FAULT)
+    env = {**os.environ, "PYTHONPATH": str(work / "fault")}
+    proc = PolicydProcess(write_config(work, url, f"unix:{sock}"), sock, work / "policyd.log", env=env).start()
+    try:
+        client = PolicyClient(sock)
+        assert client.ask(request(sender="boom@contoso.com", queue_id="4F2A1C3B")) == (
+            "DEFER 4.3.0 tlsgate-policyd internal error, try again later")
+        assert client.ask(request()).startswith("REJECT 5.7.10")
+        log = proc.wait_log("RuntimeError: injected fault")
+        assert "ERROR: 4F2A1C3B: deciding failed; answering DEFER" in log
+    finally:
+        assert proc.stop() == 0, proc.log()
+
+
 def test_rows_changed_apply_without_restart_and_sighup(daemon: PolicydProcess, work: Path) -> None:
     client = PolicyClient(daemon.sock)
     assert client.ask(request()).startswith("REJECT")
