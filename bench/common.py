@@ -278,6 +278,27 @@ class Child:
             self.proc.wait(20)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a running process (all its threads) and of its live
+    descendants (postfwd2's preforked servers and cache daemon); 0 for one that is gone."""
+    stats: dict[int, tuple[int, int]] = {}  # pid -> (parent pid, ticks)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # ended meanwhile
+            stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    ticks = 0
+    for other, (_, used) in stats.items():
+        node = other
+        while node > 1 and node != pid:
+            node = stats[node][0] if node in stats else 0
+        if node == pid:
+            ticks += used
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import DAEMONS, Child, postfwd_rules, request_mix, sqlite_rules, verdict
+from bench.common import DAEMONS, Child, cpu_seconds, postfwd_rules, request_mix, sqlite_rules, verdict
 from bench.loadgen import Address, ask_all, run_load
 
 
@@ -111,10 +111,17 @@ def _mix(server: Server) -> list[bytes]:
 
 
 def _one_run(server: Server, mix: list[bytes], connections: int, duration: float, max_requests: int) -> dict[str, Any]:
+    pid = server.child.pid()
+    assert pid is not None
+    before = cpu_seconds(pid)
     result = run_load(server.address, connections, mix, processes=1 if connections == 1 else 2,
                       duration=duration, max_requests=max_requests)
+    # The server is idle before the clients start and after they stop: its CPU time over the
+    # requests answered is its cost per request, free of the clients' share of the cores.
+    server_cpu = cpu_seconds(pid) - before
     return {"rate": result.rate, "p50_ms": result.latency_ms(0.5), "p99_ms": result.latency_ms(0.99),
             "requests": result.requests, "client_cpu_pct": 100 * result.client_cpu_seconds / result.seconds,
+            "server_cpu_us": 1e6 * server_cpu / max(result.requests, 1),
             "client_processes": result.client_processes, "errors": result.errors}
 
 

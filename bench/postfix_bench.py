@@ -12,7 +12,6 @@ maildir happens behind, as it does in production, and competes for the same CPU.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import shutil
 import smtplib
 import sqlite3
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import DAEMONS, Child, sqlite_rules
+from bench.common import DAEMONS, Child, cpu_seconds, sqlite_rules
 from tests.support.pki import Pki
 from tests.support.postfix import PrivatePostfix, client_tls_context, skip_reason
 
@@ -95,11 +94,9 @@ def drive(port: int, messages: int, per_session: int, processes: int) -> dict[st
 
 
 def _cpu_seconds(child: Child) -> float:
-    """User plus system CPU time of a running child, all its threads."""
     pid = child.pid()
     assert pid is not None
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_seconds(pid)
 
 
 def run(work: Path, *, runs: int = 5, messages: int = 300, processes: int = 4,

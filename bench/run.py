@@ -42,18 +42,23 @@ def part1_md(data: dict[str, Any]) -> list[str]:
              "request in flight per connection (as each smtpd process); requests are full Postfix 3.7 RCPT requests, "
              "half from partner domains spread over all connectors (half of those without TLS: REJECT 5.7.10), "
              "half from other domains. Client CPU is the load generator's CPU time as % of one core "
-             "(1 client process for 1 connection, 2 otherwise)." + (
+             "(1 client process for 1 connection, 2 otherwise). Server CPU is the server's own CPU time (user + "
+             "system, all threads and child processes) per request answered: what a request costs it, whatever "
+             "share of the cores the clients took." + (
                  " The floor and the tlsgate-policyd daemons run side by side, their runs interleaved (one run "
                  "of each in turn), so that a host slowing down moves them alike; postfwd follows."
                  if data.get("interleaved") else ""), "",
-             "| server | verdict check | conns | requests/s | p50 ms | p99 ms | client CPU % |", "|---|---|---|---|---|---|---|"]
+             "| server | verdict check | conns | requests/s | p50 ms | p99 ms | client CPU % | server CPU µs/request |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in data["servers"]:
         results = s.get("results") or {}
         if not results:
-            lines.append(f"| {s['name']} | {s.get('check', s.get('error', ''))} | – | not counted | | | |")
+            lines.append(f"| {s['name']} | {s.get('check', s.get('error', ''))} | – | not counted | | | | |")
         for conns, rows in results.items():
+            server_cpu = _cell(rows, "server_cpu_us", "{:.1f}") if all("server_cpu_us" in r for r in rows) else "–"
             lines.append(f"| {s['name']} | {'ok' if s.get('valid') else 'WRONG'} | {conns} | {_cell(rows, 'rate', '{:,.0f}')} | "
-                         f"{_cell(rows, 'p50_ms', '{:.2f}')} | {_cell(rows, 'p99_ms', '{:.2f}')} | {_cell(rows, 'client_cpu_pct', '{:.0f}')} |")
+                         f"{_cell(rows, 'p50_ms', '{:.2f}')} | {_cell(rows, 'p99_ms', '{:.2f}')} | "
+                         f"{_cell(rows, 'client_cpu_pct', '{:.0f}')} | {server_cpu} |")
     lines += ["", "Verdict checks:", ""] + [f"- {s['name']}: {s.get('check', '')} (start-up {s.get('startup_s', 0):.1f} s)"
                                               for s in data["servers"]]
     by = {s["name"]: s.get("results") or {} for s in data["servers"]}
@@ -71,6 +76,12 @@ def part1_md(data: dict[str, Any]) -> list[str]:
                   for c in t10 if c != "16" and c in t100k]
         if others:
             lines.append(f"  (the same ratio at the other connection counts: {', '.join(others)})")
+    costs = [(label, rows["16"]) for label, rows in (("floor", floor), ("tlsgate-policyd, 10 connectors", t10),
+                                                       ("tlsgate-policyd, 100,000 connectors", t100k))
+             if "16" in rows and all("server_cpu_us" in r for r in rows["16"])]
+    if costs:
+        lines += ["", "Server CPU per request (medians, 16 connections): "
+                  + ", ".join(f"{label} {_median(rows, 'server_cpu_us'):.1f} µs" for label, rows in costs) + "."]
     return lines
 
 

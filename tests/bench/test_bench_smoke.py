@@ -93,6 +93,8 @@ def test_quick_run_policy_scale_socketmap(tmp_path: Path) -> None:
     tlsgate = [s for s in results["1"]["servers"] if s["kind"] == "tlsgate"]
     assert tlsgate and all(s["valid"] for s in tlsgate)
     assert all(rows for s in tlsgate for rows in s["results"].values())
+    # The daemon's own CPU per request: it answered, so it spent some, and far less than a second.
+    assert all(0 < row["server_cpu_us"] < 1e6 for s in tlsgate for rows in s["results"].values() for row in rows)
     assert results["3"]["databases"]["SQLite"]["load"][0]["inbound"] == 501
     assert all(t >= 0 for ts in results["3"]["change_applied_s"].values() for t in ts)
     assert results["4"]["results"]["500"]["1"][0]["rate"] > 0
