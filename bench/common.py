@@ -279,8 +279,9 @@ class Child:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a running process (all its threads) and of its live
-    descendants (postfwd2's preforked servers and cache daemon); 0 for one that is gone."""
+    """User plus system CPU time of a running process (all its threads) and of its descendants
+    (postfwd2's preforked servers and cache daemon): those running, and those that ended and
+    were waited for (their time is their parent's cutime and cstime); 0 for one that is gone."""
     stats: dict[int, tuple[int, int]] = {}  # pid -> (parent pid, ticks)
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -288,11 +289,13 @@ def cpu_seconds(pid: int) -> float:
                 fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
             except (OSError, IndexError):
                 continue  # ended meanwhile
-            stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+            stats[int(entry.name)] = (int(fields[1]), sum(int(f) for f in fields[11:15]))
     ticks = 0
     for other, (_, used) in stats.items():
         node = other
-        while node > 1 and node != pid:
+        for _ in range(len(stats)):  # a pid reused during the scan cannot loop forever
+            if node <= 1 or node == pid:
+                break
             node = stats[node][0] if node in stats else 0
         if node == pid:
             ticks += used
