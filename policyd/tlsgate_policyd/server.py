@@ -43,8 +43,10 @@ log = logging.getLogger("tlsgate.policyd")
 BACKLOG = 1024
 # One read's worth: a request is about 1 KiB; a larger one arrives over several reads.
 RECEIVE_BUFFER = 65536
-# A bug met while deciding: the client tries again later (as the milter's answer for the same).
-INTERNAL_ERROR = "DEFER 4.3.0 tlsgate-policyd internal error, try again later"
+# A bug met while deciding: the client tries again later (as the milter's answer for the same),
+# unless a later restriction refuses the recipient for good, as default_action DEFER_IF_PERMIT
+# has it when the daemon does not answer at all.
+INTERNAL_ERROR = "DEFER_IF_PERMIT 4.3.0 tlsgate-policyd internal error, try again later"
 
 
 class Responder:
@@ -65,7 +67,7 @@ class Responder:
         try:
             return self._respond(attrs)
         except Exception:  # never a pass, and the connection stays up
-            log.exception("%s: deciding failed; answering DEFER", (attrs.get("queue_id") or "").strip() or "NOQUEUE")
+            log.exception("%s: deciding failed; answering DEFER_IF_PERMIT", (attrs.get("queue_id") or "").strip() or "NOQUEUE")
             return INTERNAL_ERROR
 
     def _respond(self, attrs: dict[str, str]) -> str:

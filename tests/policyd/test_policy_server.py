@@ -178,20 +178,20 @@ server.decide = decide
 """
 
 
-def test_a_failure_while_deciding_answers_defer_and_keeps_the_connection(work: Path) -> None:
+def test_a_failure_while_deciding_answers_a_temporary_failure_and_keeps_the_connection(work: Path) -> None:
     url = make_db(work / "rules.sqlite")
     sock = work / "policy.sock"
     (work / "fault").mkdir()
     (work / "fault" / "sitecustomize.py").write_text(FAULT)
-    env = {**os.environ, "PYTHONPATH": str(work / "fault")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(work / "fault"), os.environ.get("PYTHONPATH")]))}
     proc = PolicydProcess(write_config(work, url, f"unix:{sock}"), sock, work / "policyd.log", env=env).start()
     try:
         client = PolicyClient(sock)
         assert client.ask(request(sender="boom@contoso.com", queue_id="4F2A1C3B")) == (
-            "DEFER 4.3.0 tlsgate-policyd internal error, try again later")
+            "DEFER_IF_PERMIT 4.3.0 tlsgate-policyd internal error, try again later")
         assert client.ask(request()).startswith("REJECT 5.7.10")
         log = proc.wait_log("RuntimeError: injected fault")
-        assert "ERROR: 4F2A1C3B: deciding failed; answering DEFER" in log
+        assert "ERROR: 4F2A1C3B: deciding failed; answering DEFER_IF_PERMIT" in log
     finally:
         assert proc.stop() == 0, proc.log()
 
