@@ -128,6 +128,15 @@ def spawn(config: Config, holder: RuleHolder) -> int:
         stdout.flush()
 
 
+def _stderr_is_stdout() -> bool:
+    """True when standard error and output are one file: under spawn(8), the client's socket."""
+    try:
+        err, out = os.fstat(2), os.fstat(1)
+    except OSError:
+        return False
+    return (err.st_dev, err.st_ino) == (out.st_dev, out.st_ino)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -138,7 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         print(f"tlsgate-policyd: configuration {config.path or '(defaults)'} is valid")
         return 0
-    logsetup.configure(config.log, "tlsgate-policyd")
+    stderr_is_client = args.spawn and _stderr_is_stdout()
+    if stderr_is_client:
+        # spawn(8) put the client's socket on standard error too: whatever would be written
+        # there (a log line, a logging error, a warning) would be read as part of an answer.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    logsetup.configure(config.log, "tlsgate-policyd", stderr_is_client=stderr_is_client)
     holder = RuleHolder(config.database, dns=config.dns)
     try:
         if args.spawn:

@@ -320,6 +320,45 @@ def test_spawn_mode(work: Path) -> None:
                         b"action=DUNNO\n\n")
 
 
+@pytest.mark.parametrize("syslog_listens", [True, False])
+def test_spawned_on_one_socket_logs_to_syslog_never_into_the_answers(work: Path, syslog_listens: bool) -> None:
+    # spawn(8) gives the process the client's socket as standard input, output and error: with
+    # target = stderr, a log line there would reach Postfix as part of an answer.
+    import subprocess
+
+    from tests.policyd.policydhelp import BIN
+
+    url = make_db(work / "rules.sqlite")
+    config = write_config(work, url, f"unix:{work}/unused.sock")
+    syslog_path = str(work / "log.sock")
+    with config.open("a") as fh:
+        fh.write(f"syslog_socket = {syslog_path}\n")  # [log], with target = stderr, is the last section
+    syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if syslog_listens:
+        syslog.bind(syslog_path)
+    syslog.settimeout(10)
+    client, child = socket.socketpair()
+    with syslog, client, child:
+        proc = subprocess.Popen([BIN / "tlsgate-policyd", "--config", config, "--spawn"],
+                                stdin=child, stdout=child, stderr=child)
+        child.close()
+        client.settimeout(30)
+        client.sendall(request() + request(sender="a@else.test"))
+        client.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := client.recv(65536):
+            received += chunk
+        assert proc.wait(30) == 0
+        assert received == (b"action=REJECT 5.7.10 TLS required by connector contoso-in\n\n"
+                            b"action=DUNNO\n\n")
+        if not syslog_listens:
+            return  # the lines are lost, and the answers are still clean
+        lines = []
+        while not any(b"reject connector=contoso-in" in line for line in lines):
+            lines.append(syslog.recv(65536))
+    assert lines[-1].startswith(b"<") and b"tlsgate-policyd[" in lines[-1]
+
+
 def test_metrics_and_stats(work: Path) -> None:
     import subprocess
 
