@@ -77,6 +77,10 @@ class Metrics:
             self.decisions.labels(name, verdict_word(decision)).inc()
         self.latency.observe(seconds)
 
+    def record_error(self) -> None:
+        """A request answered with a temporary failure because deciding failed (verdict ``error``)."""
+        self.decisions.labels("", "error").inc()
+
     def serve(self, listen: str) -> None:
         """Export on ``HOST:PORT`` (loopback only)."""
         host, _, port = listen.rpartition(":")

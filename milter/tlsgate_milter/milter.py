@@ -360,6 +360,8 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
 
     def _tempfail(self) -> int:
         """451 4.3.0: something went wrong here; the client tries again later."""
+        if self._judge.metrics is not None:
+            self._judge.metrics.record_error()
         try:
             self.setreply("451", "4.3.0", "tlsgate-milter internal error, try again later")
         except Exception:

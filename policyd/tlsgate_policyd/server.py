@@ -68,6 +68,8 @@ class Responder:
             return self._respond(attrs)
         except Exception:  # never a pass, and the connection stays up
             log.exception("%s: deciding failed; answering DEFER_IF_PERMIT", (attrs.get("queue_id") or "").strip() or "NOQUEUE")
+            if self._metrics is not None:
+                self._metrics.record_error()
             return INTERNAL_ERROR
 
     def _respond(self, attrs: dict[str, str]) -> str:

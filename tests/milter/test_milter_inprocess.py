@@ -18,6 +18,7 @@ from Milter import testctx
 from tlsgate_milter.milter import Judge, MilterSettings, TlsgateMilter
 
 from tests.milter.milterhelp import make_rules_db
+from tlsgate.metrics import Metrics
 from tlsgate.snapshot import Snapshot
 from tlsgate.store import load, open_engine
 
@@ -388,7 +389,8 @@ def test_an_exception_answers_tempfail_and_is_logged_with_the_queue_id(
     def broken() -> Snapshot:
         raise RuntimeError("boom")
 
-    judge = Judge(snapshot=broken)
+    metrics = Metrics("tlsgate-milter")
+    judge = Judge(snapshot=broken, metrics=metrics)
     Milter.factory = lambda: TlsgateMilter(judge)
     ctx = FixedCtx()
     ctx._setsymval("i", "ABCDEF12")
@@ -398,6 +400,7 @@ def test_an_exception_answers_tempfail_and_is_logged_with_the_queue_id(
     assert ctx._reply == ("451", "4.3.0", "tlsgate-milter internal error, try again later")
     assert "ABCDEF12: envrcpt callback failed, answering TEMPFAIL" in caplog.text
     assert "RuntimeError: boom" in caplog.text
+    assert metrics.registry.get_sample_value("tlsgate_decisions_total", {"connector": "", "verdict": "error"}) == 1
     ctx._close()
 
 

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.policyd.policydhelp import PolicyClient, PolicydProcess, request, write_config
+from tests.policyd.policydhelp import BIN, PolicyClient, PolicydProcess, request, write_config
 from tests.support.rulesdb import make_rules_db
 from tlsgate.store import init_schema, open_engine
 
@@ -184,7 +185,11 @@ def test_a_failure_while_deciding_answers_a_temporary_failure_and_keeps_the_conn
     (work / "fault").mkdir()
     (work / "fault" / "sitecustomize.py").write_text(FAULT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(work / "fault"), os.environ.get("PYTHONPATH")]))}
-    proc = PolicydProcess(write_config(work, url, f"unix:{sock}"), sock, work / "policyd.log", env=env).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write_config(work, url, f"unix:{sock}", metrics=f"127.0.0.1:{port}")
+    proc = PolicydProcess(config, sock, work / "policyd.log", env=env).start()
     try:
         client = PolicyClient(sock)
         assert client.ask(request(sender="boom@contoso.com", queue_id="4F2A1C3B")) == (
@@ -192,6 +197,9 @@ def test_a_failure_while_deciding_answers_a_temporary_failure_and_keeps_the_conn
         assert client.ask(request()).startswith("REJECT 5.7.10")
         log = proc.wait_log("RuntimeError: injected fault")
         assert "ERROR: 4F2A1C3B: deciding failed; answering DEFER_IF_PERMIT" in log
+        stats = subprocess.run([BIN / "tlsgate", "-c", config, "stats"], capture_output=True, text=True, timeout=30)
+        assert "(no connector): error 1" in stats.stdout, stats.stdout + stats.stderr
+        assert "contoso-in: reject 1" in stats.stdout
     finally:
         assert proc.stop() == 0, proc.log()
 
@@ -280,10 +288,6 @@ def test_sigterm_finishes_the_request_in_flight(daemon: PolicydProcess) -> None:
 
 
 def test_tcp_listener_and_check_config(work: Path) -> None:
-    import subprocess
-
-    from tests.policyd.policydhelp import BIN
-
     url = make_db(work / "rules.sqlite")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -307,10 +311,6 @@ def test_tcp_listener_and_check_config(work: Path) -> None:
 
 
 def test_spawn_mode(work: Path) -> None:
-    import subprocess
-
-    from tests.policyd.policydhelp import BIN
-
     url = make_db(work / "rules.sqlite")
     config = write_config(work, url, f"unix:{work}/unused.sock")
     r = subprocess.run([BIN / "tlsgate-policyd", "--config", config, "--spawn"],
@@ -324,10 +324,6 @@ def test_spawn_mode(work: Path) -> None:
 def test_spawned_on_one_socket_logs_to_syslog_never_into_the_answers(work: Path, syslog_listens: bool) -> None:
     # spawn(8) gives the process the client's socket as standard input, output and error: with
     # target = stderr, a log line there would reach Postfix as part of an answer.
-    import subprocess
-
-    from tests.policyd.policydhelp import BIN
-
     url = make_db(work / "rules.sqlite")
     config = write_config(work, url, f"unix:{work}/unused.sock")
     syslog_path = str(work / "log.sock")
@@ -360,10 +356,6 @@ def test_spawned_on_one_socket_logs_to_syslog_never_into_the_answers(work: Path,
 
 
 def test_metrics_and_stats(work: Path) -> None:
-    import subprocess
-
-    from tests.policyd.policydhelp import BIN
-
     url = make_db(work / "rules.sqlite")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
