@@ -147,6 +147,66 @@ def part4_md(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _verdict(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def targets_md(results: dict[str, Any]) -> list[str]:
+    """The issue's targets, each against this run's medians: met or not, never by hand."""
+    rows: list[tuple[str, str, bool]] = []
+    p1 = results.get("1")
+    if isinstance(p1, dict) and "servers" in p1:
+        have = [s for s in p1["servers"] if s.get("valid") and s.get("results")]
+        ours = sorted((s for s in have if s["kind"] == "tlsgate"), key=lambda s: s["connectors"])
+        conns = "16" if ours and "16" in ours[0]["results"] else max((c for s in ours for c in s["results"]), key=int, default="")
+        if ours and conns:
+            base, most = ours[0], ours[-1]
+            rate = _median(base["results"][conns], "rate")
+            for kind, label, goal in (("floor", "the floor", 0.6), ("postfwd1", "postfwd1, 10 rules", 10.0),
+                                      ("postfwd2", "postfwd2, 10 rules", 3.0)):
+                peer = next((s for s in have if s["kind"] == kind and s["connectors"] <= 10 and conns in s["results"]), None)
+                if peer is not None:
+                    ratio = rate / _median(peer["results"][conns], "rate")
+                    rows.append((f"tlsgate-policyd ({base['connectors']:,} connectors) ≥ {goal:g}x {label}, {conns} conns",
+                                 f"{ratio:.2f}x", ratio >= goal))
+            if most is not base:
+                ratios = {c: _median(most["results"][c], "rate") / _median(base["results"][c], "rate")
+                          for c in base["results"] if c in most["results"]}
+                others = ", ".join(f"{v:.2f} at {c}" for c, v in ratios.items() if c != conns)
+                rows.append((f"{most['connectors']:,} connectors within 10% of {base['connectors']:,}, {conns} conns",
+                             f"{ratios[conns]:.2f}" + (f" ({others})" if others else ""), ratios[conns] >= 0.9))
+            p99 = _median(base["results"][conns], "p99_ms")
+            rows.append((f"p99 < 2 ms at {conns} conns", f"{p99:.2f} ms", p99 < 2.0))
+    p2 = results.get("2")
+    if isinstance(p2, dict) and "results" in p2:
+        res = p2["results"]
+        for ours_, peer, goal in (("tlsgate-policyd", "postfix alone", 0.97), ("tlsgate-milter", "no-op pymilter", 0.95)):
+            if ours_ in res and peer in res:
+                for k in res[ours_]:
+                    ratio = _median(res[ours_][k], "rate") / _median(res[peer][k], "rate")
+                    shown = f"{ratio:.0%}"
+                    if ours_ == "tlsgate-policyd" and "floor policy server" in res:
+                        floor = _median(res["floor policy server"][k], "rate") / _median(res[peer][k], "rate")
+                        shown += f" (the do-nothing policy server: {floor:.0%})"
+                    rows.append((f"{ours_} ≥ {goal:.0%} of {peer}, {k} per connection", shown, ratio >= goal))
+    p3 = results.get("3")
+    if isinstance(p3, dict) and "databases" in p3:
+        for name, d in p3["databases"].items():
+            if "load" in d:
+                secs, mb = _median(d["load"], "seconds"), _median(d["load"], "peak_rss_mb")
+                rows.append((f"load {p3['connectors']:,} connectors from {name} ≤ 3 s, < 300 MB",
+                             f"{secs:.2f} s, {mb:.0f} MB", secs <= 3.0 and mb < 300))
+        applied = p3.get("change_applied_s") or {}
+        if applied:
+            n = max(applied, key=int)
+            secs = summarize(applied[n]).median
+            rows.append((f"change applied ≤ 2 s at {int(n):,} connectors", f"{secs:.2f} s", secs <= 2.0))
+    if not rows:
+        return []
+    return ["## Targets", "", "Each target of the benchmark against this run's medians.", "",
+            "| target | this run | met |", "|---|---|---|", *[f"| {t} | {v} | {_verdict(ok)} |" for t, v, ok in rows]]
+
+
 def plots(results: dict[str, Any], out: Path) -> list[str]:
     try:
         import matplotlib
@@ -203,6 +263,9 @@ def report(results: dict[str, Any], info: dict[str, str], out: Path, runs: int, 
             lines += [f"## {part}. failed", "", "```", data["error"], "```", ""]
             continue
         lines += [*render(data), ""]
+    targets = targets_md(results)
+    if targets:
+        lines += [*targets, ""]
     lines += ["## Plots", "", *plots(results, out), ""]
     notes = HERE / "NOTES.md"
     if notes.exists():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import run
 from bench.common import DUNNO, REJECT, postfwd_rules, request_mix, sqlite_rules, verdict, yardstick
 from bench.loadgen import _answer_end, ask_all, run_load
 from bench.policy_bench import check_verdicts, start_floor, start_tlsgate
@@ -101,6 +102,8 @@ def test_quick_run_policy_scale_socketmap(tmp_path: Path) -> None:
     report = (tmp_path / "REPORT.md").read_text()
     assert "## 1. Policy daemon" in report and "## 3. Scale of rules" in report
     assert "| yardstick at start |" in report and "| yardstick at end |" in report
+    assert "| 1,000 connectors within 10% of 10, 4 conns |" in report  # the targets, computed
+    assert "| load 500 connectors from SQLite ≤ 3 s, < 300 MB |" in report
 
 
 @pytest.mark.postfix
@@ -112,3 +115,18 @@ def test_quick_run_through_postfix(tmp_path: Path) -> None:
         for rows in modes.values():
             assert rows[0]["accepted"] > 0 and rows[0]["failed"] == 0, config
     assert results["2"]["policyd_decisions"] > 0 and results["2"]["milter_decisions"] > 0
+
+
+def test_targets_are_judged_from_the_medians() -> None:
+    def server(kind: str, connectors: int, *rates: float) -> dict[str, object]:
+        rows = [{"rate": r, "p99_ms": 1.5} for r in rates]
+        return {"kind": kind, "connectors": connectors, "valid": True, "results": {"16": rows}}
+
+    results = {"1": {"servers": [server("floor", 0, 100, 100, 100), server("tlsgate", 10, 60, 70, 90),
+                                 server("tlsgate", 100_000, 60, 62, 99), server("postfwd1", 10, 7, 7, 7)]}}
+    table = "\n".join(run.targets_md(results))
+    assert "| tlsgate-policyd (10 connectors) ≥ 0.6x the floor, 16 conns | 0.70x | yes |" in table
+    assert "| tlsgate-policyd (10 connectors) ≥ 10x postfwd1, 10 rules, 16 conns | 10.00x | yes |" in table
+    assert "| 100,000 connectors within 10% of 10, 16 conns | 0.89 | **no** |" in table
+    assert "| p99 < 2 ms at 16 conns | 1.50 ms | yes |" in table
+    assert run.targets_md({}) == []
