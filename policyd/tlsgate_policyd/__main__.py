@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import signal
+import stat
 import sys
 from collections.abc import Sequence
 
@@ -129,12 +130,13 @@ def spawn(config: Config, holder: RuleHolder) -> int:
 
 
 def _stderr_is_stdout() -> bool:
-    """True when standard error and output are one file: under spawn(8), the client's socket."""
+    """True when standard error and output are one socket: under spawn(8), the client's (a
+    terminal shared by both is not)."""
     try:
         err, out = os.fstat(2), os.fstat(1)
     except OSError:
         return False
-    return (err.st_dev, err.st_ino) == (out.st_dev, out.st_ino)
+    return stat.S_ISSOCK(err.st_mode) and (err.st_dev, err.st_ino) == (out.st_dev, out.st_ino)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
