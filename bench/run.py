@@ -152,7 +152,7 @@ def _verdict(ok: bool) -> str:
 
 
 def targets_md(results: dict[str, Any]) -> list[str]:
-    """The issue's targets, each against this run's medians: met or not, never by hand."""
+    """The benchmark's targets, each against this run's medians: met or not, never by hand."""
     rows: list[tuple[str, str, bool]] = []
     p1 = results.get("1")
     if isinstance(p1, dict) and "servers" in p1:
