@@ -39,11 +39,9 @@ def _under_systemd() -> bool:
     return bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
 
 
-def _handler(cfg: LogConfig, ident: str, *, stderr_is_client: bool = False) -> logging.Handler:
+def _handler(cfg: LogConfig, ident: str) -> logging.Handler:
     target = cfg.target
-    if stderr_is_client:
-        target = "syslog"  # a line on stderr would be read as the answer
-    elif target == "auto":
+    if target == "auto":
         target = "stderr" if _under_systemd() or not os.path.exists(cfg.syslog_socket) else "syslog"
     if target == "syslog":
         try:
@@ -225,13 +223,8 @@ def line(logger: logging.Logger, level: int, text: str) -> None:
         logger.log(level, "%s", text)
 
 
-def configure(cfg: LogConfig, ident: str, *, stderr_is_client: bool = False) -> None:
-    """Route the root logger through the batching writer to syslog or stderr.
-
-    ``stderr_is_client``: standard error is, or was, the client's connection (a process of
-    Postfix's spawn(8) has its standard input, output and error all on it), so lines go to
-    syslog whatever the target.
-    """
+def configure(cfg: LogConfig, ident: str) -> None:
+    """Route the root logger through the batching writer to syslog or stderr."""
     global _writer
     stop()
     # The line formats use none of these; collecting them is a measurable share of a
@@ -243,7 +236,7 @@ def configure(cfg: LogConfig, ident: str, *, stderr_is_client: bool = False) -> 
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    _writer = _Writer(_handler(cfg, ident, stderr_is_client=stderr_is_client))
+    _writer = _Writer(_handler(cfg, ident))
     root.addHandler(_writer)
     root.setLevel(cfg.level.upper())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -149,14 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         print(f"tlsgate-policyd: configuration {config.path or '(defaults)'} is valid")
         return 0
-    stderr_is_client = args.spawn and _stderr_is_stdout()
-    if stderr_is_client:
+    log_config = config.log
+    if args.spawn and _stderr_is_stdout():
         # spawn(8) put the client's socket on standard error too: whatever would be written
         # there (a log line, a logging error, a warning) would be read as part of an answer.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
-    logsetup.configure(config.log, "tlsgate-policyd", stderr_is_client=stderr_is_client)
+        log_config = dataclasses.replace(log_config, target="syslog")
+    logsetup.configure(log_config, "tlsgate-policyd")
     holder = RuleHolder(config.database, dns=config.dns)
     try:
         if args.spawn:

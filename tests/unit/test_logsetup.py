@@ -285,19 +285,3 @@ def test_a_line_obeys_what_would_silence_a_logged_message(monkeypatch: pytest.Mo
     logsetup.stop()
     assert [line.split(": ", 2)[2] for line in out.getvalue().splitlines()] == ["at the writer's level", "kept"]
 
-
-def test_a_client_on_stderr_sends_lines_to_syslog_whatever_the_target(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    out = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", out)
-    path = str(tmp_path / "log")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
-        syslog.bind(path)
-        syslog.settimeout(5)
-        cfg = LogConfig(target="stderr", level="info", syslog_socket=path)
-        logsetup.configure(cfg, "tlsgate-test", stderr_is_client=True)
-        logging.getLogger("tlsgate.test").warning("not for the client")
-        got = syslog.recv(4096)
-        logsetup.stop()
-    assert got == f"<20>tlsgate-test[{os.getpid()}]: not for the client\x00".encode()
-    assert out.getvalue() == ""
