@@ -63,19 +63,8 @@ def part1_md(data: dict[str, Any]) -> list[str]:
                                               for s in data["servers"]]
     by = {s["name"]: s.get("results") or {} for s in data["servers"]}
     floor = next((s.get("results") or {} for s in data["servers"] if s["kind"] == "floor"), {})
-    lines += ["", "Ratios (medians, 16 connections):", ""]
     t10 = next((r for n, r in by.items() if n.startswith("tlsgate-policyd, 10 ")), {})
     t100k = next((r for n, r in by.items() if n.startswith("tlsgate-policyd, 100,000")), {})
-    for label, other in (("floor", floor), ("postfwd1, 10 rules", by.get("postfwd1, 10 rules", {})),
-                         ("postfwd2, 10 rules", by.get("postfwd2, 10 rules", {}))):
-        if "16" in t10 and "16" in other:
-            lines.append(f"- tlsgate-policyd (10 connectors) / {label}: {_median(t10['16'], 'rate') / _median(other['16'], 'rate'):.2f}")
-    if "16" in t10 and "16" in t100k:
-        lines.append(f"- tlsgate-policyd 100,000 / 10 connectors: {_median(t100k['16'], 'rate') / _median(t10['16'], 'rate'):.2f}")
-        others = [f"{_median(t100k[c], 'rate') / _median(t10[c], 'rate'):.2f} at {c}"
-                  for c in t10 if c != "16" and c in t100k]
-        if others:
-            lines.append(f"  (the same ratio at the other connection counts: {', '.join(others)})")
     costs = [(label, rows["16"]) for label, rows in (("floor", floor), ("tlsgate-policyd, 10 connectors", t10),
                                                        ("tlsgate-policyd, 100,000 connectors", t100k))
              if "16" in rows and all("server_cpu_us" in r for r in rows["16"])]
