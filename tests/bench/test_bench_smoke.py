@@ -130,3 +130,25 @@ def test_targets_are_judged_from_the_medians() -> None:
     assert "| 100,000 connectors within 10% of 10, 16 conns | 0.89 | **no** |" in table
     assert "| p99 < 2 ms at 16 conns | 1.50 ms | yes |" in table
     assert run.targets_md({}) == []
+
+
+def test_runs_taken_in_turn_show_their_ratios_range() -> None:
+    def rows(*rates: float) -> list[dict[str, float]]:
+        return [{"rate": r, "p99_ms": 1.0} for r in rates]
+
+    servers = [{"kind": "floor", "connectors": 0, "valid": True, "results": {"16": rows(100, 200, 100)}},
+               {"kind": "tlsgate", "connectors": 10, "valid": True, "results": {"16": rows(50, 70, 90)}},
+               {"kind": "postfwd1", "connectors": 10, "valid": True, "results": {"16": rows(5, 7, 9)}}]
+    results = {"1": {"interleaved": True, "servers": servers},
+               "2": {"results": {"postfix alone": {"1": rows(100, 100, 100)},
+                                 "tlsgate-policyd": {"1": rows(90, 98, 104)}}}}
+    table = "\n".join(run.targets_md(results))
+    # The median's ratio decides; the runs paired one by one give the range (0.5, 0.35, 0.9).
+    assert "| ≥ 0.6x the floor, 16 conns | 0.70x (run by run 0.35x–0.90x) | yes |" in table.replace(
+        "tlsgate-policyd (10 connectors) ", "")
+    # postfwd takes its runs on its own: no pairs, no range.
+    assert "| tlsgate-policyd (10 connectors) ≥ 10x postfwd1, 10 rules, 16 conns | 10.00x | yes |" in table
+    assert "| tlsgate-policyd ≥ 97% of postfix alone, 1 per connection | 98% (run by run 90%–104%) | yes |" in table
+    part2 = "\n".join(run.part2_md({"runs": 3, "messages": 10, "processes": 1, **results["2"]}))
+    assert "| tlsgate-policyd | 1 | 98.0 (90.0–104.0) | 0.98 (run by run 0.90–1.04) |" in part2
+    assert "| postfix alone | 1 | 100.0 (100.0–100.0) | 1.00 |" in part2
