@@ -18,6 +18,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ POLICY = "check_policy_service {{ unix:tlsgate/{}, timeout=10s, default_action=D
 # costs by itself, the best any policy daemon could do here.
 CONFIGS = ("postfix alone", "tlsgate-policyd", "floor policy server", "tlsgate-milter", "policyd + milter",
            "no-op pymilter")
+# The add-on daemons each configuration sends its messages through.
+ADD_ONS = {"postfix alone": (), "tlsgate-policyd": ("policyd",), "floor policy server": ("floor",),
+           "tlsgate-milter": ("milter",), "policyd + milter": ("policyd", "milter"), "no-op pymilter": ("noop",)}
 WARM_UP = 8  # messages after each reload, not counted
 MESSAGE = (b"From: a@bench.test\r\nTo: b@tlsgate.test\r\nSubject: bench\r\n\r\n" + b"benchmark body line\r\n" * 40)
 
@@ -99,6 +103,19 @@ def _cpu_seconds(child: Child) -> float:
     return cpu_seconds(pid)
 
 
+def _measured(drive_once: Callable[[], dict[str, float]], master_pid: int, add_ons: list[Child]) -> dict[str, float]:
+    """One drive, with the CPU time that Postfix (its master and every process under it: smtpd,
+    cleanup, qmgr, the delivery agent, tlsmgr) and the configuration's add-ons spent on it, per
+    message sent."""
+    postfix_before = cpu_seconds(master_pid)
+    add_ons_before = sum(_cpu_seconds(child) for child in add_ons)
+    result = drive_once()
+    sent = max(1.0, result["accepted"] + result["failed"])
+    result["postfix_cpu_us"] = 1e6 * (cpu_seconds(master_pid) - postfix_before) / sent
+    result["addon_cpu_us"] = 1e6 * (sum(_cpu_seconds(child) for child in add_ons) - add_ons_before) / sent
+    return result
+
+
 def run(work: Path, *, runs: int = 5, messages: int = 300, processes: int = 4,
         per_session: tuple[int, ...] = (1, 10)) -> dict[str, Any]:
     reason = skip_reason()
@@ -108,6 +125,7 @@ def run(work: Path, *, runs: int = 5, messages: int = 300, processes: int = 4,
     pki_dir = Path(tempfile.mkdtemp(prefix="tlsgate-bench-pki-"))
     instance = PrivatePostfix(Pki(pki_dir))
     children: list[Child] = []
+    by_name: dict[str, Child] = {}
     try:
         sockdir = instance.queue_dir / "tlsgate"
         sockdir.mkdir(mode=0o755)
@@ -130,17 +148,21 @@ def run(work: Path, *, runs: int = 5, messages: int = 300, processes: int = 4,
                                   sockdir / "floor.sock")):
             child = Child(args, work / f"postfix-{name}.log")
             children.append(child)
+            by_name[name] = child
             child.start(lambda s=sock: s.exists())
         noop_sock.chmod(0o666)
         instance.start(_main_cf("postfix alone", milter_sock, noop_sock))
+        master_pid = instance.master_pid()
+        assert master_pid is not None
         out: dict[str, Any] = {"runs": runs, "messages": messages, "processes": processes, "results": {}}
         cpu_before = [_cpu_seconds(child) for child in children]  # start-up excluded
         for run_index in range(runs):
             for config in CONFIGS:
                 instance.reload(_main_cf(config, milter_sock, noop_sock))
                 drive(instance.port, WARM_UP, 1, 2)  # smtpd processes with the new settings
+                add_ons = [by_name[name] for name in ADD_ONS[config]]
                 for k in per_session:
-                    result = drive(instance.port, messages, k, processes)
+                    result = _measured(lambda k=k: drive(instance.port, messages, k, processes), master_pid, add_ons)
                     out["results"].setdefault(config, {}).setdefault(str(k), []).append(result)
                     print(f"  run {run_index + 1} {config}, {k}/connection: {result['rate']:.1f} msg/s "
                           f"({result['accepted']} accepted, {result['failed']} failed)", flush=True)

@@ -89,16 +89,26 @@ def part2_md(data: dict[str, Any]) -> list[str]:
     if "skipped" in data:
         return ["## 2. Through a real Postfix", "", f"Skipped: {data['skipped']}"]
     res = data["results"]
+    cpu_columns = all("postfix_cpu_us" in r for modes in res.values() for rows in modes.values() for r in rows)
     lines = ["## 2. Through a real Postfix (STARTTLS, messages accepted per second)", "",
              f"Median (min–max) of {data['runs']} runs, {data['messages']} messages per configuration and run, "
              f"{data['processes']} client processes (smtplib: EHLO, STARTTLS, EHLO, then MAIL/RCPT/DATA). "
              "Configurations interleaved within each run. Ratio: median against Postfix alone, and the range of the "
-             "ratios of the runs taken together (one run of each configuration in turn).", "",
-             "| configuration | msgs/connection | messages/s | ratio to Postfix alone |", "|---|---|---|---|"]
+             "ratios of the runs taken together (one run of each configuration in turn)."
+             + (" CPU per message: the CPU time (user + system) that Postfix (its master and every process "
+                "under it) and the configuration's add-on daemons spent while its messages were sent, per message; "
+                "on two shared cores, what one of them spends more is taken from the others." if cpu_columns else ""),
+             "",
+             "| configuration | msgs/connection | messages/s | ratio to Postfix alone |"
+             + (" Postfix CPU µs/message | add-on CPU µs/message |" if cpu_columns else ""),
+             "|---|---|---|---|" + ("---|---|" if cpu_columns else "")]
     for config, modes in res.items():
         for k, rows in modes.items():
             _, ratio = _ratio(rows, res["postfix alone"][k], paired=config != "postfix alone")
-            lines.append(f"| {config} | {k} | {_cell(rows, 'rate', '{:,.1f}')} | {ratio} |")
+            cpu_cells = (f" {_cell(rows, 'postfix_cpu_us', '{:,.0f}')} | "
+                   + (f"{_cell(rows, 'addon_cpu_us', '{:,.0f}')} |" if config != "postfix alone" else "– |")
+                   if cpu_columns else "")
+            lines.append(f"| {config} | {k} | {_cell(rows, 'rate', '{:,.1f}')} | {ratio} |{cpu_cells}")
     lines.append("")
     for k in next(iter(res.values())):
         for ours, peer in (("tlsgate-policyd", "floor policy server"), ("tlsgate-milter", "no-op pymilter")):

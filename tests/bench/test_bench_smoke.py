@@ -115,6 +115,10 @@ def test_quick_run_through_postfix(tmp_path: Path) -> None:
         for rows in modes.values():
             assert rows[0]["accepted"] > 0 and rows[0]["failed"] == 0, config
     assert results["2"]["policyd_decisions"] > 0 and results["2"]["milter_decisions"] > 0
+    rows = [row for modes in results["2"]["results"].values() for rows in modes.values() for row in rows]
+    assert all(row["postfix_cpu_us"] >= 0 and row["addon_cpu_us"] >= 0 for row in rows)
+    assert sum(row["postfix_cpu_us"] for row in rows) > 0  # the processes under Postfix's master were counted
+    assert all(row["addon_cpu_us"] == 0 for row in results["2"]["results"]["postfix alone"]["1"])
 
 
 def test_targets_are_judged_from_the_medians() -> None:
@@ -150,5 +154,12 @@ def test_runs_taken_in_turn_show_their_ratios_range() -> None:
     assert "| tlsgate-policyd (10 connectors) ≥ 10x postfwd1, 10 rules, 16 conns | 10.00x | yes |" in table
     assert "| tlsgate-policyd ≥ 97% of postfix alone, 1 per connection | 98% (run by run 90%–104%) | yes |" in table
     part2 = "\n".join(run.part2_md({"runs": 3, "messages": 10, "processes": 1, **results["2"]}))
-    assert "| tlsgate-policyd | 1 | 98.0 (90.0–104.0) | 0.98 (run by run 0.90–1.04) |" in part2
-    assert "| postfix alone | 1 | 100.0 (100.0–100.0) | 1.00 |" in part2
+    assert "| tlsgate-policyd | 1 | 98.0 (90.0–104.0) | 0.98 (run by run 0.90–1.04) |\n" in part2
+    assert "| postfix alone | 1 | 100.0 (100.0–100.0) | 1.00 |\n" in part2
+    # With the CPU that Postfix and the add-on spent per message, two more columns.
+    for config, extra in (("postfix alone", 0), ("tlsgate-policyd", 100)):
+        for i, row in enumerate(results["2"]["results"][config]["1"]):
+            row.update(postfix_cpu_us=3000 + 10 * i + extra, addon_cpu_us=extra + i)
+    part2 = "\n".join(run.part2_md({"runs": 3, "messages": 10, "processes": 1, **results["2"]}))
+    assert "| postfix alone | 1 | 100.0 (100.0–100.0) | 1.00 | 3,010 (3,000–3,020) | – |" in part2
+    assert "| tlsgate-policyd | 1 | 98.0 (90.0–104.0) | 0.98 (run by run 0.90–1.04) | 3,110 (3,100–3,120) | 101 (100–102) |" in part2
