@@ -105,9 +105,10 @@ def part2_md(data: dict[str, Any]) -> list[str]:
     for config, modes in res.items():
         for k, rows in modes.items():
             _, ratio = _ratio(rows, res["postfix alone"][k], paired=config != "postfix alone")
-            cpu_cells = (f" {_cell(rows, 'postfix_cpu_us', '{:,.0f}')} | "
-                   + (f"{_cell(rows, 'addon_cpu_us', '{:,.0f}')} |" if config != "postfix alone" else "– |")
-                   if cpu_columns else "")
+            cpu_cells = ""
+            if cpu_columns:
+                add_on = _cell(rows, "addon_cpu_us", "{:,.0f}") if config != "postfix alone" else "–"
+                cpu_cells = f" {_cell(rows, 'postfix_cpu_us', '{:,.0f}')} | {add_on} |"
             lines.append(f"| {config} | {k} | {_cell(rows, 'rate', '{:,.1f}')} | {ratio} |{cpu_cells}")
     lines.append("")
     for k in next(iter(res.values())):
