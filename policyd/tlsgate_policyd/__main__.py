@@ -4,7 +4,8 @@ One place owns the lifecycle: the configuration is read and checked first (exit 
 line on any problem); rules load in the background, so the daemon is READY as soon as it
 listens and answers a temporary failure until the first snapshot exists; SIGHUP reloads the
 rules now; SIGTERM stops accepting, lets requests in flight finish and exits 0.
-``--spawn`` serves one connection on stdin/stdout, for a ``spawn`` service in master.cf.
+``--spawn`` serves one connection on stdin/stdout, for a ``spawn`` service in master.cf,
+with the same polling for rule changes.
 """
 
 from __future__ import annotations
@@ -111,8 +112,15 @@ async def _watchdog(interval: float, holder: RuleHolder) -> None:
 
 
 def spawn(config: Config, holder: RuleHolder) -> int:
-    """One connection on stdin/stdout; Postfix's spawn(8) ends it by closing stdin."""
+    """One connection on stdin/stdout; Postfix's spawn(8) ends it by closing stdin.
+
+    The first load is done before the first request is read, so a spawned process never
+    answers a temporary failure for want of time; then the rules are polled as by the
+    socket daemon, since smtpd keeps its connection, hence this process, for up to
+    ``smtpd_policy_service_max_ttl`` (1000 s).
+    """
     holder.refresh()
+    holder.start()
     responder = Responder(config, lambda: holder.snapshot)
     cfg = config.policyd
     parser = RequestReader(Limits(cfg.max_line, cfg.max_attributes, cfg.max_request))

@@ -37,10 +37,16 @@ def request(**attrs: str) -> bytes:
 class PolicyClient:
     """A persistent connection, as each smtpd process keeps one."""
 
-    def __init__(self, path: Path, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
+    def __init__(self, path: Path | None, timeout: float = 10.0, *, sock: socket.socket | None = None) -> None:
+        """Connect to ``path``, or talk over ``sock``, already connected."""
+        if sock is None:
+            assert path is not None
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+        else:
+            sock.settimeout(timeout)
+        self.sock = sock
         self.buffer = b""
 
     def ask(self, data: bytes) -> str:

@@ -320,6 +320,52 @@ def test_spawn_mode(work: Path) -> None:
                         b"action=DUNNO\n\n")
 
 
+def _spawned(config: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], PolicyClient, PolicydProcess]:
+    """A ``--spawn`` process on one end of a socket pair, as spawn(8) runs it, logging to a file."""
+    client, child = socket.socketpair()
+    log = PolicydProcess(config, Path("unused"), log_path)
+    with log_path.open("ab") as stderr, child:
+        proc = subprocess.Popen([BIN / "tlsgate-policyd", "--config", config, "--spawn"],
+                                stdin=child, stdout=child, stderr=stderr)
+    log.proc = proc
+    return proc, PolicyClient(None, 30, sock=client), log
+
+
+def test_spawned_process_applies_rule_changes(work: Path) -> None:
+    # smtpd keeps its policy connection, so one spawned process, for up to 1000 s: a change
+    # committed meanwhile must apply within poll_interval, as in the socket daemon.
+    url = make_db(work / "rules.sqlite")
+    config = write_config(work, url, f"unix:{work}/unused.sock")
+    proc, client, log = _spawned(config, work / "spawn.log")
+    try:
+        assert client.ask(request()) == "REJECT 5.7.10 TLS required by connector contoso-in"
+        con = sqlite3.connect(work / "rules.sqlite")
+        con.execute("UPDATE inbound_connector SET require_tls = 0 WHERE name = 'contoso-in'")
+        con.commit()
+        con.close()
+        log.wait_log("loaded rules generation", count=2)
+        assert client.ask(request()) == "DUNNO"
+    finally:
+        client.close()
+        assert proc.wait(30) == 0, log.log()
+
+
+def test_spawned_process_started_without_rules_recovers(work: Path) -> None:
+    # A database without its schema yet: temporary failures, then decisions once it loads.
+    db = work / "rules.sqlite"
+    sqlite3.connect(db).close()
+    config = write_config(work, f"sqlite:///{db}", f"unix:{work}/unused.sock")
+    proc, client, log = _spawned(config, work / "spawn.log")
+    try:
+        assert client.ask(request()).startswith("DEFER 4.3.5 ")
+        make_db(db)  # the schema and rules, into the file the process has open
+        log.wait_log("loaded rules generation")
+        assert client.ask(request()) == "REJECT 5.7.10 TLS required by connector contoso-in"
+    finally:
+        client.close()
+        assert proc.wait(30) == 0, log.log()
+
+
 @pytest.mark.parametrize("syslog_listens", [True, False])
 def test_spawned_on_one_socket_logs_to_syslog_never_into_the_answers(work: Path, syslog_listens: bool) -> None:
     # spawn(8) gives the process the client's socket as standard input, output and error: with
