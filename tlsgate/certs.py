@@ -321,7 +321,7 @@ def pin_from_certificate(cert: x509.Certificate, chain: list[x509.Certificate] |
         subject_cn=_name_attr(cert.subject, NameOID.COMMON_NAME),
         dns_names=dns_names(cert),
         organization=_name_attr(cert.subject, NameOID.ORGANIZATION_NAME),
-        unit=_name_attr(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME),
+        units=_name_attrs(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME),
         issuer_cn=display_name(cert.issuer),
         key_type=key_type,
         key_bits=key_bits,
@@ -355,7 +355,7 @@ class Derived:
     pubkey_sha256: str
     subject_cn: str | None
     organization: str | None
-    unit: str | None
+    unit: str | None  # every OU of the subject, joined by ", "
     issuer_cn: str | None
     key_type: str
     key_bits: int
@@ -370,7 +370,7 @@ class Derived:
             pubkey_sha256=pubkey_fingerprint(cert, "sha256"),
             subject_cn=_name_attr(cert.subject, NameOID.COMMON_NAME),
             organization=_name_attr(cert.subject, NameOID.ORGANIZATION_NAME),
-            unit=_name_attr(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME),
+            unit=", ".join(_name_attrs(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)) or None,
             issuer_cn=display_name(cert.issuer),
             key_type=key_type,
             key_bits=key_bits,

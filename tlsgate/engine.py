@@ -186,18 +186,16 @@ def _check_pin(c: InboundConnector, pin: Pin, now: datetime, by_key: bool) -> li
             )
         )
     if c.require_unit is not None:
-        ok = (pin.unit or "").casefold() == c.require_unit.casefold()
-        out.append(
-            (
-                Check(
-                    "organizational unit",
-                    ok,
-                    f"certificate organizational unit {pin.unit or '(none)'!s}"
-                    + (" matches" if ok else f" is not {c.require_unit}"),
-                ),
-                STATUS_POLICY,
-            )
-        )
+        # A subject may hold several OUs (older public certificates often do): any one will do.
+        wanted = c.require_unit.casefold()
+        unit = next((u for u in pin.units if u.casefold() == wanted), None)
+        if unit is not None:
+            detail = f"certificate organizational unit {unit} matches"
+        elif len(pin.units) > 1:
+            detail = f"certificate organizational units {', '.join(pin.units)}: none is {c.require_unit}"
+        else:
+            detail = f"certificate organizational unit {pin.units[0] if pin.units else '(none)'} is not {c.require_unit}"
+        out.append((Check("organizational unit", unit is not None, detail), STATUS_POLICY))
     min_bits = c.min_key_bits if c.min_key_bits is not None else DEFAULT_MIN_KEY_BITS
     ok = rsa_equivalent_bits(pin.key_type, pin.key_bits) >= min_bits
     out.append(

@@ -78,8 +78,8 @@ class Pin:
     pubkey_fingerprints: frozenset[str]
     subject_cn: str | None
     dns_names: tuple[str, ...]
-    organization: str | None
-    unit: str | None
+    organization: str | None  # the subject's first O
+    units: tuple[str, ...]  # every OU of the subject, in order
     issuer_cn: str | None
     key_type: str
     key_bits: int

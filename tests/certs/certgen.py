@@ -30,12 +30,13 @@ def key(kind: str = "rsa", size: int = 2048, *, fresh: bool = False) -> Any:
     return made
 
 
-def name(cn: str | None, o: str | None = None, ou: str | None = None) -> x509.Name:
+def name(cn: str | None, o: str | None = None, ou: str | tuple[str, ...] | None = None) -> x509.Name:
+    """A subject name; ``ou`` may be several units, one attribute each, in that order."""
     attrs = []
     if o is not None:
         attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, o))
-    if ou is not None:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou))
+    for unit in (ou,) if isinstance(ou, str) else ou or ():
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
     if cn is not None:
         attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
     return x509.Name(attrs)
@@ -45,7 +46,7 @@ def make(
     cn: str | None = "mail.partner.test",
     *,
     o: str | None = "Partner Org",
-    ou: str | None = "Mail",
+    ou: str | tuple[str, ...] | None = "Mail",
     private_key: Any = None,
     public_key: Any = None,
     san: tuple[str, ...] = (),

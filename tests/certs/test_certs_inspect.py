@@ -54,11 +54,16 @@ def test_self_signed_names_and_sans() -> None:
     assert {a["name"] for a in info["subject_attributes"]} == {"CN", "O", "OU"}
 
 
-@pytest.mark.parametrize(("o", "ou"), [("Partner Org", "Mail"), ("Other Org", "Sales"), (None, None)])
-def test_organization_and_unit(o: str | None, ou: str | None) -> None:
+@pytest.mark.parametrize(("o", "ou", "units"), [
+    ("Partner Org", "Mail", ("Mail",)),
+    ("Other Org", ("Domain Control Validated", "Sales"), ("Domain Control Validated", "Sales")),
+    (None, None, ()),
+])
+def test_organization_and_units(o: str | None, ou: str | tuple[str, ...] | None, units: tuple[str, ...]) -> None:
     cert, _ = certgen.make(o=o, ou=ou)
     pin = pin_from_pem(certgen.pem(cert))
-    assert (pin.organization, pin.unit) == (o, ou)
+    assert (pin.organization, pin.units) == (o, units)
+    assert Derived.of(cert).unit == (", ".join(units) or None)
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,7 @@ def world() -> World:
     w.certs["future"], _ = certgen.make(not_before=NOW + DAY, not_after=NOW + 400 * DAY)
     w.certs["other-org"], _ = certgen.make(o="Other Org", ou="Mail")
     w.certs["other-unit"], _ = certgen.make(o="Partner Org", ou="Sales")
+    w.certs["two-units"], _ = certgen.make(o="Partner Org", ou=("Domain Control Validated", "Mail"))
     w.certs["rsa1024"], _ = certgen.make(private_key=certgen.key("rsa", 1024))
     w.certs["rsa4096"], _ = certgen.make(private_key=certgen.key("rsa", 4096))
     w.certs["p256"], _ = certgen.make(private_key=certgen.key("ec", 256))
@@ -78,6 +79,9 @@ CASES: list[tuple[str, dict[str, Any], tuple[str, ...], str | None, str, str, st
      "organization Other Org is not Partner Org"),
     ("unit mismatch", {"require_unit": "Mail"}, ("other-unit",), "other-unit", "sha256", "fail",
      "organizational unit Sales is not Mail"),
+    ("unit second of two", {"require_unit": "Mail"}, ("two-units",), "two-units", "sha256", "pass", ""),
+    ("unit in neither of two", {"require_unit": "Sales"}, ("two-units",), "two-units", "sha256", "fail",
+     "organizational units Domain Control Validated, Mail: none is Sales"),
     ("RSA 1024 below the default", {}, ("rsa1024",), "rsa1024", "sha256", "fail", "RSA 1024 bits is weaker than 2048"),
     ("RSA 1024 allowed explicitly", {"min_key_bits": 1024}, ("rsa1024",), "rsa1024", "sha256", "pass", ""),
     ("RSA 2048 below 4096", {"min_key_bits": 4096}, ("partner",), "partner", "sha256", "fail", "weaker than 4096"),

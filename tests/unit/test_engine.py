@@ -158,7 +158,7 @@ def _pin(**kw: Any) -> Pin:
     base: dict[str, Any] = dict(
         cert_fingerprints=frozenset({"AA:01"}), pubkey_fingerprints=frozenset({"BB:01"}),
         subject_cn="mail.partner.test", dns_names=("mail.partner.test",), organization="Partner Org",
-        unit="Mail", issuer_cn="Lab Test CA", key_type="RSA", key_bits=2048,
+        units=("Mail",), issuer_cn="Lab Test CA", key_type="RSA", key_bits=2048,
         not_before=NOW - timedelta(days=10), not_after=NOW + timedelta(days=100), label="sha256 AA:01",
     )
     base.update(kw)
@@ -174,7 +174,14 @@ PIN_CASES: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
     ("not yet valid", {"pin": {"not_before": NOW + timedelta(days=1)}}, {"cert_fingerprint": "AA:01"}, "defer", "not valid before"),
     ("organization", {"conn": {"require_organization": "Partner Org"}}, {"cert_fingerprint": "AA:01"}, "pass", ""),
     ("organization mismatch", {"conn": {"require_organization": "Other"}}, {"cert_fingerprint": "AA:01"}, "defer", "is not Other"),
-    ("unit mismatch", {"conn": {"require_unit": "Sales"}}, {"cert_fingerprint": "AA:01"}, "defer", "is not Sales"),
+    ("unit mismatch", {"conn": {"require_unit": "Sales"}}, {"cert_fingerprint": "AA:01"}, "defer",
+     "certificate organizational unit Mail is not Sales"),
+    ("unit among several", {"pin": {"units": ("Domain Control Validated", "Mail")}, "conn": {"require_unit": "mail"}},
+     {"cert_fingerprint": "AA:01"}, "pass", ""),
+    ("unit in none of several", {"pin": {"units": ("Domain Control Validated", "Mail")}, "conn": {"require_unit": "Sales"}},
+     {"cert_fingerprint": "AA:01"}, "defer", "certificate organizational units Domain Control Validated, Mail: none is Sales"),
+    ("no unit", {"pin": {"units": ()}, "conn": {"require_unit": "Sales"}}, {"cert_fingerprint": "AA:01"}, "defer",
+     "certificate organizational unit (none) is not Sales"),
     ("weak RSA key", {"pin": {"key_bits": 1024}}, {"cert_fingerprint": "AA:01"}, "defer", "weaker than 2048"),
     ("EC P-256 meets 2048", {"pin": {"key_type": "EC", "key_bits": 256}}, {"cert_fingerprint": "AA:01"}, "pass", ""),
     ("EC P-256 below 4096", {"pin": {"key_type": "EC", "key_bits": 256}, "conn": {"min_key_bits": 4096}}, {"cert_fingerprint": "AA:01"}, "defer", "weaker"),

@@ -325,7 +325,7 @@ def list_entries(engine: Engine, connector: str | None, now: datetime) -> list[d
             status=status,
             subject_cn=pin.subject_cn,
             organization=pin.organization,
-            unit=pin.unit,
+            unit=", ".join(pin.units) or None,
             issuer=pin.issuer_cn,
             key=f"{pin.key_type} {pin.key_bits}",
             not_before=pin.not_before.strftime("%Y-%m-%dT%H:%M:%SZ"),
