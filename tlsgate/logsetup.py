@@ -223,6 +223,37 @@ def line(logger: logging.Logger, level: int, text: str) -> None:
         logger.log(level, "%s", text)
 
 
+#: a fault of one kind shows its traceback at most once in this many seconds
+TRACEBACK_INTERVAL = 60.0
+_tracebacks_shown: dict[tuple[str, str, int], float] = {}
+_clock = time.monotonic
+
+
+def failure(logger: logging.Logger, msg: str, *args: object) -> None:
+    """Log the exception being handled at ERROR, on one line with its type and message, and
+    with its traceback the first time in ``TRACEBACK_INTERVAL`` seconds that an exception of
+    its type is raised at its line. A fault that hits every request thus writes one traceback
+    a minute to mail.log, and still one line for every request it concerns."""
+    exc = sys.exc_info()[1]
+    if exc is None:
+        logger.error(msg, *args)
+        return
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    kind = (type(exc).__qualname__, tb.tb_frame.f_code.co_filename if tb else "", tb.tb_lineno if tb else 0)
+    now = _clock()
+    shown = _tracebacks_shown.get(kind)
+    if shown is not None and now - shown < TRACEBACK_INTERVAL:
+        logger.error(msg + " (%s: %s; its traceback was logged at most %d s ago)",
+                     *args, type(exc).__name__, exc, TRACEBACK_INTERVAL)
+        return
+    if len(_tracebacks_shown) >= 256:  # kinds are places in the code: few, but bounded anyway
+        _tracebacks_shown.clear()
+    _tracebacks_shown[kind] = now
+    logger.error(msg, *args, exc_info=True)
+
+
 def configure(cfg: LogConfig, ident: str) -> None:
     """Route the root logger through the batching writer to syslog or stderr."""
     global _writer

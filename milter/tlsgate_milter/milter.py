@@ -27,6 +27,7 @@ from typing import Any, TypeVar, cast
 
 import Milter
 
+from tlsgate import logsetup
 from tlsgate.config import Config
 from tlsgate.decisionlog import log_decision
 from tlsgate.engine import decide
@@ -219,13 +220,13 @@ def _no_reply(callback: _F) -> _F:
     def wrapper(self: TlsgateMilter, *args: Any) -> Any:
         try:
             return callback(self, *args)
-        except Exception:  # the next reply is TEMPFAIL
+        except Exception:  # noqa: BLE001 - logged by logsetup.failure; the next reply is TEMPFAIL
             if name in _SESSION_CALLBACKS:
                 self._session_failure = name
             else:
                 self._message_failure = name
-            log.exception("%s: %s callback failed; answering TEMPFAIL at the next command",
-                          self._queue_id or "NOQUEUE", name)
+            logsetup.failure(log, "%s: %s callback failed; answering TEMPFAIL at the next command",
+                             self._queue_id or "NOQUEUE", name)
             return CONTINUE
 
     return cast(_F, Milter.noreply(wrapper))
@@ -351,9 +352,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         return self._tempfail()
 
     def _internal_error(self, callback: str) -> int:
-        log.exception(
-            "%s: %s callback failed, answering TEMPFAIL", self._queue_id or "NOQUEUE", callback
-        )
+        logsetup.failure(log, "%s: %s callback failed, answering TEMPFAIL", self._queue_id or "NOQUEUE", callback)
         if callback in ("close", "abort"):
             return CONTINUE
         return self._tempfail()
@@ -364,8 +363,8 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
             self._judge.metrics.record_error()
         try:
             self.setreply("451", "4.3.0", "tlsgate-milter internal error, try again later")
-        except Exception:
-            log.exception("%s: cannot set the reply", self._queue_id or "NOQUEUE")
+        except Exception:  # noqa: BLE001 - logged by logsetup.failure
+            logsetup.failure(log, "%s: cannot set the reply", self._queue_id or "NOQUEUE")
         return TEMPFAIL
 
     # --------------------------------------------------------------- callbacks

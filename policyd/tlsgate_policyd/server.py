@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from tlsgate import logsetup
 from tlsgate.config import Config
 from tlsgate.decisionlog import log_decision
 from tlsgate.engine import decide
@@ -66,8 +67,9 @@ class Responder:
         """The answer to one request; a failure while deciding is a temporary one."""
         try:
             return self._respond(attrs)
-        except Exception:  # never a pass, and the connection stays up
-            log.exception("%s: deciding failed; answering DEFER_IF_PERMIT", (attrs.get("queue_id") or "").strip() or "NOQUEUE")
+        except Exception:  # noqa: BLE001 - logged by logsetup.failure; never a pass, the connection stays up
+            logsetup.failure(log, "%s: deciding failed; answering DEFER_IF_PERMIT",
+                             (attrs.get("queue_id") or "").strip() or "NOQUEUE")
             if self._metrics is not None:
                 self._metrics.record_error()
             return INTERNAL_ERROR

@@ -197,8 +197,14 @@ def test_a_failure_while_deciding_answers_a_temporary_failure_and_keeps_the_conn
         assert client.ask(request()).startswith("REJECT 5.7.10")
         log = proc.wait_log("RuntimeError: injected fault")
         assert "ERROR: 4F2A1C3B: deciding failed; answering DEFER_IF_PERMIT" in log
+        # The same fault again: one line, no second traceback.
+        assert client.ask(request(sender="boom@contoso.com", queue_id="5B3C2D4E")).startswith("DEFER_IF_PERMIT 4.3.0")
+        log = proc.wait_log("5B3C2D4E: deciding failed")
+        assert ("ERROR: 5B3C2D4E: deciding failed; answering DEFER_IF_PERMIT (RuntimeError: injected fault; "
+                "its traceback was logged at most 60 s ago)") in log
+        assert log.count("Traceback (most recent call last)") == 1
         stats = subprocess.run([BIN / "tlsgate", "-c", config, "stats"], capture_output=True, text=True, timeout=30)
-        assert "(no connector): error 1" in stats.stdout, stats.stdout + stats.stderr
+        assert "(no connector): error 2" in stats.stdout, stats.stdout + stats.stderr
         assert "contoso-in: reject 1" in stats.stdout
     finally:
         assert proc.stop() == 0, proc.log()

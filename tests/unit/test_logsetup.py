@@ -285,3 +285,38 @@ def test_a_line_obeys_what_would_silence_a_logged_message(monkeypatch: pytest.Mo
     logsetup.stop()
     assert [line.split(": ", 2)[2] for line in out.getvalue().splitlines()] == ["at the writer's level", "kept"]
 
+
+
+def _fail(exc: Exception) -> None:
+    raise exc
+
+
+def test_a_repeated_fault_shows_its_traceback_once_an_interval(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(logsetup, "_clock", lambda: now[0])
+    monkeypatch.setattr(logsetup, "_tracebacks_shown", {})
+    log = logging.getLogger("tlsgate.test")
+
+    def fault(queue_id: str, exc: Exception) -> logging.LogRecord:
+        try:
+            _fail(exc)
+        except Exception:
+            logsetup.failure(log, "%s: deciding failed", queue_id)
+        return caplog.records[-1]
+
+    first = fault("Q1", ValueError("bad"))
+    assert (first.levelno, first.getMessage(), first.exc_info is not None) == (logging.ERROR, "Q1: deciding failed", True)
+    again = fault("Q2", ValueError("100% bad"))  # the same type raised at the same line
+    assert again.exc_info is None
+    assert again.getMessage() == "Q2: deciding failed (ValueError: 100% bad; its traceback was logged at most 60 s ago)"
+    assert fault("Q3", KeyError("x")).exc_info is not None  # another kind of fault
+    now[0] += logsetup.TRACEBACK_INTERVAL
+    assert fault("Q4", ValueError("bad")).exc_info is not None  # an interval later, shown again
+    assert fault("Q5", ValueError("bad")).exc_info is None
+
+
+def test_a_failure_outside_an_exception_is_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    logsetup.failure(logging.getLogger("tlsgate.test"), "%s: no exception", "Q1")
+    assert [(r.getMessage(), r.exc_info) for r in caplog.records] == [("Q1: no exception", None)]
