@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from sqlalchemy import Engine
 
+from tlsgate import logsetup
 from tlsgate.config import DatabaseConfig, DnsConfig
 from tlsgate.dnsranges import DnsCache, ResolverSettings, apply_dns, dns_entries
 from tlsgate.snapshot import Snapshot
@@ -94,6 +95,14 @@ class RuleHolder:
             except StoreError as exc:
                 self._failed(str(exc))
                 return self._refresh_dns(self._base) if self._base is not None else False
+            except Exception as exc:  # noqa: BLE001 - logged by logsetup.failure
+                # A fault no check foresaw (a bug, a value of a type nobody expected): an outage
+                # like any other, so the last rules keep deciding and the next poll tries again
+                # from scratch. Letting it end this thread would freeze the rules for good.
+                logsetup.failure(log, "loading rules failed")
+                self._cache = LoadCache()
+                self._failed(f"loading rules failed: {type(exc).__name__}: {exc}")
+                return False
             self._recovered()
             base = result.snapshot
             for problem in result.errors:
@@ -165,11 +174,19 @@ class RuleHolder:
         self._thread = threading.Thread(target=self._run, name="tlsgate-rules", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """False once the polling thread has ended: a daemon's watchdog stops then."""
+        return self._thread is None or self._thread.is_alive()
+
     def _run(self) -> None:
         while not self._stop.is_set():
             force = self._force
             self._force = False
-            self.refresh(force=force)
+            try:
+                self.refresh(force=force)
+            except Exception:  # noqa: BLE001 - logged by logsetup.failure; the thread must go on
+                logsetup.failure(log, "refreshing the rules failed; trying again in %g s", self._cfg.poll_interval)
             self.first_attempt.set()
             self._wake.wait(self._cfg.poll_interval)
             self._wake.clear()

@@ -273,7 +273,7 @@ async def run(cfg_path: str | None) -> int:
     log.info("listening on %s", where)
     sdnotify.notify("READY=1", f"STATUS=serving {where}")
     interval = sdnotify.watchdog_interval()
-    watchdog = asyncio.create_task(_watchdog(interval)) if interval else None
+    watchdog = asyncio.create_task(_watchdog(interval, rules)) if interval else None
     await stop.wait()
     sdnotify.notify("STOPPING=1")
     log.info("stopping after %d requests", server.requests)
@@ -284,9 +284,11 @@ async def run(cfg_path: str | None) -> int:
     return 0
 
 
-async def _watchdog(interval: float) -> None:
+async def _watchdog(interval: float, rules: RuleHolder) -> None:
+    # Pings stop, and systemd restarts the daemon, when the loop or the rules' polling stops.
     while True:
-        sdnotify.notify("WATCHDOG=1")
+        if rules.alive:
+            sdnotify.notify("WATCHDOG=1")
         await asyncio.sleep(interval)
 
 

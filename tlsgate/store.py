@@ -223,7 +223,16 @@ def read_generation(engine: Engine) -> int:
         raise StoreError(describe_db_error(engine, exc)) from None
     if value is None:
         raise StoreError("table rules_generation has no row with id = 1: run `tlsgate db upgrade`")
-    return int(value)
+    return _generation(value)
+
+
+def _generation(value: Any) -> int:
+    """The counter as read; a hand-written value that is no whole number is a database fault
+    (SQLite keeps whatever it is given), reported as such, never a crash of the reader."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise StoreError(f"rules_generation.generation (id = 1) is {value!r}, not a whole number") from None
 
 
 # --------------------------------------------------------------------------- loading
@@ -756,7 +765,7 @@ def load(
         snap = Snapshot(
             inbound=tuple(inbound),
             outbound=tuple(outbound),
-            generation=int(generation or 0),
+            generation=_generation(generation) if generation is not None else 0,
             errors=tuple(str(p) for p in problems if p.severity == "error"),
             previous=cache.snapshot if cache is not None else None,
         )

@@ -133,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             received = pending.get(timeout=ping)
         except queue.Empty:
-            sdnotify.notify("WATCHDOG=1")
+            if holder.alive:  # the rules are still polled; otherwise systemd restarts us
+                sdnotify.notify("WATCHDOG=1")
             continue
         if received == signal.SIGHUP:
             sdnotify.notify("RELOADING=1")

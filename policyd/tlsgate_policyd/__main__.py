@@ -105,9 +105,11 @@ def _status(holder: RuleHolder) -> str:
 
 
 async def _watchdog(interval: float, holder: RuleHolder) -> None:
-    # A ping proves the event loop still turns; systemd restarts the daemon if it stops.
+    # A ping proves the event loop still turns and the rules are still polled; systemd
+    # restarts the daemon when the pings stop.
     while True:
-        sdnotify.notify("WATCHDOG=1", _status(holder))
+        if holder.alive:
+            sdnotify.notify("WATCHDOG=1", _status(holder))
         await asyncio.sleep(interval)
 
 

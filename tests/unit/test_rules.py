@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from tlsgate import logsetup
 from tlsgate.config import DatabaseConfig
 from tlsgate.rules import RuleHolder
 from tlsgate.snapshot import Snapshot
@@ -112,6 +113,81 @@ def test_background_thread_and_forced_reload(sqlite_url: str) -> None:
         assert len(swapped) == 2 and swapped[0] == swapped[1]
     finally:
         holder.stop()
+
+
+def _sql(url: str, statement: str) -> None:
+    engine = open_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(statement))
+    engine.dispose()
+
+
+def test_a_counter_that_is_no_number_is_an_outage_not_a_crash(sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    _seed(sqlite_url)
+    holder = RuleHolder(DatabaseConfig(url=sqlite_url))
+    assert holder.refresh() is True
+    first = holder.snapshot
+    _sql(sqlite_url, "UPDATE rules_generation SET generation = 'oops'")  # SQLite keeps it as text
+    with caplog.at_level(logging.ERROR, logger="tlsgate.rules"):
+        assert holder.refresh() is False
+        assert holder.refresh() is False
+    assert holder.snapshot is first and not holder.healthy
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot reach the rule database: rules_generation.generation (id = 1) is 'oops', not a whole number; "
+        f"still deciding with rules generation {first.generation} loaded at "
+        f"{first.loaded_at:%Y-%m-%d %H:%M:%S %Z}"]
+    _sql(sqlite_url, "UPDATE rules_generation SET generation = 100")
+    assert holder.refresh() is True and holder.healthy
+    assert holder.snapshot is not None and holder.snapshot.generation == 100
+
+
+def test_an_unforeseen_failure_keeps_the_rules_and_the_thread(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+
+    import tlsgate.rules
+
+    _seed(sqlite_url)
+    loaded = threading.Event()
+    holder = RuleHolder(DatabaseConfig(url=sqlite_url, poll_interval=0.05), on_swap=lambda _: loaded.set())
+    real_load = tlsgate.rules.load
+    failures = []
+
+    def failing_load(*args: object, **kwargs: object) -> object:
+        if holder.snapshot is not None and len(failures) < 2:
+            failures.append(1)
+            raise AttributeError("a bug in loading")
+        return real_load(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tlsgate.rules, "load", failing_load)
+    monkeypatch.setattr(logsetup, "_tracebacks_shown", {})
+    holder.start()
+    try:
+        assert loaded.wait(10), "first load did not happen"
+        first = holder.snapshot
+        assert first is not None
+        loaded.clear()
+        with caplog.at_level(logging.ERROR, logger="tlsgate.rules"):
+            _sql(sqlite_url, "INSERT INTO inbound_connector (name) VALUES ('b')")
+            assert loaded.wait(10), "the change was never loaded"
+        assert holder.alive and holder.healthy and len(failures) == 2
+        assert holder.snapshot is not None and [c.name for c in holder.snapshot.inbound] == ["a", "b"]
+        messages = [r.getMessage() for r in caplog.records]
+        assert messages[0] == "loading rules failed" and caplog.records[0].exc_info is not None
+        assert messages[1].startswith("cannot reach the rule database: loading rules failed: AttributeError: a bug")
+    finally:
+        holder.stop()
+
+
+def test_alive_while_the_polling_thread_runs(sqlite_url: str) -> None:
+    _seed(sqlite_url)
+    holder = RuleHolder(DatabaseConfig(url=sqlite_url, poll_interval=3600))
+    assert holder.alive  # not started: loads are the caller's (a spawned policy daemon's first)
+    holder.start()
+    assert holder.first_attempt.wait(10) and holder.alive
+    holder.stop()
+    assert not holder.alive  # a daemon's watchdog pings stop, and systemd restarts it
 
 
 def test_a_daemon_s_snapshot_is_frozen_out_of_the_collector_and_still_freed(sqlite_url: str) -> None:
