@@ -26,7 +26,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from tlsgate import schema
 from tlsgate.certs import CertificateError, pin_from_pem
-from tlsgate.dnsranges import parse_entry
+from tlsgate.dnsranges import ALL_ADDRESSES, parse_entry
 from tlsgate.model import (
     CertRequirement,
     FailAction,
@@ -52,6 +52,7 @@ log = logging.getLogger("tlsgate.store")
 
 DEFAULT_DATABASE_URL = "sqlite:////var/lib/tlsgate/rules.sqlite"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ANY_DOMAIN = DomainPattern.parse("*")
 
 _DRIVERS = {
     "postgresql": "postgresql+psycopg",
@@ -523,7 +524,12 @@ def _load_inbound(
                 settings_seen[settings_key] = settings
         kw: dict[str, Any] = {"name": name, "comment": _str(parent[1]) or "", **settings}
 
+        # A row that cannot be read leaves the connector's scope wider than meant, never
+        # narrower: the connector is misconfigured, so the mail it matches gets a temporary
+        # failure, and that must include the mail the unreadable row was written for.
         scoped: dict[str, list[DomainPattern]] = {s: [] for s in schema.SCOPES}
+        widen: set[str] = set()  # scopes with a pattern that could not be read
+        unknown_scope = False
         for raw_scope, raw_pattern in domains.get(name, ()):
             scope = _str(raw_scope) or ""
             pattern = _str(raw_pattern) or ""
@@ -531,16 +537,14 @@ def _load_inbound(
             if scope not in schema.SCOPES:
                 problems.append(RowProblem("error", "inbound_domain", key, "scope",
                                            f"{scope!r} is not one of {', '.join(schema.SCOPES)}", name))
-                r.failed = True
+                r.failed = unknown_scope = True
                 continue
             try:
                 scoped[scope].append(DomainPattern.parse(pattern))
             except PatternError as exc:
                 problems.append(RowProblem("error", "inbound_domain", key, "pattern", str(exc), name))
                 r.failed = True
-        kw["sender_domains"] = tuple(scoped["sender"])
-        kw["recipient_domains"] = tuple(scoped["recipient"])
-        kw["header_from_domains"] = tuple(scoped["header_from"])
+                widen.add(scope)
 
         ranges: list[Network] = []
         entries: list[str] = []
@@ -555,7 +559,20 @@ def _load_inbound(
             except PatternError as exc:
                 problems.append(RowProblem("error", "inbound_address", (name, value), "address", str(exc), name))
                 r.failed = True
-        kw["client_ranges"] = tuple(ranges)
+                ranges.extend(ALL_ADDRESSES)
+        if unknown_scope:
+            # Meant for one of the domain scopes: each one that has patterns takes any domain
+            # (one without stays unconstrained), and a connector left without any scope takes
+            # every client, as a range that could not be read does.
+            widen.update(s for s, patterns in scoped.items() if patterns)
+            if not widen and not ranges and not entries:
+                ranges.extend(ALL_ADDRESSES)
+        for scope in widen:
+            scoped[scope].append(_ANY_DOMAIN)
+        kw["sender_domains"] = tuple(scoped["sender"])
+        kw["recipient_domains"] = tuple(scoped["recipient"])
+        kw["header_from_domains"] = tuple(scoped["header_from"])
+        kw["client_ranges"] = tuple(dict.fromkeys(ranges))
         kw["dns_entries"] = tuple(sorted(set(entries)))
 
         cert_names: list[CertNamePattern] = []

@@ -94,4 +94,53 @@ def test_invalid_row_is_named_and_fails_closed(tmp_path: object, statements: lis
     ok = decide(snap, SessionFacts(parse_address("192.0.2.1"), "a@good.test", "b@example.org", **TLS), NOW)
     assert ok.action is None and ok.connector is not None and ok.connector.name == "good"
     other = decide(snap, SessionFacts(parse_address("192.0.2.1"), "a@else.test", "b@example.org"), NOW)
-    assert other.connector is None and other.action is None
+    if "column scope" in message:  # which scope the row meant is unknown: its sender scope widens
+        assert other.connector is not None and other.connector.name == "bad" and other.status == "4.3.5"
+    else:
+        assert other.connector is None and other.action is None
+
+
+# A row that defines a connector's scope and cannot be read widens the connector instead of
+# narrowing it: the mail it was written for is deferred with the rest of the connector's scope,
+# never let through. (connector rows, sender, recipient, client, must defer)
+WIDENED = [
+    ("the only pattern unreadable", ["INSERT INTO inbound_domain VALUES ('p', 'sender', '@partner.test')"],
+     "a@partner.test", "b@example.org", "192.0.2.1", True),
+    ("a pattern unreadable beside a good one", [
+        "INSERT INTO inbound_domain VALUES ('p', 'sender', 'partner.test')",
+        "INSERT INTO inbound_domain VALUES ('p', 'sender', '@partner.net')"],
+     "a@partner.net", "b@example.org", "192.0.2.1", True),
+    ("the only range unreadable", ["INSERT INTO inbound_address VALUES ('p', '198.51.100.1/24')"],
+     "a@else.test", "b@example.org", "198.51.100.7", True),
+    ("the only scope unreadable", ["INSERT INTO inbound_domain VALUES ('p', 'Sender', 'partner.test')"],
+     "a@partner.test", "b@example.org", "192.0.2.1", True),
+    ("a scope unreadable beside recipient rows: any recipient", [
+        "INSERT INTO inbound_domain VALUES ('p', 'recipient', 'example.org')",
+        "INSERT INTO inbound_domain VALUES ('p', 'Sender', 'partner.test')"],
+     "", "b@example.net", "192.0.2.1", True),
+    ("a recipient pattern unreadable: still only the sender's mail", [
+        "INSERT INTO inbound_domain VALUES ('p', 'sender', 'partner.test')",
+        "INSERT INTO inbound_domain VALUES ('p', 'recipient', 'a.*.test')"],
+     "a@partner.test", "b@example.net", "192.0.2.1", True),
+    ("... and not another sender's", [
+        "INSERT INTO inbound_domain VALUES ('p', 'sender', 'partner.test')",
+        "INSERT INTO inbound_domain VALUES ('p', 'recipient', 'a.*.test')"],
+     "a@else.test", "b@example.net", "192.0.2.1", False),
+]
+
+
+@pytest.mark.parametrize(("statements", "sender", "recipient", "client", "defers"), [c[1:] for c in WIDENED],
+                         ids=[c[0] for c in WIDENED])
+def test_an_unreadable_scope_row_never_narrows_its_connector(
+    tmp_path: object, statements: list[str], sender: str, recipient: str, client: str, defers: bool
+) -> None:
+    result = loaded(tmp_path, "INSERT INTO inbound_connector (name) VALUES ('p')", *statements)
+    snap = result.snapshot  # type: ignore[attr-defined]
+    assert snap.by_name["p"].misconfigured
+    d = decide(snap, SessionFacts(parse_address(client), sender, recipient), NOW)  # no TLS
+    if defers:
+        assert (d.action, d.status, d.connector and d.connector.name) == (FailAction.DEFER, "4.3.5", "p"), d
+    else:
+        assert d.connector is None and d.action is None, d
+    ok = decide(snap, SessionFacts(parse_address(client), "a@good.test", recipient, **TLS), NOW)
+    assert ok.action is None and ok.connector is not None and ok.connector.name == "good"
