@@ -6,7 +6,9 @@ Every front-end (policy daemon, milter, ``tlsgate explain``) calls :func:`decide
    domain, recipient domain, header From domain, client range);
 2. rank them: the sender scope's specificity first, then header From, then recipient, then
    the client range's prefix length; exact beats ``*.parent`` beats ``*``; ties go to the
-   name that sorts first. The best one decides, so a specific connector overrides a broad one;
+   name that sorts first. The best one decides, so a specific connector overrides a broad one,
+   unless it is in monitor mode: then the best enforcing connector judges first, and only
+   when it passes does the monitor connector's verdict stand;
 3. check the winner's requirements; the first unmet one is the reason;
 4. map the connector's mode and failure action to what the front-end must do.
 
@@ -403,6 +405,19 @@ def decide(snapshot: Snapshot, facts: SessionFacts, now: datetime) -> Decision:
         return Decision(Outcome.PASS, None, None, candidates=())
     winner = candidates[0].connector
     cands = tuple(candidates)
+    if winner.mode is Mode.MONITOR:
+        # A connector in monitor mode observes: it never lifts the requirements of a broader
+        # enforcing one. That one judges first; when it passes, the monitor's view is logged.
+        enforcing = next((c.connector for c in candidates if c.connector.mode is not Mode.MONITOR), None)
+        if enforcing is not None:
+            enforced = _judge(enforcing, facts, now, cands)
+            if enforced.outcome is Outcome.FAIL:
+                return enforced
+    return _judge(winner, facts, now, cands)
+
+
+def _judge(winner: InboundConnector, facts: SessionFacts, now: datetime, cands: tuple[Candidate, ...]) -> Decision:
+    """The verdict of one connector, ``cands`` being every connector that applied."""
     if winner.misconfigured:
         reason = f"connector {winner.name} is misconfigured: {winner.problems[0]}"
         check = Check("configuration", False, reason)

@@ -60,6 +60,22 @@ def test_explain_shows_an_override(db: str, tmp_path: pathlib.Path) -> None:
     assert r.stdout.rstrip().endswith("verdict: PASS")
 
 
+def test_explain_shows_a_monitor_connector_lifts_nothing(db: str, tmp_path: pathlib.Path) -> None:
+    # contoso-in (sender *.contoso.com, TLS required) stays in force behind a monitor-mode
+    # connector for one of its subdomains.
+    con = sqlite3.connect(f"{tmp_path}/rules.sqlite")
+    con.executescript("INSERT INTO inbound_connector (name, mode, require_tls) VALUES ('contoso-eu', 'monitor', 0);"
+                      "INSERT INTO inbound_domain VALUES ('contoso-eu', 'sender', 'eu.contoso.com');")
+    con.commit()
+    con.close()
+    r = tlsgate("--database-url", db, "explain", "--client", "203.0.113.5", "--sender", "a@eu.contoso.com",
+                "--recipient", "b@example.org")
+    assert "    contoso-eu [monitor]: matched sender domain eu.contoso.com" in r.stdout
+    assert "  * contoso-in: matched sender domain eu.contoso.com" in r.stdout
+    assert "winner: contoso-in, enforcing: contoso-eu is in monitor mode and lifts no requirement" in r.stdout
+    assert r.stdout.rstrip().endswith("verdict: REJECT 5.7.10 TLS required by connector contoso-in")
+
+
 def test_explain_monitor_mode(db: str) -> None:
     r = tlsgate("--database-url", db, "explain", "--client", "203.0.113.5", "--sender", "a@woodgrovebank.com",
                 "--recipient", "b@example.org")

@@ -114,6 +114,12 @@ CASES: list[tuple[str, list[InboundConnector], dict[str, Any], str, str | None, 
     ("sender+recipient beats sender only", [conn("s", sender=["contoso.com"]), conn("sr", sender=["contoso.com"], rcpt=["example.org"], require_tls=False)], {}, "pass", "sr", ""),
     ("longer prefix beats shorter", [conn("wide", ranges=["203.0.0.0/8"]), conn("narrow", ranges=["203.0.113.0/24"], require_tls=False)], {}, "pass", "narrow", ""),
     ("a specific connector overrides a misconfigured broad one", [conn("broad", sender=["*"], problems=("bad",)), conn("c", sender=["contoso.com"], require_tls=False)], {}, "pass", "c", ""),
+    # a monitor-mode connector never lifts a broader enforcing one
+    ("monitor does not lift a broader enforcing connector", [conn("watch", sender=["contoso.com"], mode=Mode.MONITOR, require_tls=False), conn("wide", sender=["*.com"], on_failure=FailAction.REJECT)], {}, "reject", "wide", "TLS required by connector wide"),
+    ("monitor's own verdict once the enforcing one passes", [conn("watch", sender=["contoso.com"], mode=Mode.MONITOR, min_tls_version="TLSv1.3"), conn("wide", sender=["*.com"])], TLS12, "monitor-defer", "watch", "below the minimum TLSv1.3"),
+    ("monitor passing behind a passing enforcing one", [conn("watch", sender=["contoso.com"], mode=Mode.MONITOR), conn("wide", sender=["*.com"])], TLS13, "pass", "watch", ""),
+    ("a misconfigured enforcing one defers behind a monitor", [conn("watch", sender=["contoso.com"], mode=Mode.MONITOR), conn("wide", sender=["*.com"], problems=("bad",))], TLS13, "defer", "wide", "misconfigured"),
+    ("monitor over monitor: the best one's view", [conn("watch", sender=["contoso.com"], mode=Mode.MONITOR, require_tls=False), conn("wide", sender=["*.com"], mode=Mode.MONITOR)], {}, "pass", "watch", ""),
 ]
 
 

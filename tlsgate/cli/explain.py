@@ -108,8 +108,9 @@ def render(facts: SessionFacts, decision: Decision) -> list[str]:
         lines.append("candidates: none; no connector applies (opportunistic TLS)")
     else:
         lines.append("candidates (best first):")
-        for n, cand in enumerate(decision.candidates):
-            mark = "*" if n == 0 else " "
+        winner = decision.connector or decision.candidates[0].connector
+        for cand in decision.candidates:
+            mark = "*" if cand.connector is winner else " "
             c = cand.connector
             flags = []
             if c.mode.value == "monitor":
@@ -118,8 +119,12 @@ def render(facts: SessionFacts, decision: Decision) -> list[str]:
                 flags.append("MISCONFIGURED")
             extra = f" [{', '.join(flags)}]" if flags else ""
             lines.append(f"  {mark} {c.name}{extra}: matched {'; '.join(cand.matched)} ({_rank_text(cand.rank)})")
-        winner = decision.candidates[0].connector
-        lines.append(f"winner: {winner.name}" + (f", overriding {', '.join(c.connector.name for c in decision.candidates[1:])}" if len(decision.candidates) > 1 else ""))
+        first = decision.candidates[0].connector
+        if winner is not first:
+            lines.append(f"winner: {winner.name}, enforcing: {first.name} is in monitor mode and lifts no requirement")
+        else:
+            others = [c.connector.name for c in decision.candidates[1:]]
+            lines.append(f"winner: {winner.name}" + (f", overriding {', '.join(others)}" if others else ""))
         if decision.checks:
             lines.append("requirements:")
             for check in decision.checks:
