@@ -75,8 +75,8 @@ def decision_line(facts: SessionFacts, decision: Decision, *, stage: str | None 
 
 
 def log_decision(logger: logging.Logger, facts: SessionFacts, decision: Decision, *, stage: str | None = None) -> None:
-    """The decision's line: INFO when a connector decided, DEBUG when none applied (built only
-    when that level is logged)."""
-    level = logging.INFO if decision.connector is not None else logging.DEBUG
+    """The decision's line: INFO when a connector decided or the mail is refused, DEBUG when
+    none applied (built only when that level is logged)."""
+    level = logging.INFO if decision.connector is not None or decision.action is not None else logging.DEBUG
     if logger.isEnabledFor(level):
         logsetup.line(logger, level, decision_line(facts, decision, stage=stage))

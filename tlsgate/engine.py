@@ -41,6 +41,8 @@ from tlsgate.snapshot import Snapshot, range_contains
 STATUS_ENCRYPTION = "7.10"  # X.7.10 Encryption needed
 STATUS_POLICY = "7.1"  # X.7.1 Delivery not authorized
 STATUS_CONFIG = "3.5"  # X.3.5 System incorrectly configured
+# An address without a domain, by where it stands: (status, the Postfix restriction that refuses it)
+_BARE = ((Scope.SENDER, "4.1.7", "reject_non_fqdn_sender"), (Scope.RECIPIENT, "4.1.3", "reject_non_fqdn_recipient"))
 
 DEFAULT_MIN_KEY_BITS = 2048  # RSA bits, or the RSA-equivalent strength of other keys
 
@@ -398,8 +400,35 @@ def _status(action: FailAction, detail: str) -> str:
     return ("5." if action is FailAction.REJECT else "4.") + detail
 
 
+def _local_part_only(address: str | None) -> str | None:
+    """The address when it is a local part with no domain (``<bob>``), else None."""
+    if not address or "@" in address:
+        return None
+    addr = address.strip()
+    if addr.startswith("<") and addr.endswith(">"):
+        addr = addr[1:-1].strip()
+    return addr or None
+
+
+def _without_domain(snapshot: Snapshot, facts: SessionFacts) -> Decision | None:
+    """A temporary failure for a sender or recipient without a domain where a connector in
+    force could have applied. Postfix appends ``@$myorigin`` to such an address after its
+    restrictions (``RCPT TO:<bob>`` is delivered to bob@$myorigin), so no connector can be
+    told for it here, and judging it by none would let it pass every connector."""
+    for scope, status, restriction in _BARE:
+        address = _local_part_only(facts.sender if scope is Scope.SENDER else facts.recipient)
+        if address is not None and scope in snapshot.enforced_scopes:
+            reason = (f"{scope.value} <{address}> has no domain, so the connector that applies cannot be told "
+                      f"(Postfix's {restriction} refuses such addresses)")
+            return Decision(Outcome.FAIL, FailAction.DEFER, None, status, reason, reason,
+                            (Check("address", False, reason),))
+    return None
+
+
 def decide(snapshot: Snapshot, facts: SessionFacts, now: datetime) -> Decision:
     """The verdict for one transaction (one recipient, when recipients are known)."""
+    if (bare := _without_domain(snapshot, facts)) is not None:
+        return bare
     candidates = find_candidates(snapshot, facts)
     if not candidates:
         return Decision(Outcome.PASS, None, None, candidates=())

@@ -109,16 +109,18 @@ class RuleHolder:
                 log.error("rules generation %d: %s", base.generation, problem)
             self._base = base
             self.loads += 1
+            took = time.monotonic() - started
+            # A forced load (SIGHUP) re-resolves every entry too: the way to follow a DNS change now.
+            self._refresh_dns(base, swap_anyway=True, everything=force)
+            # Logged once the new rules decide: the line tells that they are in force.
             log.info(
                 "loaded rules generation %d: %d inbound, %d outbound connectors, %d errors, in %.3fs",
                 base.generation,
                 len(base.inbound),
                 len(base.outbound),
                 len(result.errors),
-                time.monotonic() - started,
+                took,
             )
-            # A forced load (SIGHUP) re-resolves every entry too: the way to follow a DNS change now.
-            self._refresh_dns(base, swap_anyway=True, everything=force)
             return True
 
     def _refresh_dns(self, base: Snapshot, swap_anyway: bool = False, everything: bool = False) -> bool:

@@ -18,11 +18,13 @@ from dataclasses import InitVar, dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 
-from tlsgate.model import InboundConnector, OutboundConnector, Scope
+from tlsgate.model import InboundConnector, Mode, OutboundConnector, Scope
 from tlsgate.patterns import Address, DomainKind, DomainPattern, Network
 
 # (connector index, specificity of the pattern that matched)
 Hit = tuple[int, tuple[int, int]]
+_SCOPE_FIELDS = ((Scope.SENDER, "sender_domains"), (Scope.RECIPIENT, "recipient_domains"),
+                 (Scope.HEADER_FROM, "header_from_domains"))
 
 
 class DomainIndex:
@@ -134,6 +136,9 @@ class Snapshot:
     domains: Mapping[Scope, DomainIndex] = field(init=False, repr=False, compare=False)
     ranges: RangeIndex = field(init=False, repr=False, compare=False)
     by_name: Mapping[str, InboundConnector] = field(init=False, repr=False, compare=False)
+    # The domain scopes of the enabled connectors in enforce mode (an address without a
+    # domain is refused only where one of them could have applied).
+    enforced_scopes: frozenset[Scope] = field(init=False, repr=False, compare=False)
     previous: InitVar[Snapshot | None] = None
 
     def __post_init__(self, previous: Snapshot | None) -> None:
@@ -156,6 +161,10 @@ class Snapshot:
         object.__setattr__(
             self, "by_name", MappingProxyType({c.name: c for c in self.inbound})
         )
+        enforced = [c for c in self.inbound if c.enabled and c.mode is Mode.ENFORCE]
+        object.__setattr__(self, "enforced_scopes", frozenset(
+            scope for scope, attr in _SCOPE_FIELDS if any(getattr(c, attr) for c in enforced)
+        ))
 
 
 def empty_snapshot() -> Snapshot:

@@ -186,6 +186,23 @@ def test_restrict_to_client_ranges(stack: Stack) -> None:
     assert reply.code == 554 and "client 127.0.0.3 is outside the ranges of connector onprem-in" in reply.text
 
 
+def test_a_recipient_without_a_domain_is_deferred_not_delivered_unjudged(stack: Stack) -> None:
+    # Postfix appends @$myorigin to RCPT TO:<bob> after its restrictions: with $myorigin in a
+    # recipient connector's scope (example-rcpt), a bare address would otherwise slip past it.
+    stack.postfix.reload({"myorigin": "example.test"})
+    try:
+        result = send(stack.postfix.port, "a@other.test", ["bob", "full@tlsgate.test"])
+        reply = result.rcpt["bob"]
+        assert reply.code == 450, reply
+        assert reply.text == ("4.1.3 <bob>: Recipient address rejected: recipient <bob> has no domain, so the "
+                              "connector that applies cannot be told (Postfix's reject_non_fqdn_recipient refuses "
+                              "such addresses)")
+        assert result.delivered and stack.postfix.wait_delivered("full@tlsgate.test")
+        assert stack.postfix.delivered("bob@example.test") == []
+    finally:
+        stack.postfix.reload({"myorigin": "$myhostname"})
+
+
 def test_recipient_scope_refuses_only_that_recipient(stack: Stack) -> None:
     result = send(stack.postfix.port, "a@other.test", ["scoped@example.test", "free@tlsgate.test"])
     assert rcpt_code(result, "scoped@example.test") == 450

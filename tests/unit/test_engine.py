@@ -114,6 +114,15 @@ CASES: list[tuple[str, list[InboundConnector], dict[str, Any], str, str | None, 
     ("sender+recipient beats sender only", [conn("s", sender=["contoso.com"]), conn("sr", sender=["contoso.com"], rcpt=["example.org"], require_tls=False)], {}, "pass", "sr", ""),
     ("longer prefix beats shorter", [conn("wide", ranges=["203.0.0.0/8"]), conn("narrow", ranges=["203.0.113.0/24"], require_tls=False)], {}, "pass", "narrow", ""),
     ("a specific connector overrides a misconfigured broad one", [conn("broad", sender=["*"], problems=("bad",)), conn("c", sender=["contoso.com"], require_tls=False)], {}, "pass", "c", ""),
+    # an address without a domain: Postfix appends @$myorigin after the restrictions
+    ("sender without a domain", [conn("c", sender=["example.org"])], {**TLS13, "sender": "ceo"}, "defer", None,
+     "sender <ceo> has no domain, so the connector that applies cannot be told (Postfix's reject_non_fqdn_sender"),
+    ("recipient without a domain", [conn("c", rcpt=["example.org"])], {**TLS13, "recipient": "<bob>"}, "defer", None,
+     "recipient <bob> has no domain"),
+    ("no recipient-scoped connector: a bare recipient is no one's", [conn("c", sender=["contoso.com"])], {**TLS13, "recipient": "postmaster"}, "pass", "c", ""),
+    ("only monitor connectors in the scope: nothing refused", [conn("c", rcpt=["example.org"], mode=Mode.MONITOR)], {"recipient": "bob"}, "pass", None, ""),
+    ("null sender is not an address without a domain", [conn("c", sender=["*"])], {"sender": "<>"}, "pass", None, ""),
+    ("a domain literal is not one either", [conn("c", sender=["*"])], {"sender": "a@[192.0.2.1]"}, "pass", None, ""),
     # a monitor-mode connector never lifts a broader enforcing one
     ("monitor does not lift a broader enforcing connector", [conn("watch", sender=["contoso.com"], mode=Mode.MONITOR, require_tls=False), conn("wide", sender=["*.com"], on_failure=FailAction.REJECT)], {}, "reject", "wide", "TLS required by connector wide"),
     ("monitor's own verdict once the enforcing one passes", [conn("watch", sender=["contoso.com"], mode=Mode.MONITOR, min_tls_version="TLSv1.3"), conn("wide", sender=["*.com"])], TLS12, "monitor-defer", "watch", "below the minimum TLSv1.3"),
@@ -145,6 +154,9 @@ def test_status_codes_follow_action_and_requirement() -> None:
     assert decide(deferring, facts(), NOW).status == "4.7.10"
     broken = Snapshot(inbound=(replace(c, problems=("x",)),))
     assert decide(broken, facts(), NOW).status == "4.3.5"
+    both = Snapshot(inbound=(c, conn("r", rcpt=["example.org"])))
+    assert decide(both, facts(sender="ceo"), NOW).status == "4.1.7"  # bad sender address syntax
+    assert decide(both, facts(recipient="bob"), NOW).status == "4.1.3"  # bad destination address syntax
 
 
 def test_reply_text_replaces_reason_for_the_client_only() -> None:
