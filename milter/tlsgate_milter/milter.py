@@ -36,6 +36,8 @@ from tlsgate.model import (
     CertRequirement,
     Decision,
     FailAction,
+    InboundConnector,
+    Mode,
     Outcome,
     Scope,
     SessionFacts,
@@ -47,11 +49,15 @@ from tlsgate_milter.translate import (
     MAX_FROM_FIELDS,
     MAX_FROM_VALUE,
     MAX_PROTECTED_DOMAINS,
+    MTA_MACRO,
+    VERIFY_MACRO,
+    AddressTooLong,
     TlsFacts,
     client_address,
     client_name,
     envelope_address,
     header_from_authors,
+    is_postfix,
     reply_text,
     tls_from_macros,
     trace_value,
@@ -241,6 +247,8 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         self._client_name: str | None = None
         self._tls = TlsFacts()
         self._host: str | None = None
+        self._mta: str | None = None  # the v macro: whether Postfix vouches for cert names
+        self._names_ignored = False  # logged once per session
         self._queue_id: str | None = None
         self._busy = False  # counted in Activity from MAIL FROM until abort or close
         self._session_failure: str | None = None  # connect or HELO failed, unanswered
@@ -250,6 +258,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
 
     def _reset_message(self) -> None:
         self._sender: str | None = None
+        self._sender_too_long: AddressTooLong | None = None
         self._accepted: list[tuple[str, Decision]] = []
         self._from_values: list[str] = []
         self._from_malformed: str | None = None
@@ -271,7 +280,24 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
 
     def _refresh(self) -> None:
         """Read the macros this callback carries; later ones add to what is known."""
-        self._tls = self._tls.merged(tls_from_macros(self._macro))
+        mta = self._macro(MTA_MACRO)
+        if mta:
+            self._mta = mta[:255]
+        self._tls = self._tls.merged(tls_from_macros(self._macro, self._mta))
+        if (
+            not self._names_ignored
+            and self._tls.protocol is not None
+            and self._tls.cert_subject is None
+            and self._macro("{cert_subject}") is not None
+            and self._macro(VERIFY_MACRO) is None
+            and not is_postfix(self._mta)
+        ):
+            self._names_ignored = True
+            log.warning(
+                "%s: client certificate name ignored: the MTA (v=%s) is not Postfix and sent no "
+                "{verify} macro to say whether the certificate verified",
+                self._queue_id or "NOQUEUE", self._mta or "unknown",
+            )
         queue_id = self._macro("i")
         if queue_id:
             self._queue_id = queue_id[:MAX_QUEUE_ID]
@@ -332,18 +358,55 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         self.setreply("451", "4.3.5", text)
         return TEMPFAIL
 
-    def _refuse_malformed_from(self, problem: str) -> int:
-        """A From header that cannot be judged in full could hide a protected author."""
-        log.info(
-            "%s: reject stage=data client=%s[%s] from=<%s> reason=\"%s\"",
+    def _refuse_long_address(self, which: str, too_long: AddressTooLong, recipient: str | None = None) -> int:
+        """TEMPFAIL for an envelope address too long to judge whole (see MAX_ENVELOPE)."""
+        status = "4.1.7" if which == "sender" else "4.1.3"
+        reason = f"{which} address too long to judge: {too_long}"
+        if self._judge.metrics is not None:
+            self._judge.metrics.record(Decision(Outcome.FAIL, FailAction.DEFER, None, status, reason), 0.0)
+        log.warning(
+            "%s: defer stage=rcpt client=%s[%s] %s status=%s reason=\"%s\"",
             self._queue_id or "NOQUEUE",
             self._client_name or "unknown",
             self._client or "unknown",
+            f"to=<{recipient}>" if recipient is not None else f"from=<{self._sender or ''}>",
+            status,
+            reason,
+        )
+        self.setreply("451", status, f"{which.capitalize()} address too long, try again later")
+        return TEMPFAIL
+
+    def _refuse_malformed_from(self, problem: str, enforcing: list[InboundConnector]) -> int:
+        """A From header that cannot be judged in full could hide a protected author: refused
+        as the strictest enforcing header-From connector would refuse, temporarily unless one
+        of them rejects."""
+        reject = any(c.on_failure is FailAction.REJECT and not c.misconfigured for c in enforcing)
+        code, status = ("550", "5.7.1") if reject else ("450", "4.7.1")
+        log.info(
+            "%s: %s connector=%s stage=data client=%s[%s] from=<%s> status=%s reason=\"%s\"",
+            self._queue_id or "NOQUEUE",
+            "reject" if reject else "defer",
+            ",".join(sorted(c.name for c in enforcing)),
+            self._client_name or "unknown",
+            self._client or "unknown",
             self._sender or "",
+            status,
             problem,
         )
-        self.setreply("550", "5.7.1", reply_text(f"Message refused: {problem}", "Message refused"))
-        return REJECT
+        self.setreply(code, status, reply_text(f"Message refused: {problem}", "Message refused"))
+        return REJECT if reject else TEMPFAIL
+
+    def _monitor_malformed_from(self, problem: str, monitored: list[InboundConnector]) -> list[Decision]:
+        """What monitor-mode header-From connectors would have done with a From header too
+        big to judge whole: logged and recorded in the trace header, the message goes on."""
+        decisions = []
+        facts = self._facts(Stage.DATA, None)
+        for connector in monitored:
+            reject = connector.on_failure is FailAction.REJECT and not connector.misconfigured
+            decision = Decision(Outcome.FAIL, None, connector, "5.7.1" if reject else "4.7.1", problem, problem)
+            self._log(facts, decision, 0.0)
+            decisions.append(decision)
+        return decisions
 
     def _earlier_failure(self) -> int:
         """TEMPFAIL for a callback that replies, after one that could not (logged there)."""
@@ -398,7 +461,10 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
             self._busy = True
             self._judge.activity.begin()
         self._refresh()
-        self._sender = envelope_address(mailfrom)
+        try:
+            self._sender = envelope_address(mailfrom)
+        except AddressTooLong as too_long:
+            self._sender_too_long = too_long  # answered at each RCPT: MAIL gets no reply
         return CONTINUE
 
     @_guarded
@@ -409,7 +475,12 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         snapshot = self._judge.snapshot()
         if snapshot is None:
             return self._refuse_unknown_rules()
-        recipient = envelope_address(to)
+        try:
+            recipient = envelope_address(to)
+        except AddressTooLong as too_long:
+            return self._refuse_long_address("recipient", too_long)
+        if self._sender_too_long is not None:
+            return self._refuse_long_address("sender", self._sender_too_long, recipient)
         facts = self._facts(Stage.RCPT, recipient)
         decision, seconds = self._decide(snapshot, facts)
         self._log(facts, decision, seconds)
@@ -457,9 +528,15 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         problem = self._from_malformed
         if problem is None and len(protected) > MAX_PROTECTED_DOMAINS:
             problem = f"authors from more than {MAX_PROTECTED_DOMAINS} protected domains"
-        if problem is not None and any(c.enabled and c.header_from_domains for c in snapshot.inbound):
-            return self._refuse_malformed_from(problem)
         authors = list(protected.values())
+        monitored: list[Decision] = []
+        if problem is not None:
+            guarding = [c for c in snapshot.inbound if c.enabled and c.header_from_domains]
+            enforcing = [c for c in guarding if c.mode is Mode.ENFORCE]
+            if enforcing:
+                return self._refuse_malformed_from(problem, enforcing)
+            monitored = self._monitor_malformed_from(problem, guarding)
+            authors = authors[:MAX_PROTECTED_DOMAINS]  # judged for the log only, within bounds
         standing: list[Decision] = []
         refusal: Decision | None = None
         for recipient, at_rcpt in self._accepted:
@@ -478,6 +555,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
                 ):
                     refusal = decision
             standing.append(verdict)
+        standing.extend(monitored)
         if refusal is not None:
             return self._refuse(refusal)
         settings = self._judge.settings

@@ -23,10 +23,19 @@ from tlsgate.patterns import Address, address_domain, parse_address
 TLS_MACROS = ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}")
 #: Sendmail only: the verification result; "OK" is the one value meaning a verified chain
 VERIFY_MACRO = "{verify}"
+#: the MTA's name and version, "Postfix 3.7.11"; Postfix sends it at connect by default
+MTA_MACRO = "v"
 
 MAX_MACRO = 1024  # a certificate name longer than this is cut, never trusted in full
-# From fields beyond these bounds are not judged in part: the message is refused whole
-# (see TlsgateMilter.header), since an ignored remainder could hide a protected author.
+# An envelope address is judged whole or not at all: cut, it could lose its domain and
+# with it a sender or recipient connector. Kept whole, enforcement stays; RFC 5321 allows
+# 256 characters in a path and Postfix ends a command line at line_length_limit (2048 by
+# default), so no legitimate address comes near this bound. A longer one is answered with
+# a temporary failure: never judged on a part, never lost without the sender being told.
+MAX_ENVELOPE = 4096
+# From fields beyond these bounds are not judged in part: while an enforcing header-From
+# connector exists the message is refused whole (see TlsgateMilter.eom), since an
+# ignored remainder could hide a protected author.
 MAX_FROM_FIELDS = 16
 MAX_FROM_VALUE = 8192
 MAX_PROTECTED_DOMAINS = 50  # distinct in-scope author domains judged per message
@@ -38,6 +47,14 @@ MacroGetter = Callable[[str], "str | None"]
 _CN = re.compile(r"(?:^|[/,]\s*)CN=((?:\\.|[^/,\\])+)", re.IGNORECASE)
 _BARE_DOMAIN = re.compile(r"@([A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class AddressTooLong(ValueError):
+    """An envelope address longer than :data:`MAX_ENVELOPE`, which is never cut."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__(f"an address of {length} characters, longer than {MAX_ENVELOPE}")
+        self.length = length
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +92,28 @@ def common_name(subject: str) -> str:
     return str(found[-1]).replace("\\", "").strip()
 
 
-def tls_from_macros(get: MacroGetter) -> TlsFacts:
-    """Read the TLS macros through ``get`` (a milter's getsymval).
+def is_postfix(mta: str | None) -> bool:
+    """Whether the ``v`` macro names Postfix (its mail_name, "Postfix" unless changed)."""
+    return mta is not None and mta.split(" ", 1)[0] == "Postfix"
+
+
+def names_verified(mta: str | None, verify: str | None) -> bool:
+    """Whether the MTA vouches that the certificate names come from a verified chain.
 
     Postfix sends ``{cert_subject}``/``{cert_issuer}`` only for a chain that verified against
-    smtpd_tls_CAfile. Sendmail sends them for any certificate and says in ``{verify}``
-    whether it verified: there, only ``OK`` makes the names count.
+    smtpd_tls_CAfile and has no ``{verify}``. Sendmail sends the names for any certificate,
+    self-signed too, and ``{verify}`` only when configured to: from any MTA but Postfix a
+    missing ``{verify}`` means "not verified", and only ``OK`` makes the names count.
     """
+    if verify is not None:
+        return verify.upper() == "OK"
+    return is_postfix(mta)
+
+
+def tls_from_macros(get: MacroGetter, mta: str | None = None) -> TlsFacts:
+    """Read the TLS macros through ``get`` (a milter's getsymval); ``mta`` is the ``v`` macro
+    seen in this session (at connect, under Postfix), None when none was. See
+    :func:`names_verified`."""
     protocol = _clean(get("{tls_version}"))
     if protocol is None:
         return TlsFacts()
@@ -90,9 +122,8 @@ def tls_from_macros(get: MacroGetter) -> TlsFacts:
     bits = int(bits_text) if bits_text.isdigit() and len(bits_text) <= 5 else 0
     subject = _clean(get("{cert_subject}"))
     issuer = _clean(get("{cert_issuer}"))
-    verify = _clean(get(VERIFY_MACRO))
-    if verify is not None and verify.upper() != "OK":
-        subject = issuer = None  # Sendmail: a certificate was shown but did not verify
+    if not names_verified(mta, _clean(get(VERIFY_MACRO))):
+        subject = issuer = None
     if subject is not None:
         subject = common_name(subject)
         issuer = common_name(issuer) if issuer is not None else None
@@ -125,30 +156,38 @@ def client_name(hostname: str | None) -> str | None:
 
 
 def envelope_address(value: str) -> str:
-    """``<a@b>`` -> ``a@b``; ``<>`` -> ``""`` (the null sender)."""
-    text = _UNSAFE.sub("", value).strip()[:MAX_MACRO]
+    """``<a@b>`` -> ``a@b``; ``<>`` -> ``""`` (the null sender).
+
+    Raises :class:`AddressTooLong` beyond :data:`MAX_ENVELOPE` characters.
+    """
+    text = _UNSAFE.sub("", value).strip()
     if text.startswith("<") and text.endswith(">"):
-        text = text[1:-1]
-    return text.strip()
+        text = text[1:-1].strip()
+    if len(text) > MAX_ENVELOPE:
+        raise AddressTooLong(len(text))
+    return text
 
 
 def header_from_authors(values: Sequence[str]) -> tuple[str, ...]:
     """The distinct author addresses of the From header fields that have a domain.
 
     RFC 5322 wants one From field; it may list several mailboxes. Every mailbox is judged,
-    so adding a second author cannot dilute a connector's scope. When a non-empty field
-    yields no address getaddresses understands, the ``@domain`` parts of its raw text are
-    judged instead, so a malformed From cannot slip past a header-From connector either.
+    so adding a second author cannot dilute a connector's scope. A field that does not
+    parse cleanly in full (an entry getaddresses cannot make a mailbox with a domain of)
+    also has every ``@domain`` part of its raw text judged, as ``unparsed@domain``: a
+    malformed mailbox next to a good one cannot hide a protected author either.
     """
     authors: list[str] = []
     for field in values:
-        found = [
-            addr for _, addr in email.utils.getaddresses([field])
-            if "@" in addr and address_domain(addr) is not None
-        ]
-        if not found and field.strip():
-            found = [f"unparsed@{d}" for d in _BARE_DOMAIN.findall(field)
-                     if address_domain(f"x@{d}") is not None]
+        parsed = [addr for _, addr in email.utils.getaddresses([field])]
+        found = [addr for addr in parsed if "@" in addr and address_domain(addr) is not None]
+        if len(found) < len(parsed) or (not parsed and field.strip()):
+            domains = {address_domain(addr) for addr in found}
+            for raw in _BARE_DOMAIN.findall(field):
+                domain = address_domain(f"x@{raw}")
+                if domain is not None and domain not in domains:
+                    domains.add(domain)
+                    found.append(f"unparsed@{raw}")
         for addr in found:
             if addr not in authors:
                 authors.append(addr)

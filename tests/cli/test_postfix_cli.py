@@ -104,6 +104,10 @@ def test_doctor_healthy(setup: dict[str, pathlib.Path]) -> None:
     (("milter_default_action = tempfail", "milter_default_action = accept"), "mail passes unjudged"),
     (("smtpd_tls_fingerprint_digest = sha256", "smtpd_tls_fingerprint_digest = md5"), None),
     (("reject_non_fqdn_sender, ", ""), "sender-scoped connectors, and no reject_non_fqdn_sender"),
+    (("milter_default_action = tempfail", "milter_default_action = tempfail\nmilter_connect_macros = j _"),
+     "the milter cannot tell that the MTA is Postfix"),
+    (("milter_default_action = tempfail", "milter_default_action = tempfail\nmail_name = Mailer"),
+     "mail_name = Mailer"),
 ])
 def test_doctor_names_each_fault_and_its_fix(setup: dict[str, pathlib.Path], change: tuple[str, str],
                                              expected: str | None) -> None:

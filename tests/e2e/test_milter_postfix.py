@@ -112,6 +112,17 @@ def test_plaintext_refused_for_a_require_tls_sender(stack: tuple[PrivatePostfix,
     assert result.data is None
 
 
+def test_a_long_sender_address_keeps_its_domain(stack: tuple[PrivatePostfix, MilterProcess]) -> None:
+    # Postfix accepts a path far longer than RFC 5321's 256 characters; cut at 1024, this
+    # one lost its domain and its connector, and was accepted in plaintext.
+    postfix, _ = stack
+    result = send(postfix.port, "a" * 1030 + "@contoso.test", ["long@tlsgate.test"])
+    reply = result.rcpt["long@tlsgate.test"]
+    assert reply.code == 550, result
+    assert "5.7.10 TLS required by connector contoso-in" in reply.text
+    assert result.data is None
+
+
 def test_tls_accepted_with_the_trace_header(stack: tuple[PrivatePostfix, MilterProcess]) -> None:
     postfix, _ = stack
     result = send(postfix.port, "a@contoso.test", ["tls@tlsgate.test"], starttls=True)

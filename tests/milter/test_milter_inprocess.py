@@ -44,6 +44,7 @@ INSERT INTO inbound_domain VALUES ('watch-in', 'sender', 'watch.test');
 """
 
 TLS13 = {"{tls_version}": "TLSv1.3", "{cipher}": "TLS_AES_256_GCM_SHA384", "{cipher_bits}": "256"}
+POSTFIX = "Postfix 3.7.11"  # the v macro, which Postfix sends at connect by default
 
 
 NO_REPLY_STEPS = (Milter.P_NR_CONN | Milter.P_NR_HELO | Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_DATA
@@ -124,16 +125,19 @@ class Session:
         return ctx._eom(), msg
 
 
-@pytest.fixture(scope="module")
-def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Snapshot:
-    path: Path = tmp_path_factory.mktemp("rules") / "rules.sqlite"
-    engine = open_engine(make_rules_db(path, RULES))
+def load_rules(path: Path, sql: str) -> Snapshot:
+    engine = open_engine(make_rules_db(path, sql))
     try:
         result = load(engine)
     finally:
         engine.dispose()
     assert not result.errors
     return result.snapshot
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Snapshot:
+    return load_rules(tmp_path_factory.mktemp("rules") / "rules.sqlite", RULES)
 
 
 @pytest.fixture
@@ -143,12 +147,15 @@ def connect(snapshot: Snapshot) -> Iterator[Callable[..., Session]]:
         tls: dict[str, str] | None = None,
         settings: MilterSettings | None = None,
         snap: Snapshot | None = snapshot,
+        mta: str | None = POSTFIX,
     ) -> Session:
         judge = Judge(snapshot=lambda: snap, settings=settings or MilterSettings())
         Milter.factory = lambda: TlsgateMilter(judge)
         ctx = FixedCtx()
         session = Session(ctx)
         session.macros({"j": "mx.example.test"})
+        if mta is not None:
+            session.macros({"v": mta})
         if tls:
             session.macros(tls)
         assert ctx._connect(host="client.example", helo="client.example", ip=ip) == Milter.CONTINUE
@@ -220,14 +227,32 @@ def test_trusted_certificate_name(connect: Callable[..., Session]) -> None:
 
 
 def test_sendmail_verify_macro_decides_whether_the_name_counts(connect: Callable[..., Session]) -> None:
+    # Sendmail sends no v macro by default, and {cert_subject} for any certificate.
     subject = "/C=US/O=Fabrikam/CN=mx.fabrikam.test"
-    ok = connect(tls={**TLS13, "{cert_subject}": subject, "{cert_issuer}": "/CN=Lab Test CA", "{verify}": "OK"})
+    cert = {**TLS13, "{cert_subject}": subject, "{cert_issuer}": "/CN=Lab Test CA"}
+    ok = connect(tls={**cert, "{verify}": "OK"}, mta=None)
     rc, msg = ok.message("a@fabrikam.test", ["b@example.test"])
     assert rc == Milter.CONTINUE
     assert 'cert="mx.fabrikam.test"; issuer="Lab Test CA"' in msg["X-TLSgate"]
-    failed = connect(tls={**TLS13, "{cert_subject}": subject, "{verify}": "FAIL"})
+    failed = connect(tls={**cert, "{verify}": "FAIL"}, mta=None)
     failed.message("a@fabrikam.test", ["b@example.test"])
     assert failed.replies["b@example.test"][0] == Milter.REJECT
+
+
+@pytest.mark.parametrize("mta", [None, "8.17.1"])
+def test_certificate_names_without_verify_from_another_mta_than_postfix_do_not_count(
+    connect: Callable[..., Session], mta: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A self-signed certificate named mx.fabrikam.test, under Sendmail without {verify}.
+    session = connect(tls={**TLS13, "{cert_subject}": "/CN=mx.fabrikam.test"}, mta=mta)
+    session.message("a@fabrikam.test", ["b@example.test", "c@example.test"])
+    for rcpt in ("b@example.test", "c@example.test"):
+        rc, reply = session.replies[rcpt]
+        assert rc == Milter.REJECT
+        assert reply is not None and reply[:2] == ("550", "5.7.1")
+    assert caplog.text.count(
+        f"client certificate name ignored: the MTA (v={mta or 'unknown'}) is not Postfix and sent no {{verify}}"
+    ) == 1
 
 
 def test_header_from_connector_refuses_at_end_of_message(connect: Callable[..., Session]) -> None:
@@ -271,7 +296,7 @@ def test_strictest_header_from_verdict_wins(connect: Callable[..., Session]) -> 
     assert soft.ctx._reply[:2] == ("450", "4.7.10")
 
 
-@pytest.mark.parametrize(
+TOO_BIG_FROM = pytest.mark.parametrize(
     "headers",
     [
         [("From", f"x{i}@junk.test") for i in range(16)] + [("From", "alerts@bank.test")],
@@ -280,6 +305,9 @@ def test_strictest_header_from_verdict_wins(connect: Callable[..., Session]) -> 
     ],
     ids=["17-fields", "long-field", "51-protected-domains"],
 )
+
+
+@TOO_BIG_FROM
 def test_a_from_header_too_big_to_judge_whole_is_refused(
     connect: Callable[..., Session], headers: list[tuple[str, str]]
 ) -> None:
@@ -290,12 +318,66 @@ def test_a_from_header_too_big_to_judge_whole_is_refused(
     assert session.ctx._reply[:2] == ("550", "5.7.1")
 
 
+WATCH_HDR = """
+INSERT INTO inbound_connector (name, require_tls, mode, on_failure) VALUES ('watch-hdr', 1, 'monitor', 'reject');
+INSERT INTO inbound_domain VALUES ('watch-hdr', 'header_from', '*.bank.test');
+INSERT INTO inbound_domain VALUES ('watch-hdr', 'header_from', 'bank.test');
+INSERT INTO inbound_connector (name, enabled, require_tls, on_failure) VALUES ('off-hdr', 0, 1, 'reject');
+INSERT INTO inbound_domain VALUES ('off-hdr', 'header_from', 'bank.test');
+"""
+SOFT_HDR = WATCH_HDR + """
+INSERT INTO inbound_connector (name, require_tls, on_failure) VALUES ('soft-hdr', 1, 'defer');
+INSERT INTO inbound_domain VALUES ('soft-hdr', 'header_from', 'soft.test');
+"""
+
+
+@TOO_BIG_FROM
+def test_a_from_header_too_big_is_deferred_when_no_enforcing_connector_rejects(
+    connect: Callable[..., Session], tmp_path: Path, headers: list[tuple[str, str]]
+) -> None:
+    # A monitor-mode connector that would reject and a disabled one do not make it a 5xx.
+    session = connect(tls=TLS13, snap=load_rules(tmp_path / "r.sqlite", SOFT_HDR))
+    rc, _ = session.message("x@mailer.test", ["b@example.test"], headers)
+    assert rc == Milter.TEMPFAIL
+    assert session.ctx._reply[:2] == ("450", "4.7.1")
+
+
+@TOO_BIG_FROM
+def test_a_from_header_too_big_passes_with_only_monitor_mode_connectors(
+    connect: Callable[..., Session], tmp_path: Path, headers: list[tuple[str, str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="tlsgate.milter")
+    session = connect(tls=TLS13, snap=load_rules(tmp_path / "r.sqlite", WATCH_HDR))
+    session.macros({"i": "4F2A1C3B"})
+    rc, msg = session.message("x@mailer.test", ["b@example.test"], headers)
+    assert rc == Milter.CONTINUE
+    assert "verdict=monitor-reject; connector=watch-hdr; status=5.7.1; tls=TLSv1.3" in msg["X-TLSgate"]
+    assert "4F2A1C3B: monitor-reject connector=watch-hdr stage=data client=client.example[192.0.2.7] " \
+        "from=<x@mailer.test> tls=TLSv1.3" in caplog.text
+    assert "off-hdr" not in caplog.text
+
+
 def test_many_authors_from_unprotected_domains_are_fine(connect: Callable[..., Session]) -> None:
     session = connect(tls=TLS13)
     many = ", ".join(f"a@d{i}.junk.test" for i in range(300)) + ", alerts@bank.test"
     rc, msg = session.message("x@mailer.test", ["b@example.test"], [("From", many)])
     assert rc == Milter.CONTINUE
     assert "connector=bank-hdr" in msg["X-TLSgate"]
+
+
+@pytest.mark.parametrize(
+    "header_from",
+    ["a@else.test, ceo@bank.test..", "a@else.test, ceo@bank.test\udcff"],
+    ids=["trailing-dots", "non-utf8-byte"],
+)
+def test_a_protected_domain_beside_a_good_mailbox_is_judged(
+    connect: Callable[..., Session], header_from: str
+) -> None:
+    session = connect()
+    rc, _ = session.message("x@mailer.test", ["b@example.test"], [("From", header_from)])
+    assert rc == Milter.REJECT
+    assert session.ctx._reply == ("550", "5.7.10", "TLS required by connector bank-hdr")
 
 
 def test_no_from_header_matches_no_header_from_connector(connect: Callable[..., Session]) -> None:
@@ -326,6 +408,45 @@ def test_trace_header_can_be_renamed_or_disabled(connect: Callable[..., Session]
     rc, msg = off.message("a@else.test", ["b@example.test"], [("From", "a@else.test"), ("X-TLSgate", "kept")])
     assert rc == Milter.CONTINUE
     assert msg["X-TLSgate"] == "kept"
+
+
+LONG_LOCAL = "a" * 1030  # an address of this length lost its domain when cut at 1024
+
+
+def test_a_long_envelope_address_is_judged_whole(connect: Callable[..., Session]) -> None:
+    session = connect()
+    session.message(f"{LONG_LOCAL}@contoso.test", ["b@example.test"])
+    assert session.replies["b@example.test"] == (
+        Milter.REJECT, ("550", "5.7.10", "TLS required by connector contoso-in")
+    )
+    session.message("a@else.test", [f"{LONG_LOCAL}@hr.example.test"])
+    assert session.replies[f"{LONG_LOCAL}@hr.example.test"] == (
+        Milter.TEMPFAIL, ("450", "4.7.10", "TLS required by connector hr-in")
+    )
+
+
+def test_an_envelope_address_too_long_to_judge_is_a_temporary_failure(
+    connect: Callable[..., Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tlsgate.milter")
+    huge = "a" * 5000
+    sender = connect(tls=TLS13)
+    rc, _ = sender.message(f"{huge}@contoso.test", ["b@example.test", "c@example.test"])
+    assert rc is None
+    for rcpt in ("b@example.test", "c@example.test"):
+        assert sender.replies[rcpt] == (Milter.TEMPFAIL, ("451", "4.1.7", "Sender address too long, try again later"))
+    assert (
+        'NOQUEUE: defer stage=rcpt client=client.example[192.0.2.7] to=<b@example.test> status=4.1.7 '
+        'reason="sender address too long to judge: an address of 5013 characters, longer than 4096"'
+    ) in caplog.text
+    recipient = connect(tls=TLS13)
+    rc, _ = recipient.message("a@contoso.test", [f"{huge}@example.test", "b@example.test"])
+    assert recipient.replies[f"{huge}@example.test"] == (
+        Milter.TEMPFAIL, ("451", "4.1.3", "Recipient address too long, try again later")
+    )
+    assert recipient.replies["b@example.test"] == (Milter.CONTINUE, None)
+    assert rc == Milter.CONTINUE
+    assert "from=<a@contoso.test> status=4.1.3" in caplog.text
 
 
 def test_monitor_mode_accepts_and_records_what_would_have_happened(connect: Callable[..., Session]) -> None:

@@ -9,7 +9,9 @@ import socket
 import pytest
 from tlsgate_milter.milter import libmilter_address
 from tlsgate_milter.translate import (
+    MAX_ENVELOPE,
     MAX_REPLY,
+    AddressTooLong,
     TlsFacts,
     client_address,
     client_name,
@@ -19,6 +21,8 @@ from tlsgate_milter.translate import (
     reply_text,
     tls_from_macros,
 )
+
+from tlsgate.patterns import address_domain
 
 
 @pytest.mark.parametrize(
@@ -44,6 +48,9 @@ def _getter(values: dict[str, str]):  # type: ignore[no-untyped-def]
     return values.get
 
 
+POSTFIX = "Postfix 3.7.11"
+
+
 @pytest.mark.parametrize(
     ("macros", "expected"),
     [
@@ -55,15 +62,39 @@ def _getter(values: dict[str, str]):  # type: ignore[no-untyped-def]
         ({"{tls_version}": "TLSv1.3", "{cert_subject}": "mx.a.test", "{cert_issuer}": "CA"},
          TlsFacts("TLSv1.3", None, 0, "mx.a.test", "CA")),
         ({"{tls_version}": "TLSv1.3", "{cert_issuer}": "CA"}, TlsFacts("TLSv1.3")),
-        ({"{tls_version}": "TLSv1.3", "{cert_subject}": "/O=A/CN=mx.a.test", "{verify}": "OK"},
-         TlsFacts("TLSv1.3", None, 0, "mx.a.test")),
-        ({"{tls_version}": "TLSv1.3", "{cert_subject}": "/O=A/CN=mx.a.test", "{verify}": "FAIL"},
-         TlsFacts("TLSv1.3")),
         ({"{tls_version}": "TLSv1.3", "{cert_subject}": "mx\r\n.a.test"}, TlsFacts("TLSv1.3", None, 0, "mx.a.test")),
     ],
 )
 def test_tls_from_macros(macros: dict[str, str], expected: TlsFacts) -> None:
-    assert tls_from_macros(_getter(macros)) == expected
+    assert tls_from_macros(_getter(macros), POSTFIX) == expected
+
+
+SENDMAIL_CERT = {"{tls_version}": "TLSv1.3", "{cert_subject}": "/O=A/CN=mx.a.test", "{cert_issuer}": "/CN=CA"}
+
+
+@pytest.mark.parametrize(
+    ("mta", "verify", "trusted"),
+    [
+        (POSTFIX, None, True),  # Postfix sends the names for a verified chain only
+        ("Postfix 2.11.3", None, True),
+        (None, None, False),  # Sendmail sends no v by default, and the names for any certificate
+        ("8.17.1", None, False),  # Sendmail's own v, without {verify}
+        ("8.17.1", "OK", True),
+        (None, "OK", True),
+        (None, "ok", True),
+        (None, "FAIL", False),
+        (None, "NO", False),
+        (POSTFIX, "FAIL", False),  # a {verify} that says no wins over the MTA's name
+        ("Postfixed 1.0", None, False),
+        ("", None, False),
+    ],
+)
+def test_certificate_names_count_only_when_the_mta_vouches_for_them(
+    mta: str | None, verify: str | None, trusted: bool
+) -> None:
+    macros = dict(SENDMAIL_CERT) if verify is None else {**SENDMAIL_CERT, "{verify}": verify}
+    names = TlsFacts("TLSv1.3", None, 0, "mx.a.test", "CA")
+    assert tls_from_macros(_getter(macros), mta) == (names if trusted else TlsFacts("TLSv1.3"))
 
 
 def test_tls_facts_never_go_back_to_plaintext() -> None:
@@ -98,6 +129,17 @@ def test_client_name_and_envelope() -> None:
     assert envelope_address("<>") == ""
 
 
+def test_a_long_envelope_address_is_kept_whole_never_cut() -> None:
+    # Cut at 1024 characters, this address lost its domain and with it its sender connector.
+    long = "a" * 1030 + "@contoso.test"
+    assert envelope_address(f"<{long}>") == long
+    limit = "a" * (MAX_ENVELOPE - len("@contoso.test")) + "@contoso.test"
+    assert envelope_address(f"<{limit}>") == limit
+    with pytest.raises(AddressTooLong) as raised:
+        envelope_address(f"<a{limit}>")
+    assert raised.value.length == MAX_ENVELOPE + 1
+
+
 @pytest.mark.parametrize(
     ("values", "authors"),
     [
@@ -110,10 +152,29 @@ def test_client_name_and_envelope() -> None:
         (["Bank <@b.test>"], ("unparsed@b.test",)),  # nothing parsed: raw @domain judged
         (['"ceo@bank.test" <evil@evil.test>'], ("evil@evil.test",)),  # display names are not authors
         (["=?utf-8?q?Al=C3=AFce?= <a@a.test>"], ("a@a.test",)),
+        (["ceo@partner.test.."], ("unparsed@partner.test",)),
+        # a clean field yields exactly its mailboxes, whatever its display names say
+        (['a@a.test, "x@c.test" <b@b.test>, Carl <c@c.test>'], ("a@a.test", "b@b.test", "c@c.test")),
     ],
 )
 def test_header_from_authors(values: list[str], authors: tuple[str, ...]) -> None:
     assert header_from_authors(values) == authors
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "a@evil.test, ceo@partner.test..",
+        "a@evil.test, ceo@partner.test\udcff",  # a non-UTF-8 byte, as pymilter decodes it
+        "a@evil.test ceo@partner.test",
+    ],
+)
+def test_a_field_not_clean_in_full_has_every_raw_domain_judged(field: str) -> None:
+    # A good mailbox next to a malformed one must not hide the protected author: which of
+    # them getaddresses understands varies, the domains judged do not.
+    authors = header_from_authors([field])
+    assert {address_domain(a) for a in authors} == {"evil.test", "partner.test"}
+    assert len(authors) == 2
 
 
 def test_reply_text_is_one_bounded_line_with_percent_doubled() -> None:

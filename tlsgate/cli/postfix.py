@@ -272,6 +272,14 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
             found.append(Finding("warning", "milter_mail_macros lacks the TLS macros: a client that skips the "
                                  "second EHLO after STARTTLS is judged as plaintext",
                                  "add " + " ".join(TLS_MACROS) + " to milter_mail_macros"))
+        connect_macros = params.get("milter_connect_macros", "v").replace(",", " ").split()
+        mail_name = params.get("mail_name", "Postfix")
+        if needs_cert and ("v" not in connect_macros or mail_name != "Postfix"):
+            found.append(Finding("error", "the milter cannot tell that the MTA is Postfix (milter_connect_macros "
+                                 f"lacks v, or mail_name = {mail_name} is not Postfix): it counts no client "
+                                 "certificate name, so connectors that require a certificate fail every session "
+                                 "it judges",
+                                 "add v to milter_connect_macros and leave mail_name = Postfix"))
         if params.get("milter_default_action", "tempfail") not in ("tempfail", "reject"):
             found.append(Finding("error", f"milter_default_action = {params.get('milter_default_action')}: "
                                  "mail passes unjudged whenever the milter is down",
