@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from tlsgate.cli import CommandError
 from tlsgate.config import Config
-from tlsgate.model import CertRequirement, Scope
+from tlsgate.model import CertRequirement
 from tlsgate.store import StoreError, load
 
 if TYPE_CHECKING:
@@ -102,10 +102,7 @@ def main_cf_lines(config: Config, queue_dir: str, *, milter: bool = True, outbou
         "smtpd_tls_received_header = yes",
         "# Relay control stays in smtpd_relay_restrictions; tlsgate answers DUNNO or REJECT/DEFER per recipient.",
         "# A policy service that does not answer within the timeout gets default_action: a 4xx, never a pass.",
-        "# An address without a domain gets @$myorigin only after these checks: refuse it first.",
         "smtpd_recipient_restrictions =",
-        "    reject_non_fqdn_sender,",
-        "    reject_non_fqdn_recipient,",
         "    reject_unauth_destination,",
         f"    check_policy_service {{ {policy}, timeout=10s, default_action=DEFER_IF_PERMIT, max_idle=300s }}",
     ]
@@ -215,7 +212,6 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
 
     needs_cert = needs_tls = False
     pinned: list[str] = []
-    scopes: frozenset[Scope] = frozenset()
     if ctx is not None:
         try:
             snap = load(ctx.engine).snapshot
@@ -224,7 +220,6 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
                                  "check [database] url in the configuration and that the database is up"))
             snap = None
         if snap is not None:
-            scopes = snap.enforced_scopes
             for c in snap.inbound:
                 if not c.enabled:
                     continue
@@ -301,14 +296,6 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
         if "timeout=" not in restrictions:
             found.append(Finding("warning", "the policy service has no explicit timeout",
                                  "check_policy_service { ..., timeout=10s, default_action=DEFER_IF_PERMIT }"))
-    if uses_policyd or uses_milter:
-        for scope, restriction in ((Scope.SENDER, "reject_non_fqdn_sender"),
-                                   (Scope.RECIPIENT, "reject_non_fqdn_recipient")):
-            if scope in scopes and restriction not in restrictions:
-                found.append(Finding(
-                    "warning", f"{scope.value}-scoped connectors, and no {restriction}: a {scope.value} without a "
-                    "domain (Postfix appends @$myorigin after the restrictions) is deferred by tlsgate, 4.1.x, "
-                    "every time it is tried", f"add {restriction} before check_policy_service"))
     if not found:
         found.append(Finding("ok", "no problems found"))
     return found
