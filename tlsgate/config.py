@@ -11,12 +11,17 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import ipaddress
+import logging
 import os
 import re
+import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
+from tlsgate.patterns import PatternError, to_a_label
 from tlsgate.store import DEFAULT_DATABASE_URL
+
+log = logging.getLogger("tlsgate.config")
 
 DEFAULT_PATH = "/etc/tlsgate/tlsgate.conf"
 EX_CONFIG = 78
@@ -38,6 +43,9 @@ class EngineConfig:
     #: what to answer before any rules could ever be loaded: never a pass
     unknown_rules_action: str = "defer"
     unknown_rules_text: str = "TLS policy rules are not available, try again later"
+    #: the domain Postfix appends to an address without one: "auto" (asked from postconf when
+    #: a daemon starts), a domain, or "none"
+    myorigin: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -186,9 +194,42 @@ def _convert(path: str, section: str, key: str, raw: str, default: Any) -> Any:
         raise ConfigError(f"{where}: not unix:/PATH or inet:HOST:PORT")
     if key == "header_name" and not _HEADER.match(value):
         raise ConfigError(f"{where}: not a valid header field name")
+    if key == "myorigin" and value.lower() not in ("auto", "none"):
+        try:
+            return to_a_label(value)
+        except PatternError as exc:
+            raise ConfigError(f"{where}: must be auto, none or a domain name ({exc})") from None
+    if key == "myorigin":
+        return value.lower()
     if not value and key != "unknown_rules_text":
         raise ConfigError(f"{where}: must not be empty")
     return value
+
+
+def resolve_myorigin(cfg: EngineConfig) -> str | None:
+    """The domain Postfix appends to an address without one (``MAIL FROM:<root>``), so that
+    the daemons judge the address Postfix will deliver; None when it cannot be known, and
+    such addresses then get a temporary failure wherever a connector could apply."""
+    if cfg.myorigin == "none":
+        return None
+    if cfg.myorigin != "auto":
+        return cfg.myorigin
+    try:
+        done = subprocess.run(["postconf", "-xh", "myorigin"], capture_output=True, text=True, timeout=30,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("cannot ask postconf for myorigin (%s): set [engine] myorigin; addresses without a domain "
+                    "get a temporary failure where a connector could apply", exc)
+        return None
+    value = done.stdout.strip()
+    try:
+        if done.returncode != 0:
+            raise PatternError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no answer")
+        return to_a_label(value)
+    except PatternError as exc:
+        log.warning("postconf gave no usable myorigin (%r: %s): set [engine] myorigin; addresses without a "
+                    "domain get a temporary failure where a connector could apply", value, exc)
+        return None
 
 
 def load_config(path: str | None = None, environ: dict[str, str] | None = None) -> Config:

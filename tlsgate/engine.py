@@ -18,6 +18,7 @@ No matching connector means opportunistic TLS: pass.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import datetime
 
 from tlsgate.model import (
@@ -410,18 +411,39 @@ def _local_part_only(address: str | None) -> str | None:
     return addr or None
 
 
+def with_myorigin(facts: SessionFacts, myorigin: str | None) -> SessionFacts:
+    """``facts`` with a sender or recipient that has no domain completed as Postfix completes
+    it after its restrictions (``RCPT TO:<bob>`` is delivered to bob@$myorigin), so that the
+    connectors judge the address that will be delivered."""
+    if myorigin is None:
+        return facts
+    sender = _local_part_only(facts.sender)
+    recipient = _local_part_only(facts.recipient)
+    if sender is None and recipient is None:
+        return facts
+    return replace(
+        facts,
+        sender=f"{sender}@{myorigin}" if sender is not None else facts.sender,
+        recipient=f"{recipient}@{myorigin}" if recipient is not None else facts.recipient,
+    )
+
+
 def _without_domain(snapshot: Snapshot, facts: SessionFacts) -> Decision | None:
-    """A temporary failure for a sender or recipient without a domain where a connector in
-    force could have applied. Postfix appends ``@$myorigin`` to such an address after its
-    restrictions (``RCPT TO:<bob>`` is delivered to bob@$myorigin), so no connector can be
-    told for it here, and judging it by none would let it pass every connector."""
+    """A temporary failure for a sender or recipient without a domain (left so when
+    Postfix's myorigin is not known, see :func:`with_myorigin`) where a connector in force
+    could have applied: no connector can be told for it, and judging it by none would let it
+    pass every connector. A bare ``postmaster`` recipient, which RFC 5321 says must be
+    accepted, is left to pass."""
     for scope, status, restriction in _BARE:
         address = _local_part_only(facts.sender if scope is Scope.SENDER else facts.recipient)
-        if address is not None and scope in snapshot.enforced_scopes:
-            reason = (f"{scope.value} <{address}> has no domain, so the connector that applies cannot be told "
-                      f"(Postfix's {restriction} refuses such addresses)")
-            return Decision(Outcome.FAIL, FailAction.DEFER, None, status, reason, reason,
-                            (Check("address", False, reason),))
+        if address is None or scope not in snapshot.enforced_scopes:
+            continue
+        if scope is Scope.RECIPIENT and address.lower() == "postmaster":
+            continue
+        reason = (f"{scope.value} <{address}> has no domain, so the connector that applies cannot be told "
+                  f"(set [engine] myorigin, or Postfix's {restriction} refuses such addresses)")
+        return Decision(Outcome.FAIL, FailAction.DEFER, None, status, reason, reason,
+                        (Check("address", False, reason),))
     return None
 
 

@@ -28,9 +28,9 @@ from typing import Any, TypeVar, cast
 import Milter
 
 from tlsgate import logsetup
-from tlsgate.config import Config
+from tlsgate.config import Config, resolve_myorigin
 from tlsgate.decisionlog import log_decision
-from tlsgate.engine import decide
+from tlsgate.engine import decide, with_myorigin
 from tlsgate.metrics import Metrics
 from tlsgate.model import (
     CertRequirement,
@@ -94,6 +94,7 @@ class MilterSettings:
     pinned_action: str = "tempfail"  # or "policyd"
     unknown_rules_action: str = "defer"  # or "reject"
     unknown_rules_text: str = "TLS policy rules are not available, try again later"
+    myorigin: str | None = None  # see tlsgate.engine.with_myorigin
 
     @classmethod
     def from_config(cls, cfg: Config) -> MilterSettings:
@@ -103,6 +104,7 @@ class MilterSettings:
             pinned_action=cfg.milter.pinned_action,
             unknown_rules_action=cfg.engine.unknown_rules_action,
             unknown_rules_text=cfg.engine.unknown_rules_text,
+            myorigin=resolve_myorigin(cfg.engine),
         )
 
 
@@ -307,7 +309,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
 
     def _facts(self, stage: Stage, recipient: str | None, header_from: str | None = None) -> SessionFacts:
         tls = self._tls
-        return SessionFacts(
+        facts = SessionFacts(
             client_address=self._client,
             sender=self._sender,
             recipient=recipient,
@@ -321,6 +323,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
             queue_id=self._queue_id,
             client_name=self._client_name,
         )
+        return with_myorigin(facts, self._judge.settings.myorigin)
 
     def _decide(self, snapshot: Snapshot, facts: SessionFacts) -> tuple[Decision, float]:
         """The decision, and the seconds it took (for the metrics)."""

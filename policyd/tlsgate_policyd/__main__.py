@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from tlsgate import logsetup, sdnotify
-from tlsgate.config import EX_CONFIG, Config, ConfigError, load_config
+from tlsgate.config import EX_CONFIG, Config, ConfigError, load_config, resolve_myorigin
 from tlsgate.metrics import Metrics
 from tlsgate.rules import RuleHolder
 from tlsgate.store import safe_url
@@ -55,7 +55,8 @@ async def serve(config: Config, holder: RuleHolder) -> int:
         except (OSError, ValueError) as exc:
             log.error("cannot serve metrics on %s: %s", config.policyd.metrics, exc)
             return 1
-    server = PolicyServer(config, Responder(config, lambda: holder.snapshot, metrics=metrics))
+    server = PolicyServer(config, Responder(config, lambda: holder.snapshot, metrics=metrics,
+                                            myorigin=resolve_myorigin(config.engine)))
     fds = [fd for fd, _name in sdnotify.listen_fds()]
     try:
         await server.start(fds)
@@ -123,7 +124,7 @@ def spawn(config: Config, holder: RuleHolder) -> int:
     """
     holder.refresh()
     holder.start()
-    responder = Responder(config, lambda: holder.snapshot)
+    responder = Responder(config, lambda: holder.snapshot, myorigin=resolve_myorigin(config.engine))
     cfg = config.policyd
     parser = RequestReader(Limits(cfg.max_line, cfg.max_attributes, cfg.max_request))
     stdout = sys.stdout.buffer

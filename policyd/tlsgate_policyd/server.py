@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from tlsgate import logsetup
 from tlsgate.config import Config
 from tlsgate.decisionlog import log_decision
-from tlsgate.engine import decide
+from tlsgate.engine import decide, with_myorigin
 from tlsgate.metrics import Metrics
 from tlsgate.snapshot import Snapshot
 from tlsgate_policyd.protocol import (
@@ -55,11 +55,12 @@ class Responder:
 
     def __init__(self, config: Config, snapshot: Callable[[], Snapshot | None],
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, myorigin: str | None = None) -> None:
         self._config = config
         self._snapshot = snapshot
         self._clock = clock
         self._metrics = metrics
+        self._myorigin = myorigin  # see tlsgate.engine.with_myorigin
         self._monitor_header = "X-TLSgate-Monitor" if config.policyd.monitor_prepend else None
         self.decisions = 0
 
@@ -79,7 +80,7 @@ class Responder:
             log.warning("ignoring request=%r: answering DUNNO", attrs.get("request", "")[:40])
             return "DUNNO"
         started = time.perf_counter()
-        facts = facts_from_request(attrs)
+        facts = with_myorigin(facts_from_request(attrs), self._myorigin)
         snap = self._snapshot()
         self.decisions += 1
         if snap is None:

@@ -82,8 +82,10 @@ def stack(pki: Pki) -> Iterator[Stack]:
         sock = sockdir / "policy.sock"
         db = work / "rules.sqlite"
         url = make_rules_db(db, RULES)
-        policyd = PolicydProcess(write_config(work, url, f"unix:{sock}"), sock,
-                                 work / "policyd.log").start()
+        config = write_config(work, url, f"unix:{sock}")
+        with config.open("a") as fh:  # what Postfix appends to an address without a domain
+            fh.write("[engine]\nmyorigin = example.test\n")
+        policyd = PolicydProcess(config, sock, work / "policyd.log").start()
         instance.start({
             "smtpd_recipient_restrictions": "reject_unauth_destination, check_policy_service "
             "{ unix:tlsgate/policy.sock, timeout=10s, default_action=DEFER_IF_PERMIT }",
@@ -186,19 +188,22 @@ def test_restrict_to_client_ranges(stack: Stack) -> None:
     assert reply.code == 554 and "client 127.0.0.3 is outside the ranges of connector onprem-in" in reply.text
 
 
-def test_a_recipient_without_a_domain_is_deferred_not_delivered_unjudged(stack: Stack) -> None:
+def test_a_recipient_without_a_domain_is_judged_where_postfix_delivers_it(stack: Stack) -> None:
     # Postfix appends @$myorigin to RCPT TO:<bob> after its restrictions: with $myorigin in a
-    # recipient connector's scope (example-rcpt), a bare address would otherwise slip past it.
+    # recipient connector's scope (example-rcpt), the bare address must meet that connector.
     stack.postfix.reload({"myorigin": "example.test"})
     try:
         result = send(stack.postfix.port, "a@other.test", ["bob", "full@tlsgate.test"])
         reply = result.rcpt["bob"]
         assert reply.code == 450, reply
-        assert reply.text == ("4.1.3 <bob>: Recipient address rejected: recipient <bob> has no domain, so the "
-                              "connector that applies cannot be told (Postfix's reject_non_fqdn_recipient refuses "
-                              "such addresses)")
+        assert reply.text == ("4.7.10 <bob>: Recipient address rejected: TLS required by connector example-rcpt")
         assert result.delivered and stack.postfix.wait_delivered("full@tlsgate.test")
         assert stack.postfix.delivered("bob@example.test") == []
+        stack.policyd.wait_log("defer connector=example-rcpt client=localhost[127.0.0.1] from=<a@other.test> "
+                               "to=<bob@example.test> tls=none")
+        tls = send(stack.postfix.port, "a@other.test", ["bob"], starttls=True)
+        assert tls.delivered, tls
+        assert stack.postfix.wait_delivered("bob@example.test")
     finally:
         stack.postfix.reload({"myorigin": "$myhostname"})
 

@@ -183,6 +183,7 @@ def stack(pki: Pki) -> Iterator[Stack]:
         syslog = Syslog(work / "log.sock")
         with config.open("a") as fh:
             fh.write(f"syslog_socket = {work / 'log.sock'}\n")  # [log] is the file's last section
+            fh.write("[engine]\nmyorigin = none\n")  # addresses without a domain: no connector can be told
         instance = PrivatePostfix(pki)
         instance.start(
             {
@@ -223,6 +224,21 @@ def test_spawned_daemon_refuses_plaintext_and_passes_tls(stack: Stack) -> None:
                              r"from=<a@contoso\.test> to=<r@tlsgate\.test> tls=none")
     assert line.string.startswith("<"), line.string  # a syslog record, facility and severity first
     stack.syslog.wait(r"pass connector=contoso-in .*to=<r-tls@tlsgate\.test> tls=TLSv1\.3")
+
+
+def test_a_sender_without_a_domain_is_deferred_when_myorigin_is_unknown(stack: Stack) -> None:
+    # MAIL FROM:<ceo> becomes ceo@$myorigin after the restrictions; with myorigin not known,
+    # no sender connector can be told for it, and it must not pass them all.
+    with smtplib.SMTP("127.0.0.1", stack.postfix.port, local_hostname=CLIENT_HELO, timeout=30) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("ceo")[0] == 250
+        code, text = smtp.rcpt("r@tlsgate.test")
+    # The daemon answers DEFER 4.1.7 (bad sender address); asked at RCPT, Postfix reports an
+    # address detail code of the recipient's (X.1.3) in its reply, as it does for any restriction there.
+    assert (code, text.decode()) == (
+        450, "4.1.3 <r@tlsgate.test>: Recipient address rejected: sender <ceo> has no domain, so the connector "
+        "that applies cannot be told (set [engine] myorigin, or Postfix's reject_non_fqdn_sender refuses such "
+        "addresses)")
 
 
 def test_spawned_daemon_applies_a_change_while_smtpd_keeps_it(stack: Stack) -> None:

@@ -413,6 +413,17 @@ def test_trace_header_can_be_renamed_or_disabled(connect: Callable[..., Session]
 LONG_LOCAL = "a" * 1030  # an address of this length lost its domain when cut at 1024
 
 
+def test_an_address_without_a_domain_is_judged_at_myorigin(connect: Callable[..., Session]) -> None:
+    # RCPT TO:<jane> is delivered to jane@$myorigin: hr-in's recipient scope applies to it.
+    known = connect(settings=MilterSettings(myorigin="hr.example.test"))
+    known.message("a@else.test", ["jane"])
+    assert known.replies["jane"] == (Milter.TEMPFAIL, ("450", "4.7.10", "TLS required by connector hr-in"))
+    unknown = connect()
+    unknown.message("a@else.test", ["jane"])
+    assert unknown.replies["jane"][0] == Milter.TEMPFAIL
+    assert unknown.replies["jane"][1][:2] == ("450", "4.1.3")
+
+
 def test_a_long_envelope_address_is_judged_whole(connect: Callable[..., Session]) -> None:
     session = connect()
     session.message(f"{LONG_LOCAL}@contoso.test", ["b@example.test"])

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from tlsgate.config import ConfigError, load_config
+from tlsgate.config import ConfigError, EngineConfig, load_config, resolve_myorigin
 
 
 def write(tmp_path: pathlib.Path, text: str) -> str:
@@ -65,3 +65,32 @@ def test_errors_name_file_key_and_value(tmp_path: pathlib.Path, text: str, messa
 def test_explicit_missing_file_is_an_error(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_config(str(tmp_path / "nope.conf"), environ={})
+
+
+@pytest.mark.parametrize(("value", "stored"), [("auto", "auto"), ("None", "none"), ("Example.ORG.", "example.org"),
+                                               ("bücher.example", "xn--bcher-kva.example")])
+def test_myorigin_values(tmp_path: pathlib.Path, value: str, stored: str) -> None:
+    cfg = load_config(write(tmp_path, f"[engine]\nmyorigin = {value}\n"), environ={})
+    assert cfg.engine.myorigin == stored
+
+
+def test_myorigin_that_is_no_domain_is_an_error(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "[engine]\nmyorigin = not a domain\n")
+    with pytest.raises(ConfigError, match=r"\[engine\] myorigin = 'not a domain': must be auto, none or a domain"):
+        load_config(path, environ={})
+
+
+def test_myorigin_is_asked_from_postconf(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    assert resolve_myorigin(EngineConfig(myorigin="example.org")) == "example.org"
+    assert resolve_myorigin(EngineConfig(myorigin="none")) is None
+    fake = tmp_path / "postconf"
+    fake.write_text('#!/bin/sh\n[ "$*" = "-xh myorigin" ] && echo Mail.Example.NET\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert resolve_myorigin(EngineConfig()) == "mail.example.net"
+    fake.write_text("#!/bin/sh\necho 'postconf: fatal: open /etc/postfix/main.cf: No such file' >&2\nexit 1\n")
+    assert resolve_myorigin(EngineConfig()) is None
+    assert "set [engine] myorigin" in caplog.text and "main.cf: No such file" in caplog.text
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert resolve_myorigin(EngineConfig()) is None  # no postconf at all

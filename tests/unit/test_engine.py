@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.support.indexes import index_answers
-from tlsgate.engine import decide, find_candidates, has_forward_secrecy, version_key
+from tlsgate.engine import decide, find_candidates, has_forward_secrecy, version_key, with_myorigin
 from tlsgate.model import (
     CertRequirement,
     FailAction,
@@ -114,9 +114,12 @@ CASES: list[tuple[str, list[InboundConnector], dict[str, Any], str, str | None, 
     ("sender+recipient beats sender only", [conn("s", sender=["contoso.com"]), conn("sr", sender=["contoso.com"], rcpt=["example.org"], require_tls=False)], {}, "pass", "sr", ""),
     ("longer prefix beats shorter", [conn("wide", ranges=["203.0.0.0/8"]), conn("narrow", ranges=["203.0.113.0/24"], require_tls=False)], {}, "pass", "narrow", ""),
     ("a specific connector overrides a misconfigured broad one", [conn("broad", sender=["*"], problems=("bad",)), conn("c", sender=["contoso.com"], require_tls=False)], {}, "pass", "c", ""),
-    # an address without a domain: Postfix appends @$myorigin after the restrictions
+    # an address without a domain, Postfix's myorigin unknown: Postfix appends @$myorigin after
+    # the restrictions, so no connector can be told
     ("sender without a domain", [conn("c", sender=["example.org"])], {**TLS13, "sender": "ceo"}, "defer", None,
-     "sender <ceo> has no domain, so the connector that applies cannot be told (Postfix's reject_non_fqdn_sender"),
+     "sender <ceo> has no domain, so the connector that applies cannot be told (set [engine] myorigin, "
+     "or Postfix's reject_non_fqdn_sender refuses such addresses)"),
+    ("a bare postmaster is accepted (RFC 5321)", [conn("c", rcpt=["example.org"])], {"recipient": "Postmaster"}, "pass", None, ""),
     ("recipient without a domain", [conn("c", rcpt=["example.org"])], {**TLS13, "recipient": "<bob>"}, "defer", None,
      "recipient <bob> has no domain"),
     ("no recipient-scoped connector: a bare recipient is no one's", [conn("c", sender=["contoso.com"])], {**TLS13, "recipient": "postmaster"}, "pass", "c", ""),
@@ -143,6 +146,20 @@ def test_decision_table(connectors: list[InboundConnector], session: dict[str, A
     assert (decision.connector.name if decision.connector else None) == winner
     if reason:
         assert decision.reason is not None and reason in decision.reason
+
+
+def test_an_address_without_a_domain_is_judged_at_myorigin() -> None:
+    snap = Snapshot(inbound=(conn("own", sender=["example.org"], restrict_to_ranges=True, ranges=["192.0.2.0/24"]),
+                             conn("rcpt", rcpt=["example.org"], on_failure=FailAction.REJECT)))
+    spoof = with_myorigin(facts(sender="<ceo>", recipient="b@else.test", **TLS13), "example.org")
+    assert (spoof.sender, spoof.recipient) == ("ceo@example.org", "b@else.test")
+    d = decide(snap, spoof, NOW)  # from outside our own relays
+    assert (d.connector and d.connector.name, d.status) == ("own", "4.7.1")
+    bare = with_myorigin(facts(sender="a@else.test", recipient="postmaster"), "example.org")
+    assert bare.recipient == "postmaster@example.org"
+    assert decide(snap, bare, NOW).status == "5.7.10"  # as postmaster@example.org written in full
+    full = facts(sender="<>", recipient="b@example.org")
+    assert with_myorigin(full, "example.org") is full and with_myorigin(facts(sender="ceo"), None).sender == "ceo"
 
 
 def test_status_codes_follow_action_and_requirement() -> None:

@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from tlsgate.cli import CommandError
+from tlsgate.config import resolve_myorigin
 from tlsgate.decisionlog import verdict_word
 from tlsgate.dnsranges import DnsCache, apply_dns, dns_entries
-from tlsgate.engine import decide
+from tlsgate.engine import decide, with_myorigin
 from tlsgate.model import Decision, SessionFacts, Stage
 from tlsgate.patterns import parse_address
 from tlsgate.rules import resolver_settings
@@ -158,6 +159,8 @@ def cmd_explain(args: argparse.Namespace, ctx: Context) -> int:
                 age = time.time() - got.resolved_at
                 nets = ", ".join(str(n) for n in got.networks) or "no addresses"
                 lines.append(f"  {entry}: {nets} (resolved {age:.0f}s ago, ttl {got.ttl}s)")
+    if any(a and "@" not in a and a.strip("<> ") for a in (facts.sender, facts.recipient)):
+        facts = with_myorigin(facts, resolve_myorigin(ctx.config.engine))
     decision = decide(snap, facts, datetime.now(UTC))
     rendered = render(facts, decision)
     print("\n".join([*rendered[:2], *lines, *rendered[2:]]))
