@@ -42,7 +42,7 @@ from tlsgate.snapshot import Snapshot, range_contains
 STATUS_ENCRYPTION = "7.10"  # X.7.10 Encryption needed
 STATUS_POLICY = "7.1"  # X.7.1 Delivery not authorized
 STATUS_CONFIG = "3.5"  # X.3.5 System incorrectly configured
-# An address without a domain, by where it stands: (status, the Postfix restriction that refuses it)
+# An address without a domain, by where it stands: (scope, status, the Postfix restriction that refuses it)
 _BARE = ((Scope.SENDER, "4.1.7", "reject_non_fqdn_sender"), (Scope.RECIPIENT, "4.1.3", "reject_non_fqdn_recipient"))
 
 DEFAULT_MIN_KEY_BITS = 2048  # RSA bits, or the RSA-equivalent strength of other keys
