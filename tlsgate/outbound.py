@@ -7,12 +7,18 @@ next hop of a transport, ``[host]:port``, ``[host]`` or ``host:port``. ``transpo
 socketmap is queried with the full recipient address only (Postfix marks socketmaps as pattern
 tables and skips them for its partial domain lookups), and with ``*``. Answers are the right
 side of a Postfix table: ``secure match=mail.contoso.com protocols=>=TLSv1.2`` or
-``smtp:[relay.contoso.com]:25``. A misconfigured connector is a temporary failure, so the mail
-stays queued; a key no connector covers is NOTFOUND and Postfix's main.cf defaults apply.
+``smtp:[relay.contoso.com]:25``. A connector without smart hosts answers ``smtp:`` (deliver to
+the recipient domain's MX hosts), so that ``relayhost`` or any other default route can never
+take its mail to a next hop whose TLS policy tlsgate does not know. ``*`` connectors answer
+TLS policy lookups for domains only, never transport lookups (those would route local mail
+away too). A misconfigured connector is a temporary failure, so the mail stays queued; a key
+no connector covers is NOTFOUND and Postfix's main.cf defaults apply.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tlsgate.model import OutboundConnector, TlsLevel
@@ -78,34 +84,83 @@ def tls_policy(connector: OutboundConnector, snapshot: Snapshot) -> Reply:
 
 
 def transport(connector: OutboundConnector) -> Reply:
-    """``smtp:[host]:port, ...`` for a connector with smart hosts, else NOTFOUND."""
+    """``smtp:[host]:port, ...`` for a connector with smart hosts, else ``smtp:``.
+
+    ``smtp:`` (an empty next hop: the recipient domain, transport(5)) overrides relayhost,
+    sender_dependent_relayhost_maps and relay_transport's next hop, which would otherwise take
+    the mail to a relay whose TLS policy key is not the domain: it would leave unprotected.
+    """
     if connector.problems:
         return Reply(Status.TEMP, f"outbound connector {connector.name} is misconfigured: {connector.problems[0]}")
     if not connector.smart_hosts:
-        return Reply(Status.NOTFOUND)
+        return Reply(Status.OK, "smtp:")
     hops = [next_hop(h.host, h.port, h.mx_lookup) for h in connector.smart_hosts]
     # Several destinations in one transport entry are tried in order (Postfix >= 3.5).
     return Reply(Status.OK, "smtp:" + ", ".join(hops))
 
 
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    text = host[5:] if host[:5].lower() == "ipv6:" else host
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 def next_hop(host: str, port: int, mx_lookup: bool) -> str:
-    if mx_lookup:
+    # An address has no MX records; Postfix requires the [] form for it (transport(5)).
+    if mx_lookup and _ip(host) is None:
         return host if port == 25 else f"{host}:{port}"
     return f"[{host}]:{port}"
 
 
 def _hop_keys(host: str, port: int, mx_lookup: bool) -> tuple[str, ...]:
     """Every spelling of a smart host Postfix may use as a TLS policy key."""
+    ip = _ip(host)
+    if ip is not None:
+        # relayhost may spell an IPv6 address with Postfix's "ipv6:" prefix or without it.
+        names = [f"[{ip}]"] + ([f"[ipv6:{ip}]"] if ip.version == 6 else [])
+        return tuple(k for n in names for k in ((f"{n}:{port}", n) if port == 25 else (f"{n}:{port}",)))
     if mx_lookup:
         return (host, f"{host}:25") if port == 25 else (f"{host}:{port}",)
     return (f"[{host}]:{port}", f"[{host}]") if port == 25 else (f"[{host}]:{port}",)
+
+
+def _policy_settings(connector: OutboundConnector) -> tuple[object, ...]:
+    """What a connector's TLS policy answer is made of: equal settings, equal answers."""
+    level = connector.tls_level
+    names = connector.match_names if level in (TlsLevel.VERIFY, TlsLevel.SECURE) else ()
+    # Fingerprint pins come from the inbound connector of the same name.
+    owner = connector.name if level is TlsLevel.FINGERPRINT else ""
+    return (level, names, connector.min_tls_version, owner)
+
+
+def hop_clashes(connectors: Iterable[OutboundConnector]) -> dict[str, tuple[str, ...]]:
+    """Smart hosts shared by enabled connectors whose TLS policies differ: key -> names.
+
+    Postfix asks for the TLS policy of a smart host by its name alone, so one answer must
+    serve every connector routed there. No answer is "the strictest" in general (two match
+    lists, or encrypt with TLS 1.3 against verify with TLS 1.2, do not compare), so such a
+    hop answers TEMP until the connectors agree.
+    """
+    by_key: dict[str, dict[str, OutboundConnector]] = {}
+    for conn in sorted((c for c in connectors if c.enabled), key=lambda c: c.name):
+        for h in conn.smart_hosts:
+            for key in _hop_keys(h.host, h.port, h.mx_lookup):
+                by_key.setdefault(key, {})[conn.name] = conn
+    return {
+        key: tuple(group)
+        for key, group in by_key.items()
+        if len({_policy_settings(c) for c in group.values()}) > 1
+    }
 
 
 class OutboundIndex:
     """The enabled outbound connectors of one snapshot, by recipient domain and by smart host.
 
     Among connectors covering a domain the most specific pattern wins (exact, then the longest
-    ``*.`` parent, then ``*``); equal patterns go to the first connector by name.
+    ``*.`` parent, then ``*``); equal patterns go to a misconfigured connector first (its mail
+    waits until it is fixed), then to the first connector by name.
     """
 
     def __init__(self, snapshot: Snapshot) -> None:
@@ -119,10 +174,10 @@ class OutboundIndex:
         for conn in live:
             for pattern in conn.recipient_domains:
                 if pattern.kind is DomainKind.EXACT:
-                    exact.setdefault(pattern.domain, conn)
+                    _claim(exact, pattern.domain, conn)
                 elif pattern.kind is DomainKind.SUBDOMAINS:
-                    sub.setdefault(pattern.domain, conn)
-                elif anyone is None:
+                    _claim(sub, pattern.domain, conn)
+                elif anyone is None or (conn.problems and not anyone.problems):
                     anyone = conn
             for h in conn.smart_hosts:
                 for key in _hop_keys(h.host, h.port, h.mx_lookup):
@@ -133,6 +188,14 @@ class OutboundIndex:
         self._hops = hops
         self._policies = {c.name: tls_policy(c, snapshot) for c in live}
         self._transports = {c.name: transport(c) for c in live}
+        self._hop_answers: dict[str, Answer] = {}
+        for key, names in hop_clashes(live).items():
+            broken = next((n for n in names if self._policies[n].status is Status.TEMP), None)
+            reply = self._policies[broken] if broken is not None else Reply(
+                Status.TEMP,
+                f"outbound connectors {', '.join(names)} share the smart host {key} with different TLS policies",
+            )
+            self._hop_answers[key] = Answer(reply, broken or names[0])
         self.connector_count = len(live)
 
     def for_domain(self, domain: str) -> OutboundConnector | None:
@@ -142,13 +205,13 @@ class OutboundIndex:
             return found
         return self._parents(domain)
 
-    def _parents(self, domain: str) -> OutboundConnector | None:
+    def _parents(self, domain: str, *, anyone: bool = True) -> OutboundConnector | None:
         # "*.parent" patterns, walking from the longest proper parent up.
         rest = domain
         while True:
             dot = rest.find(".")
             if dot < 0:
-                return self._any
+                return self._any if anyone else None
             rest = rest[dot + 1 :]
             found = self._sub.get(rest)
             if found is not None:
@@ -169,26 +232,40 @@ class OutboundIndex:
             found = self._sub.get(parent)
             return found if found is not None else self._parents(parent)
         if raw.startswith("[") or ":" in raw:
-            return self._any
+            # A next hop that no connector routes to: a content filter ([127.0.0.1]:10024),
+            # relayhost, a transport of main.cf. Its TLS needs are not a "*" connector's.
+            return None
         domain = normalise_domain(raw)
         if domain is None:
             return self._any
         return self.for_domain(domain)
 
-    def _hop(self, raw: str) -> OutboundConnector | None:
+    def _hop_key(self, raw: str) -> str | None:
+        """The key a bracketed or host:port next hop is indexed under, if it is one."""
         low = raw.lower()
-        found = self._hops.get(low)
-        if found is not None or not (low.startswith("[") or ":" in low):
-            return found
+        if low in self._hops or not (low.startswith("[") or ":" in low):
+            return low
         host, sep, port = low.rpartition(":") if not low.endswith("]") else (low, "", "")
         inner = host.strip("[]") if host.startswith("[") else host
-        name = normalise_domain(inner)
+        ip = _ip(inner)
+        if ip is not None:
+            name: str | None = str(ip)
+        else:
+            name = normalise_domain(inner)
         if name is None:
             return None
         canonical = f"[{name}]" if host.startswith("[") else name
-        return self._hops.get(canonical + (sep + port if sep else ""))
+        return canonical + (sep + port if sep else "")
+
+    def _hop(self, raw: str) -> OutboundConnector | None:
+        key = self._hop_key(raw)
+        return self._hops.get(key) if key is not None else None
 
     def tls_policy(self, key: str) -> Answer:
+        if self._hop_answers:
+            hop = self._hop_key(key.strip())
+            if hop is not None and hop in self._hop_answers:
+                return self._hop_answers[hop]
         conn = self.connector_for_policy_key(key)
         if conn is None:
             return NOT_FOUND
@@ -203,7 +280,11 @@ class OutboundIndex:
         domain = normalise_domain(raw[at + 1 :] if at >= 0 else raw.lstrip("."))
         if domain is None:
             return NOT_FOUND
-        conn = self._parents(domain) if raw.startswith(".") else self.for_domain(domain)
+        # Never "*": Postfix asks transport_maps for local and virtual domains too, and a "*"
+        # connector would send root@localhost to its smart hosts, or away from this host.
+        conn = self._parents(domain, anyone=False) if raw.startswith(".") else (
+            self._exact.get(domain) or self._parents(domain, anyone=False)
+        )
         if conn is None:
             return NOT_FOUND
         return Answer(self._transports[conn.name], conn.name)
@@ -214,6 +295,12 @@ class OutboundIndex:
         if map_name == TRANSPORT_MAP:
             return self.transport(key)
         return Answer(Reply(Status.PERM, f"unknown map {map_name!r}: use {' or '.join(MAP_NAMES)}"))
+
+
+def _claim(table: dict[str, OutboundConnector], domain: str, conn: OutboundConnector) -> None:
+    held = table.get(domain)
+    if held is None or (conn.problems and not held.problems):
+        table[domain] = conn
 
 
 def lookup(index: OutboundIndex | None, map_name: str, key: str) -> Answer:

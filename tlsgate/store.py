@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import ipaddress
 import logging
 import os
 import re
@@ -37,8 +38,10 @@ from tlsgate.model import (
     SmartHost,
     TlsLevel,
 )
+from tlsgate.outbound import hop_clashes, next_hop
 from tlsgate.patterns import (
     CertNamePattern,
+    DomainKind,
     DomainPattern,
     IssuerPattern,
     Network,
@@ -669,6 +672,7 @@ def _load_outbound(conn: Connection, problems: list[RowProblem]) -> list[Outboun
             r.choice(row, "min_tls_version", schema.TLS_VERSIONS, "TLSv1.2") if version is not None else None
         )
         pats: list[DomainPattern] = []
+        unreadable = False
         for (raw_pattern,) in domains.get(name, ()):
             value = _str(raw_pattern) or ""
             try:
@@ -676,6 +680,12 @@ def _load_outbound(conn: Connection, problems: list[RowProblem]) -> list[Outboun
             except PatternError as exc:
                 problems.append(RowProblem("error", "outbound_domain", (name, value), "pattern", str(exc), name))
                 r.failed = True
+                unreadable = True
+        if unreadable:
+            # The domain the row was written for cannot be known, and its mail must not leave
+            # with less TLS than the connector asks: the (misconfigured) connector claims "*",
+            # so every domain no other connector covers waits in the queue until it is fixed.
+            pats.append(_ANY_DOMAIN)
         kw["recipient_domains"] = tuple(pats)
         names: list[str] = []
         for (raw_name,) in matches.get(name, ()):
@@ -693,10 +703,17 @@ def _load_outbound(conn: Connection, problems: list[RowProblem]) -> list[Outboun
             hr = _RowReader("outbound_smart_host", (name, host, raw_port), name, problems)
             port = hr.integer(h, "port", 25, 1) or 25
             mx = hr.boolean(h, "mx_lookup", False)
-            try:
-                host = to_a_label(host)
-            except PatternError as exc:
-                hr.error("host", str(exc))
+            ip = _ip_literal(host)
+            if ip is not None:
+                host = ip
+                if mx:
+                    hr.warn("mx_lookup", f"is ignored for the address {ip}: an address has no MX records")
+                    mx = False
+            else:
+                try:
+                    host = to_a_label(host)
+                except PatternError as exc:
+                    hr.error("host", str(exc))
             if port > 65535:
                 hr.error("port", f"{port} is not a port number")
             if hr.failed:
@@ -704,9 +721,34 @@ def _load_outbound(conn: Connection, problems: list[RowProblem]) -> list[Outboun
                 continue
             smart.append(SmartHost(host, port, mx))
         kw["smart_hosts"] = tuple(smart)
+        if smart and any(p.kind is DomainKind.ANY for p in pats) and not unreadable:
+            r.warn(None, "covers '*' and has smart hosts: tlsgate never routes '*' (local mail would go too), "
+                         "so its smart hosts only get its TLS policy; set relayhost to them in main.cf")
         kw["problems"] = _own_errors(name, earlier.get(name, []) + problems[first:]) if r.failed else ()
         out.append(OutboundConnector(**kw))
+    # One line per smart host, under the spelling tlsgate's transport answer gives it.
+    written = {next_hop(h.host, h.port, h.mx_lookup) for c in out for h in c.smart_hosts}
+    for key, sharing in hop_clashes(out).items():
+        if key not in written:
+            continue
+        problems.append(RowProblem(
+            "error", "outbound_smart_host", (key,), "host",
+            f"outbound connectors {', '.join(sharing)} share this smart host with different TLS policies: "
+            "mail through it is deferred until they agree", sharing[0]))
     return out
+
+
+def _ip_literal(host: str) -> str | None:
+    """An IPv4 or IPv6 address (``[...]`` and ``ipv6:`` allowed) in its canonical form, or None."""
+    text = host.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
 
 
 @contextlib.contextmanager

@@ -153,3 +153,36 @@ def test_doctor_without_any_tlsgate_hook(setup: dict[str, pathlib.Path]) -> None
     r = doctor(setup, "queue_directory = {queue}\nsmtpd_tls_security_level = may\n")
     assert r.returncode == 1
     assert "neither the policy daemon nor the milter is in the Postfix configuration" in r.stdout
+
+
+OUTBOUND_MAIN_CF = GOOD_MAIN_CF + """\
+smtp_tls_policy_maps = socketmap:unix:tlsgate/socketmap.sock:tls_policy
+transport_maps = socketmap:unix:tlsgate/socketmap.sock:transport
+"""
+
+
+def test_doctor_outbound_healthy(setup: dict[str, pathlib.Path]) -> None:
+    with listen(setup["sockdir"] / "policy.sock", 0o666), listen(setup["sockdir"] / "milter.sock", 0o666):
+        r = doctor(setup, OUTBOUND_MAIN_CF + "mydestination = localhost, $myhostname\n")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip() == "ok: no problems found"
+
+
+@pytest.mark.parametrize(("extra", "severity", "expected"), [
+    ("relayhost = [smarthost.example.net]:587\n", "warning",
+     "relayhost = [smarthost.example.net]:587: mail to an outbound connector's domains does not go there"),
+    ("sender_dependent_relayhost_maps = texthash:/etc/postfix/relays\n", "warning",
+     "sender_dependent_relayhost_maps = texthash:/etc/postfix/relays: mail to an outbound connector's domains"),
+    ("transport_maps = texthash:/etc/postfix/transport, socketmap:unix:tlsgate/socketmap.sock:transport\n",
+     "warning", "transport_maps asks texthash:/etc/postfix/transport before tlsgate"),
+    ("transport_maps =\n", "error", "smtp_tls_policy_maps asks tlsgate but transport_maps does not"),
+    ("virtual_mailbox_domains = example.org contoso.com\n", "error",
+     "outbound connector contoso-out covers contoso.com, which Postfix delivers locally (virtual_mailbox_domains)"),
+])
+def test_doctor_outbound_routes(setup: dict[str, pathlib.Path], extra: str, severity: str, expected: str) -> None:
+    with listen(setup["sockdir"] / "policy.sock", 0o666), listen(setup["sockdir"] / "milter.sock", 0o666):
+        r = doctor(setup, OUTBOUND_MAIN_CF + extra)
+    assert r.returncode == (1 if severity == "error" else 0), r.stdout + r.stderr
+    line = next(line for line in r.stdout.splitlines() if expected in line)
+    assert line.startswith(f"{severity}: ")
+    assert "    fix: " in r.stdout

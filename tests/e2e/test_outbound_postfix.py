@@ -161,3 +161,45 @@ def test_misconfigured_connector_keeps_mail_queued(relay: Relay) -> None:
     relay.a.wait_for_log(r"transport.*lookup.*(fail|error)|socketmap.*misconfigured|Temporary lookup failure")
     assert relay.b.delivered(rcpt) == []
     assert relay.queue() == []
+
+
+def test_relayhost_never_carries_a_covered_domain_in_clear(pki: Pki) -> None:
+    """relayhost (or any default route) must not take a connector's mail to a hop whose TLS
+    policy key tlsgate does not cover. Here the connector covers "localhost" (no DNS needed:
+    A's SMTP client resolves it from /etc/hosts) and has no smart host; relayhost is C, which
+    offers no TLS. tlsgate's transport answer `smtp:` keeps the route on the domain, so the TLS
+    policy lookup is for "localhost" and the mail reaches the partner B over verified TLS."""
+    with PrivatePostfix(pki, domains=("localhost",)) as b, \
+            PrivatePostfix(pki, domains=("localhost",), main_cf={"smtpd_tls_security_level": "none"}) as c:
+        a = PrivatePostfix(pki, domains=("example.test",))
+        run = a.queue_dir / "tlsgate"
+        run.mkdir(mode=0o755)
+        db = make_database(run / "rules.sqlite", outbound_rows("partner", ["localhost"], match=[B_NAME]))
+        a.configure({
+            "mynetworks": "127.0.0.0/8",
+            "relay_domains": "localhost",
+            "relayhost": f"[127.0.0.1]:{c.port}",
+            "relay_transport": "relay",
+            "default_transport": "smtp",
+            "transport_maps": "socketmap:unix:tlsgate/socketmap.sock:transport",
+            "smtp_tls_policy_maps": "socketmap:unix:tlsgate/socketmap.sock:tls_policy",
+            "smtp_tls_CAfile": str(pki.ca.cert_path),
+            "smtp_tls_loglevel": "1",
+            "smtp_dns_support_level": "disabled",
+            "smtp_host_lookup": "native",
+            # The partner's "MX" is localhost on B's port.
+            "smtp_tcp_port": str(b.port),
+        })
+        with SocketmapDaemon(run, db) as daemon:
+            daemon.wait_for_log("serving rules generation")
+            with a:
+                rcpt = "partner@localhost"
+                assert send(a.port, SENDER, [rcpt]).delivered
+                outcome = a.wait_for_log(rf"to=<{rcpt}>, relay=(\S+), .*status=(\w+)", timeout=30)
+                assert outcome.group(1, 2) == (f"localhost[127.0.0.1]:{b.port}", "sent"), outcome.group(0)
+                a.wait_for_log(r"Verified TLS connection established to localhost\[127\.0\.0\.1\]")
+                assert b"(using TLSv1." in b.wait_delivered(rcpt, timeout=30)[0]
+                assert c.delivered(rcpt) == []
+                assert "from=<sender@example.test>" not in c.maillog()
+                sock = daemon.socket_path
+                assert postmap_query(a, "x@localhost", f"socketmap:unix:{sock}:transport") == "smtp:"

@@ -23,7 +23,7 @@ from tests.reliability.results import record
 from tlsgate.cli import main as tlsgate_main
 from tlsgate.engine import decide
 from tlsgate.model import FailAction, SessionFacts
-from tlsgate.outbound import TLS_POLICY_MAP, OutboundIndex
+from tlsgate.outbound import TLS_POLICY_MAP, TRANSPORT_MAP, OutboundIndex
 from tlsgate.patterns import parse_address
 from tlsgate.socketmap import Status
 from tlsgate.store import LoadResult, init_schema, load, open_engine
@@ -62,6 +62,8 @@ class Case:
     dangling: bool = False  # needs foreign keys switched off
     # an unreadable sender-scope row: the connector then defers every sender (wider, never narrower)
     any_sender: bool = False
+    # an unreadable outbound domain row: the connector then claims every domain nobody else covers
+    any_domain: bool = False
 
 
 def inbound(id: str, extra: list[str], message: str, dialects: tuple[str, ...] = ALL, *,
@@ -71,8 +73,9 @@ def inbound(id: str, extra: list[str], message: str, dialects: tuple[str, ...] =
 
 
 def outbound(id: str, extra: list[str], message: str, dialects: tuple[str, ...] = ALL, *,
-             parent: list[str] | None = None, dangling: bool = False) -> Case:
-    return Case(id, "out", tuple((BAD_OUT if parent is None else parent) + extra), message, dialects, dangling)
+             parent: list[str] | None = None, dangling: bool = False, any_domain: bool = False) -> Case:
+    return Case(id, "out", tuple((BAD_OUT if parent is None else parent) + extra), message, dialects, dangling,
+                any_domain=any_domain)
 
 
 def bad_column(column: str, value: str, message: str, dialects: tuple[str, ...] = SQLITE) -> Case:
@@ -146,7 +149,11 @@ CASES = [
         "INSERT INTO outbound_connector (name, enabled) VALUES ('bad-out', 'sometimes')",
         "INSERT INTO outbound_domain (connector, pattern) VALUES ('bad-out', 'bad-out.test')"]),
     outbound("outbound domain pattern", ["INSERT INTO outbound_domain (connector, pattern) VALUES ('bad-out', 'x y')"],
-             "outbound_domain ('bad-out', 'x y') column pattern"),
+             "outbound_domain ('bad-out', 'x y') column pattern", any_domain=True),
+    outbound("outbound only domain unreadable", [], "outbound_domain ('bad-out', 'delta..test') column pattern",
+             parent=["INSERT INTO outbound_connector (name) VALUES ('bad-out')",
+                     "INSERT INTO outbound_domain (connector, pattern) VALUES ('bad-out', 'delta..test')"],
+             any_domain=True),
     outbound("outbound match name", ["INSERT INTO outbound_match_name (connector, name) VALUES ('bad-out', '*.*.x')"],
              "outbound_match_name ('bad-out', '*.*.x') column name"),
     outbound("smart host name", [
@@ -206,7 +213,7 @@ def tls_facts(sender: str) -> SessionFacts:
                         tls_cipher="TLS_AES_256_GCM_SHA384", tls_cipher_bits=256)
 
 
-def check_scopes(result: LoadResult, direction: str, any_sender: bool = False) -> None:
+def check_scopes(result: LoadResult, direction: str, any_sender: bool = False, any_domain: bool = False) -> None:
     snap = result.snapshot
     bad = decide(snap, tls_facts("a@bad.test"), NOW)
     good = decide(snap, tls_facts("a@good.test"), NOW)
@@ -214,6 +221,7 @@ def check_scopes(result: LoadResult, direction: str, any_sender: bool = False) -
     index = OutboundIndex(snap)
     bad_out = index.lookup(TLS_POLICY_MAP, "bad-out.test").reply
     good_out = index.lookup(TLS_POLICY_MAP, "good-out.test").reply
+    other_out = index.lookup(TLS_POLICY_MAP, "delta.test").reply
     if direction == "in":
         assert bad.action is FailAction.DEFER and bad.status == "4.3.5", bad
     else:
@@ -224,6 +232,9 @@ def check_scopes(result: LoadResult, direction: str, any_sender: bool = False) -
     else:
         assert other.connector is None and other.action is None, other
     assert good_out.status is Status.OK, good_out
+    assert other_out.status is (Status.TEMP if any_domain else Status.NOTFOUND), other_out
+    # Routing never widens: local mail and other domains keep Postfix's own transport.
+    assert index.lookup(TRANSPORT_MAP, "root@localhost").reply.status is Status.NOTFOUND
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -246,7 +257,7 @@ def test_invalid_row_fails_closed_in_its_scope(case: Case, db_url: str, tmp_path
     result = loaded(db_url)
     errors = [str(p) for p in result.errors]
     assert any(case.message in e for e in errors), errors
-    check_scopes(result, case.direction, case.any_sender)
+    check_scopes(result, case.direction, case.any_sender, case.any_domain)
     status, output = lint(db_url, tmp_path, capsys)
     assert status == 1, output
     assert case.message in output, output

@@ -9,7 +9,7 @@ import pytest
 from tests.support.pki import Pki
 from tlsgate.certs import pin_from_pem
 from tlsgate.model import InboundConnector, OutboundConnector, SmartHost, TlsLevel
-from tlsgate.outbound import OutboundIndex, lookup
+from tlsgate.outbound import NOT_FOUND, Answer, OutboundIndex, lookup
 from tlsgate.patterns import DomainPattern
 from tlsgate.snapshot import Snapshot
 from tlsgate.socketmap import Reply, Status
@@ -83,7 +83,9 @@ TRANSPORT = [
     ("user+ext@FABRIKAM.com", Status.OK, "smtp:[relay.fabrikam.com]:25, [backup.fabrikam.com]:2525"),
     ("fabrikam.com", Status.OK, "smtp:[relay.fabrikam.com]:25, [backup.fabrikam.com]:2525"),
     ("user@mx.example", Status.OK, "smtp:hub.mx.example, alt.mx.example:587"),
-    ("user@contoso.com", Status.NOTFOUND, ""),  # no smart host: Postfix's own MX routing
+    # No smart host: the recipient domain's MX hosts, pinned so that relayhost cannot take it.
+    ("user@contoso.com", Status.OK, "smtp:"),
+    ("user@a.contoso.com", Status.OK, "smtp:"),
     ("user@broken.example", Status.TEMP, "outbound connector broken is misconfigured: outbound_domain: bad pattern"),
     ("user@nowhere.example", Status.NOTFOUND, ""),
     ("user@disabled.example", Status.NOTFOUND, ""),
@@ -112,7 +114,6 @@ def test_any_domain_connector_covers_everything_less_specific() -> None:
     assert index.tls_policy("one.example").connector == "one"
     assert index.tls_policy("two.example").connector == "all"
     assert index.tls_policy(".example").connector == "all"
-    assert index.tls_policy("[192.0.2.1]").connector == "all"
 
 
 def test_equal_patterns_go_to_the_first_connector_by_name() -> None:
@@ -138,3 +139,100 @@ def test_fingerprint_level_without_registered_certificate_is_misconfigured() -> 
     reply = index.tls_policy("pinless.example").reply
     assert reply.status is Status.TEMP
     assert "no certificate is registered" in reply.data
+
+
+RELAYHOST_KEYS = ("[localhost]:46015", "[relay.isp.example]", "relay.isp.example:587", "[192.0.2.1]:25")
+
+
+def test_connector_without_smart_hosts_pins_the_route_to_the_recipient_domain() -> None:
+    # With relayhost set, a NOTFOUND here would send the mail to the relay, whose TLS policy key
+    # ([relay]:port) no connector covers: the mail would leave without TLS.
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(conn("partner", "partner.test", "*.partner.test"),)))
+    for rcpt in ("a@partner.test", "MAILER-DAEMON@Partner.Test", "b@eu.partner.test"):
+        assert index.transport(rcpt) == Answer(Reply(Status.OK, "smtp:"), "partner")
+    # ... and the policy key Postfix then sends is the domain itself.
+    assert index.tls_policy("partner.test").reply == Reply(Status.OK, "secure")
+    for key in RELAYHOST_KEYS:
+        assert index.tls_policy(key) == NOT_FOUND
+
+
+def test_any_domain_connector_never_routes() -> None:
+    # Postfix asks transport_maps for local and virtual domains too: "*" must leave them alone.
+    gateway = conn("all", "*", tls_level=TlsLevel.ENCRYPT, smart_hosts=(SmartHost("gw.example", 25),))
+    plain = conn("all", "*", tls_level=TlsLevel.VERIFY)
+    for anyone in (gateway, plain):
+        index = OutboundIndex(Snapshot(inbound=(), outbound=(anyone, conn("one", "one.example"))))
+        for rcpt in ("root@localhost", "alice@our-own.example", "MAILER-DAEMON@mx.our-own.example", "x@two.example"):
+            assert index.transport(rcpt) == NOT_FOUND, rcpt
+        assert index.transport("x@one.example").reply == Reply(Status.OK, "smtp:")
+        assert index.tls_policy("two.example").connector == "all"
+    # Its smart host still gets its policy when main.cf's relayhost points there.
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(gateway,)))
+    assert index.tls_policy("[gw.example]:25").reply == Reply(Status.OK, "encrypt")
+
+
+@pytest.mark.parametrize("key", ["[127.0.0.1]:10024", "[127.0.0.1]", "localhost:10025", "[filter.example]:25",
+                                 "[ipv6:::1]:10024", *RELAYHOST_KEYS])
+def test_any_domain_connector_leaves_unknown_next_hops_alone(key: str) -> None:
+    # A content filter reached by smtp (amavis on [127.0.0.1]:10024) would get "verify" and
+    # every message would be deferred.
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(conn("all", "*", tls_level=TlsLevel.VERIFY),)))
+    assert index.tls_policy(key) == NOT_FOUND
+    assert index.tls_policy("anything.example").connector == "all"
+
+
+def test_shared_smart_host_with_different_policies_is_a_temporary_failure() -> None:
+    hub = (SmartHost("relay.hub.test", 25),)
+    weak = conn("a-weak", "alpha.test", tls_level=TlsLevel.ENCRYPT, smart_hosts=hub)
+    strict = conn("b-strict", "beta.test", match_names=("mx.beta.test",), min_tls_version="TLSv1.3", smart_hosts=hub)
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(weak, strict)))
+    for key in ("[relay.hub.test]:25", "[relay.hub.test]", "[RELAY.hub.test]:25"):
+        answer = index.tls_policy(key)
+        assert answer.reply.status is Status.TEMP, key
+        assert "a-weak, b-strict share the smart host" in answer.reply.data
+    # The domains are still answered with their own connector (and routed to the hub).
+    assert index.tls_policy("beta.test").reply.data == "secure match=mx.beta.test protocols=>=TLSv1.3"
+    assert index.transport("x@alpha.test").reply == Reply(Status.OK, "smtp:[relay.hub.test]:25")
+
+
+def test_shared_smart_host_with_equal_policies_is_answered() -> None:
+    hub = (SmartHost("relay.hub.test", 2525),)
+    one = conn("one", "one.test", tls_level=TlsLevel.VERIFY, smart_hosts=hub)
+    two = conn("two", "two.test", tls_level=TlsLevel.VERIFY, smart_hosts=hub)
+    off = conn("off", "off.test", tls_level=TlsLevel.ENCRYPT, smart_hosts=hub, enabled=False)
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(one, two, off)))
+    assert index.tls_policy("[relay.hub.test]:2525") == Answer(Reply(Status.OK, "verify"), "one")
+
+
+def test_shared_smart_host_with_a_misconfigured_connector_gives_its_reason() -> None:
+    hub = (SmartHost("relay.hub.test", 25),)
+    good = conn("good", "good.test", smart_hosts=hub)
+    broken = conn("broken", "broken.test", smart_hosts=hub, tls_level=TlsLevel.VERIFY, problems=("bad row",))
+    answer = OutboundIndex(Snapshot(inbound=(), outbound=(good, broken))).tls_policy("[relay.hub.test]")
+    assert answer == Answer(Reply(Status.TEMP, "outbound connector broken is misconfigured: bad row"), "broken")
+
+
+def test_misconfigured_connector_wins_equal_patterns() -> None:
+    # A connector that widened itself to "*" over an unreadable domain row keeps its claim
+    # against a healthy "*" connector: the mail waits instead of leaving with less TLS.
+    healthy = conn("a-all", "*", tls_level=TlsLevel.ENCRYPT)
+    broken = conn("z-partner", "*", "partner.test", problems=("outbound_domain: bad pattern",))
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(healthy, broken)))
+    assert index.tls_policy("delta.test").reply.status is Status.TEMP
+    assert index.tls_policy("delta.test").connector == "z-partner"
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(conn("a", "same.test"), conn("b", "same.test", problems=("x",)))))
+    assert index.tls_policy("same.test").reply.status is Status.TEMP
+
+
+@pytest.mark.parametrize(("host", "port", "mx", "route", "keys"), [
+    ("192.0.2.10", 25, False, "smtp:[192.0.2.10]:25", ("[192.0.2.10]:25", "[192.0.2.10]")),
+    ("192.0.2.10", 2525, True, "smtp:[192.0.2.10]:2525", ("[192.0.2.10]:2525",)),
+    ("2001:db8::1", 25, False, "smtp:[2001:db8::1]:25",
+     ("[2001:db8::1]:25", "[2001:db8::1]", "[ipv6:2001:db8::1]:25", "[IPv6:2001:DB8::1]", "[2001:db8:0::1]:25")),
+])
+def test_smart_host_addresses(host: str, port: int, mx: bool, route: str, keys: tuple[str, ...]) -> None:
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(
+        conn("ip", "ip.test", tls_level=TlsLevel.ENCRYPT, smart_hosts=(SmartHost(host, port, mx),)),)))
+    assert index.transport("x@ip.test").reply == Reply(Status.OK, route)
+    for key in keys:
+        assert index.tls_policy(key) == Answer(Reply(Status.OK, "encrypt"), "ip"), key

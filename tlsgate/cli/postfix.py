@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING
 from tlsgate.cli import CommandError
 from tlsgate.config import Config
 from tlsgate.model import CertRequirement
+from tlsgate.outbound import TLS_POLICY_MAP, TRANSPORT_MAP, OutboundIndex
+from tlsgate.snapshot import Snapshot
+from tlsgate.socketmap import Status
 from tlsgate.store import StoreError, load
 
 if TYPE_CHECKING:
@@ -212,6 +215,7 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
 
     needs_cert = needs_tls = False
     pinned: list[str] = []
+    snap: Snapshot | None = None
     if ctx is not None:
         try:
             snap = load(ctx.engine).snapshot
@@ -296,8 +300,65 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
         if "timeout=" not in restrictions:
             found.append(Finding("warning", "the policy service has no explicit timeout",
                                  "check_policy_service { ..., timeout=10s, default_action=DEFER_IF_PERMIT }"))
+    found += _outbound_findings(config, params, snap)
     if not found:
         found.append(Finding("ok", "no problems found"))
+    return found
+
+
+_LOCAL_DOMAIN_PARAMS = ("mydestination", "virtual_mailbox_domains", "virtual_alias_domains")
+
+
+def _table_names(value: str) -> list[str]:
+    return [v for v in value.replace(",", " ").split() if v]
+
+
+def _outbound_findings(config: Config, params: dict[str, str], snap: Snapshot | None) -> list[Finding]:
+    """The socketmap's place in main.cf: routes that could bypass it, domains it must not route."""
+    queue_dir = params.get("queue_directory", DEFAULT_QUEUE)
+    policy_tables = _table_names(params.get("smtp_tls_policy_maps", ""))
+    transport_tables = _table_names(params.get("transport_maps", ""))
+
+    def tlsgate_table(tables: list[str], map_name: str) -> str | None:
+        # Any socketmap serving tlsgate's map name: the socket may be spelt in several ways.
+        return next((t for t in tables if t.startswith("socketmap:") and t.endswith(":" + map_name)), None)
+
+    ours = tlsgate_table(transport_tables, TRANSPORT_MAP)
+    if tlsgate_table(policy_tables, TLS_POLICY_MAP) is None and ours is None:
+        return []
+    found: list[Finding] = []
+    if ours is None:
+        table = f"socketmap:{postfix_endpoint(socketmap_listen(config), queue_dir)}:{TRANSPORT_MAP}"
+        found.append(Finding("error", "smtp_tls_policy_maps asks tlsgate but transport_maps does not: smart hosts "
+                             "are not used, and relayhost or relay_transport can take a connector's mail to a "
+                             "next hop whose TLS policy tlsgate does not know",
+                             f"transport_maps = {table}"))
+    elif transport_tables[0] != ours:
+        earlier = ", ".join(transport_tables[: transport_tables.index(ours)])
+        found.append(Finding("warning", f"transport_maps asks {earlier} before tlsgate: an entry there for a "
+                             "connector's domain routes its mail to a next hop whose TLS policy tlsgate may not know",
+                             f"list {ours} first in transport_maps, or keep the other tables free of those domains"))
+    relays = [f"{name} = {params[name]}" for name in ("relayhost", "sender_dependent_relayhost_maps")
+              if params.get(name)]
+    if relays:
+        found.append(Finding("warning", f"{' and '.join(relays)}: mail to an outbound connector's domains does "
+                             "not go there. tlsgate's transport answer (the connector's smart hosts, or smtp: for "
+                             "the domain's own MX hosts) overrides it, so the connector's TLS policy applies to the "
+                             "host that really receives the mail; if this server cannot reach those MX hosts "
+                             "directly, that mail waits in the queue",
+                             "to send a connector's mail through the relay, add the relay as its smart host "
+                             "(outbound_smart_host): the relay must then meet the connector's TLS level"))
+    if snap is not None:
+        index = OutboundIndex(snap)
+        for name in _LOCAL_DOMAIN_PARAMS:
+            for domain in _table_names(params.get(name, "")):
+                if ":" in domain or "/" in domain:
+                    continue  # a lookup table: its domains are not known here
+                answer = index.transport(f"postmaster@{domain}")
+                if answer.reply.status is not Status.NOTFOUND:
+                    found.append(Finding("error", f"outbound connector {answer.connector} covers {domain}, which "
+                                         f"Postfix delivers locally ({name}): tlsgate would route its mail away",
+                                         f"remove {domain} from the outbound_domain rows of {answer.connector}"))
     return found
 
 

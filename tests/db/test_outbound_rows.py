@@ -1,0 +1,94 @@
+"""Outbound rows as an administrator's SQL writes them, read into connectors and answered by
+the socketmap index: smart hosts given as addresses, unreadable domain rows (wider, never
+narrower), and connectors that share a smart host with different TLS policies."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from tlsgate.outbound import NOT_FOUND, OutboundIndex
+from tlsgate.socketmap import Reply, Status
+from tlsgate.store import LoadResult, init_schema, load, open_engine
+
+
+def loaded(tmp_path: Path, *statements: str) -> LoadResult:
+    url = f"sqlite:///{tmp_path}/r.sqlite"
+    engine = open_engine(url)
+    init_schema(engine)
+    engine.dispose()
+    db = sqlite3.connect(f"{tmp_path}/r.sqlite")
+    db.execute("PRAGMA ignore_check_constraints = ON")
+    db.executescript("".join(s + ";" for s in statements))
+    db.commit()
+    db.close()
+    engine = open_engine(url)
+    try:
+        return load(engine)
+    finally:
+        engine.dispose()
+
+
+def connector(name: str, level: str, *domains: str, hosts: tuple[tuple[str, int, int], ...] = ()) -> list[str]:
+    return [
+        f"INSERT INTO outbound_connector (name, tls_level) VALUES ('{name}', '{level}')",
+        *(f"INSERT INTO outbound_domain (connector, pattern) VALUES ('{name}', '{d}')" for d in domains),
+        *(f"INSERT INTO outbound_smart_host (connector, host, port, mx_lookup) VALUES ('{name}', '{h}', {p}, {m})"
+          for h, p, m in hosts),
+    ]
+
+
+def test_smart_hosts_may_be_addresses(tmp_path: Path) -> None:
+    result = loaded(tmp_path, *connector("v4", "encrypt", "v4.test", hosts=(("192.0.2.10", 25, 0),)),
+                    *connector("v6", "encrypt", "v6.test", hosts=(("[IPv6:2001:DB8:0::1]", 2525, 1),)))
+    assert [str(p) for p in result.errors] == []
+    assert [str(p) for p in result.problems] == [
+        "warning: outbound_smart_host ('v6', '[IPv6:2001:DB8:0::1]', 2525) column mx_lookup: "
+        "is ignored for the address 2001:db8::1: an address has no MX records"]
+    index = OutboundIndex(result.snapshot)
+    assert index.transport("a@v4.test").reply == Reply(Status.OK, "smtp:[192.0.2.10]:25")
+    assert index.transport("a@v6.test").reply == Reply(Status.OK, "smtp:[2001:db8::1]:2525")
+    assert index.tls_policy("[192.0.2.10]").reply == Reply(Status.OK, "encrypt")
+    assert index.tls_policy("[ipv6:2001:db8::1]:2525").reply == Reply(Status.OK, "encrypt")
+
+
+def test_an_unreadable_domain_row_widens_its_connector_to_any_domain(tmp_path: Path) -> None:
+    # The typo'd domain cannot be known: every domain no other connector covers waits (TEMP)
+    # rather than leave with less TLS than the connector asks.
+    result = loaded(tmp_path, *connector("delta", "secure", "delta..test"),
+                    *connector("good", "verify", "good.test"))
+    assert any("outbound_domain ('delta', 'delta..test') column pattern" in str(p) for p in result.errors)
+    index = OutboundIndex(result.snapshot)
+    for key in ("delta.test", "anything.example", ".example"):
+        answer = index.tls_policy(key)
+        assert answer.reply.status is Status.TEMP and answer.connector == "delta", key
+    assert index.tls_policy("good.test").reply == Reply(Status.OK, "verify")
+    # Routing is left alone: local mail keeps flowing, and content filters are not touched.
+    assert index.transport("root@localhost") == NOT_FOUND
+    assert index.tls_policy("[127.0.0.1]:10024") == NOT_FOUND
+
+
+def test_connectors_sharing_a_smart_host_must_agree(tmp_path: Path) -> None:
+    hub = (("relay.hub.test", 25, 0),)
+    result = loaded(
+        tmp_path,
+        *connector("a-weak", "encrypt", "alpha.test", hosts=hub),
+        *connector("b-strict", "secure", "beta.test", hosts=hub),
+        "INSERT INTO outbound_match_name (connector, name) VALUES ('b-strict', 'mx.beta.test')",
+        *connector("c-same", "encrypt", "gamma.test", hosts=(("relay.same.test", 25, 0),)),
+        *connector("d-same", "encrypt", "delta.test", hosts=(("relay.same.test", 25, 0),)),
+    )
+    assert [str(p) for p in result.errors] == [
+        "error: outbound_smart_host ('[relay.hub.test]:25') column host: outbound connectors a-weak, b-strict "
+        "share this smart host with different TLS policies: mail through it is deferred until they agree"]
+    index = OutboundIndex(result.snapshot)
+    assert index.tls_policy("[relay.hub.test]:25").reply.status is Status.TEMP
+    assert index.tls_policy("[relay.same.test]:25").reply == Reply(Status.OK, "encrypt")
+
+
+def test_any_domain_connector_with_smart_hosts_is_told_to_use_relayhost(tmp_path: Path) -> None:
+    result = loaded(tmp_path, *connector("all", "encrypt", "*", hosts=(("gw.example", 25, 0),)))
+    assert result.errors == []
+    assert [p.message for p in result.problems] == [
+        "covers '*' and has smart hosts: tlsgate never routes '*' (local mail would go too), so its smart "
+        "hosts only get its TLS policy; set relayhost to them in main.cf"]
