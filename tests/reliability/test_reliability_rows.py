@@ -272,5 +272,6 @@ def report() -> None:
         **{f"let in and failing closed on {d}": sum(c.startswith(d + ":") for c in CHECKED) for d in ALL},
         **{f"refused by {d} itself": sum(c.startswith(d + ":") for c in REFUSED) for d in ALL},
         "note": "A kind counts as checked when the row is named by `tlsgate lint` (exit 1), its connector "
-                "answers 4.3.5 (inbound) or TEMP (outbound) and the other connectors keep their verdicts.",
+                "answers 4.3.5 (inbound) or TEMP (outbound) and the other connectors keep their verdicts; an "
+                "unreadable domain or address row widens its connector, never narrows it (docs/rules.md).",
     })
