@@ -449,8 +449,10 @@ def _without_domain(snapshot: Snapshot, facts: SessionFacts) -> Decision | None:
 
 def decide(snapshot: Snapshot, facts: SessionFacts, now: datetime) -> Decision:
     """The verdict for one transaction (one recipient, when recipients are known)."""
-    if (bare := _without_domain(snapshot, facts)) is not None:
-        return bare
+    sender, recipient = facts.sender, facts.recipient
+    if (sender and "@" not in sender) or (recipient and "@" not in recipient):
+        if (bare := _without_domain(snapshot, facts)) is not None:
+            return bare
     candidates = find_candidates(snapshot, facts)
     if not candidates:
         return Decision(Outcome.PASS, None, None, candidates=())

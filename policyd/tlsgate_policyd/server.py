@@ -80,7 +80,9 @@ class Responder:
             log.warning("ignoring request=%r: answering DUNNO", attrs.get("request", "")[:40])
             return "DUNNO"
         started = time.perf_counter()
-        facts = with_myorigin(facts_from_request(attrs), self._myorigin)
+        facts = facts_from_request(attrs)
+        if self._myorigin is not None:
+            facts = with_myorigin(facts, self._myorigin)
         snap = self._snapshot()
         self.decisions += 1
         if snap is None:
