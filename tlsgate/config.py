@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,8 +215,10 @@ def resolve_myorigin(cfg: EngineConfig) -> str | None:
         return None
     if cfg.myorigin != "auto":
         return cfg.myorigin
+    # spawn(8) runs its command with export_environment only: no PATH with /usr/sbin.
+    postconf = shutil.which("postconf") or "/usr/sbin/postconf"
     try:
-        done = subprocess.run(["postconf", "-xh", "myorigin"], capture_output=True, text=True, timeout=30,
+        done = subprocess.run([postconf, "-xh", "myorigin"], capture_output=True, text=True, timeout=30,
                               check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("cannot ask postconf for myorigin (%s): set [engine] myorigin; addresses without a domain "

@@ -419,6 +419,9 @@ def with_myorigin(facts: SessionFacts, myorigin: str | None) -> SessionFacts:
         return facts
     sender = _local_part_only(facts.sender)
     recipient = _local_part_only(facts.recipient)
+    # site!user and user%domain are not completed: Postfix may deliver them elsewhere.
+    sender = None if sender is None or _elsewhere(sender) else sender
+    recipient = None if recipient is None or _elsewhere(recipient) else recipient
     if sender is None and recipient is None:
         return facts
     return replace(
@@ -428,20 +431,36 @@ def with_myorigin(facts: SessionFacts, myorigin: str | None) -> SessionFacts:
     )
 
 
-def _without_domain(snapshot: Snapshot, facts: SessionFacts) -> Decision | None:
-    """A temporary failure for a sender or recipient without a domain (left so when
-    Postfix's myorigin is not known, see :func:`with_myorigin`) where a connector in force
-    could have applied: no connector can be told for it, and judging it by none would let it
-    pass every connector. A bare ``postmaster`` recipient, which RFC 5321 says must be
-    accepted, is left to pass."""
+def _elsewhere(address: str) -> bool:
+    """Whether Postfix may deliver ``address`` to a domain other than the one it shows:
+    ``user%domain@host`` becomes user@domain when host is local (allow_percent_hack), and
+    ``site!user`` becomes user@site (swap_bangpath), after the restrictions."""
+    local = address.rpartition("@")[0] if "@" in address else address
+    return "%" in local or ("@" not in address and "!" in address)
+
+
+def _undecidable(snapshot: Snapshot, facts: SessionFacts) -> Decision | None:
+    """A temporary failure for a sender or recipient whose domain cannot be told where a
+    connector in force could have applied, since judging it by none would let it pass every
+    connector: one without a domain (left so when Postfix's myorigin is not known, see
+    :func:`with_myorigin`), or one Postfix may deliver elsewhere (:func:`_elsewhere`). A bare
+    ``postmaster`` recipient, which RFC 5321 says must be accepted, is left to pass."""
     for scope, status, restriction in _BARE:
-        address = _local_part_only(facts.sender if scope is Scope.SENDER else facts.recipient)
-        if address is None or scope not in snapshot.enforced_scopes:
+        address = facts.sender if scope is Scope.SENDER else facts.recipient
+        if not address or scope not in snapshot.enforced_scopes:
             continue
-        if scope is Scope.RECIPIENT and address.lower() == "postmaster":
+        bare = _local_part_only(address)
+        if bare is not None and not _elsewhere(bare):
+            if scope is Scope.RECIPIENT and bare.lower() == "postmaster":
+                continue
+            reason = (f"{scope.value} <{bare}> has no domain, so the connector that applies cannot be told "
+                      f"(set [engine] myorigin, or Postfix's {restriction} refuses such addresses)")
+        elif _elsewhere(address.strip().strip("<>")):
+            reason = (f"{scope.value} <{address.strip().strip('<>')}> may be delivered to another domain than it "
+                      "shows (Postfix's allow_percent_hack, swap_bangpath), so the connector that applies "
+                      "cannot be told")
+        else:
             continue
-        reason = (f"{scope.value} <{address}> has no domain, so the connector that applies cannot be told "
-                  f"(set [engine] myorigin, or Postfix's {restriction} refuses such addresses)")
         return Decision(Outcome.FAIL, FailAction.DEFER, None, status, reason, reason,
                         (Check("address", False, reason),))
     return None
@@ -450,9 +469,9 @@ def _without_domain(snapshot: Snapshot, facts: SessionFacts) -> Decision | None:
 def decide(snapshot: Snapshot, facts: SessionFacts, now: datetime) -> Decision:
     """The verdict for one transaction (one recipient, when recipients are known)."""
     sender, recipient = facts.sender, facts.recipient
-    if (sender and "@" not in sender) or (recipient and "@" not in recipient):
-        if (bare := _without_domain(snapshot, facts)) is not None:
-            return bare
+    if (sender and ("@" not in sender or "%" in sender)) or (recipient and ("@" not in recipient or "%" in recipient)):
+        if (undecidable := _undecidable(snapshot, facts)) is not None:
+            return undecidable
     candidates = find_candidates(snapshot, facts)
     if not candidates:
         return Decision(Outcome.PASS, None, None, candidates=())

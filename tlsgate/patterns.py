@@ -126,6 +126,8 @@ def address_domain(address: str) -> str | None:
     addr = address.strip()
     if addr.startswith("<") and addr.endswith(">"):
         addr = addr[1:-1]
+    # Postfix drops an empty domain ("bob@example.org@" is delivered to bob@example.org).
+    addr = addr.rstrip("@")
     at = addr.rfind("@")
     if at < 0:
         return None

@@ -165,7 +165,28 @@ def envelope_address(value: str) -> str:
         text = text[1:-1].strip()
     if len(text) > MAX_ENVELOPE:
         raise AddressTooLong(len(text))
-    return text
+    return _unquoted(text)
+
+
+def _unquoted(address: str) -> str:
+    """The address as Postfix keeps it and tells a policy server: a quoted local part
+    without its quotes (``"a@contoso.test"`` is a@contoso.test, ``"j doe"@x`` is j doe@x).
+    The milter sees the client's spelling; judged quoted, it would have no domain."""
+    if not address.startswith('"'):
+        return address
+    local: list[str] = []
+    escaped = False
+    for i, char in enumerate(address[1:], start=1):
+        if escaped:
+            local.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            return "".join(local) + address[i + 1 :]
+        else:
+            local.append(char)
+    return address  # no closing quote: left as it came
 
 
 def header_from_authors(values: Sequence[str]) -> tuple[str, ...]:

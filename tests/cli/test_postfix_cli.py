@@ -106,7 +106,9 @@ def test_doctor_healthy(setup: dict[str, pathlib.Path]) -> None:
     (("milter_default_action = tempfail", "milter_default_action = tempfail\nmilter_connect_macros = j _"),
      "the milter cannot tell that the MTA is Postfix"),
     (("milter_default_action = tempfail", "milter_default_action = tempfail\nmail_name = Mailer"),
-     "mail_name = Mailer"),
+     "milter_macro_v = 'Mailer "),
+    (("milter_default_action = tempfail", "milter_default_action = tempfail\nmilter_macro_v = MTA"),
+     "milter_macro_v = 'MTA'"),
 ])
 def test_doctor_names_each_fault_and_its_fix(setup: dict[str, pathlib.Path], change: tuple[str, str],
                                              expected: str | None) -> None:
@@ -177,7 +179,9 @@ def test_doctor_outbound_healthy(setup: dict[str, pathlib.Path]) -> None:
      "warning", "transport_maps asks texthash:/etc/postfix/transport before tlsgate"),
     ("transport_maps =\n", "error", "smtp_tls_policy_maps asks tlsgate but transport_maps does not"),
     ("virtual_mailbox_domains = example.org contoso.com\n", "error",
-     "outbound connector contoso-out covers contoso.com, which Postfix delivers locally (virtual_mailbox_domains)"),
+     "outbound connector contoso-out covers contoso.com, which this Postfix delivers or relays itself (virtual_mailbox_domains)"),
+    ("relay_domains = contoso.com\n", "error",
+     "outbound connector contoso-out covers contoso.com, which this Postfix delivers or relays itself (relay_domains)"),
 ])
 def test_doctor_outbound_routes(setup: dict[str, pathlib.Path], extra: str, severity: str, expected: str) -> None:
     with listen(setup["sockdir"] / "policy.sock", 0o666), listen(setup["sockdir"] / "milter.sock", 0o666):

@@ -208,6 +208,17 @@ def test_a_recipient_without_a_domain_is_judged_where_postfix_delivers_it(stack:
         stack.postfix.reload({"myorigin": "$myhostname"})
 
 
+def test_addresses_postfix_delivers_elsewhere_than_they_show(stack: Stack) -> None:
+    # Postfix delivers bob@example.test@ to bob@example.test, and bob%example.test to
+    # bob@example.test (allow_percent_hack): each must meet example-rcpt, or be deferred.
+    result = send(stack.postfix.port, "a@other.test", ["bob@example.test@", "bob%example.test"])
+    empty, percent = result.rcpt["bob@example.test@"], result.rcpt["bob%example.test"]
+    assert (empty.code, percent.code) == (450, 450), result
+    assert empty.text.endswith("TLS required by connector example-rcpt")
+    assert "may be delivered to another domain than it shows" in percent.text
+    assert result.data is None
+
+
 def test_recipient_scope_refuses_only_that_recipient(stack: Stack) -> None:
     result = send(stack.postfix.port, "a@other.test", ["scoped@example.test", "free@tlsgate.test"])
     assert rcpt_code(result, "scoped@example.test") == 450

@@ -129,6 +129,16 @@ def test_client_name_and_envelope() -> None:
     assert envelope_address("<>") == ""
 
 
+@pytest.mark.parametrize(("sent", "kept"), [
+    ('<"a@contoso.test">', "a@contoso.test"),  # judged quoted, it would have no domain
+    ('<"john doe"@contoso.test>', "john doe@contoso.test"),
+    ('<"a\\"b"@contoso.test>', 'a"b@contoso.test'),
+    ('<"unterminated@contoso.test>', '"unterminated@contoso.test'),
+])
+def test_a_quoted_local_part_is_kept_as_postfix_keeps_it(sent: str, kept: str) -> None:
+    assert envelope_address(sent) == kept
+
+
 def test_a_long_envelope_address_is_kept_whole_never_cut() -> None:
     # Cut at 1024 characters, this address lost its domain and with it its sender connector.
     long = "a" * 1030 + "@contoso.test"

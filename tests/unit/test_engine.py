@@ -119,6 +119,11 @@ CASES: list[tuple[str, list[InboundConnector], dict[str, Any], str, str | None, 
     ("sender without a domain", [conn("c", sender=["example.org"])], {**TLS13, "sender": "ceo"}, "defer", None,
      "sender <ceo> has no domain, so the connector that applies cannot be told (set [engine] myorigin, "
      "or Postfix's reject_non_fqdn_sender refuses such addresses)"),
+    ("a percent-hack recipient may go elsewhere", [conn("c", rcpt=["example.org"])], {"recipient": "bob%example.org@mx.example.net"}, "defer", None,
+     "recipient <bob%example.org@mx.example.net> may be delivered to another domain than it shows"),
+    ("a bang path sender may go elsewhere", [conn("c", sender=["example.org"])], {"sender": "example.org!ceo"}, "defer", None,
+     "sender <example.org!ceo> may be delivered to another domain"),
+    ("an empty domain is dropped, as Postfix drops it", [conn("c", rcpt=["example.org"])], {"recipient": "bob@example.org@"}, "defer", "c", "TLS required"),
     ("a bare postmaster is accepted (RFC 5321)", [conn("c", rcpt=["example.org"])], {"recipient": "Postmaster"}, "pass", None, ""),
     ("recipient without a domain", [conn("c", rcpt=["example.org"])], {**TLS13, "recipient": "<bob>"}, "defer", None,
      "recipient <bob> has no domain"),
@@ -158,6 +163,9 @@ def test_an_address_without_a_domain_is_judged_at_myorigin() -> None:
     bare = with_myorigin(facts(sender="a@else.test", recipient="postmaster"), "example.org")
     assert bare.recipient == "postmaster@example.org"
     assert decide(snap, bare, NOW).status == "5.7.10"  # as postmaster@example.org written in full
+    for rerouted in ("bob%else.test", "else.test!bob"):  # not completed: Postfix may send it elsewhere
+        assert with_myorigin(facts(recipient=rerouted), "example.org").recipient == rerouted
+        assert decide(snap, facts(recipient=rerouted), NOW).status == "4.1.3"
     full = facts(sender="<>", recipient="b@example.org")
     assert with_myorigin(full, "example.org") is full and with_myorigin(facts(sender="ceo"), None).sender == "ceo"
 

@@ -272,13 +272,14 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
                                  "second EHLO after STARTTLS is judged as plaintext",
                                  "add " + " ".join(TLS_MACROS) + " to milter_mail_macros"))
         connect_macros = params.get("milter_connect_macros", "v").replace(",", " ").split()
-        mail_name = params.get("mail_name", "Postfix")
-        if needs_cert and ("v" not in connect_macros or mail_name != "Postfix"):
+        macro_v = params.get("milter_macro_v", "Postfix")  # postconf -x: $mail_name $mail_version expanded
+        if needs_cert and ("v" not in connect_macros or macro_v.split(" ", 1)[0] != "Postfix"):
             found.append(Finding("error", "the milter cannot tell that the MTA is Postfix (milter_connect_macros "
-                                 f"lacks v, or mail_name = {mail_name} is not Postfix): it counts no client "
-                                 "certificate name, so connectors that require a certificate fail every session "
-                                 "it judges",
-                                 "add v to milter_connect_macros and leave mail_name = Postfix"))
+                                 f"lacks v, or milter_macro_v = {macro_v!r} does not start with Postfix): it counts "
+                                 "no client certificate name, so connectors that require a certificate fail every "
+                                 "session it judges",
+                                 "add v to milter_connect_macros; leave milter_macro_v and mail_name at their "
+                                 "defaults ($mail_name $mail_version, Postfix)"))
         if params.get("milter_default_action", "tempfail") not in ("tempfail", "reject"):
             found.append(Finding("error", f"milter_default_action = {params.get('milter_default_action')}: "
                                  "mail passes unjudged whenever the milter is down",
@@ -306,7 +307,9 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
     return found
 
 
-_LOCAL_DOMAIN_PARAMS = ("mydestination", "virtual_mailbox_domains", "virtual_alias_domains")
+# Domains this Postfix delivers itself, or relays for as their MX (an "smtp:" to the
+# domain's MX hosts would loop back here).
+_LOCAL_DOMAIN_PARAMS = ("mydestination", "virtual_mailbox_domains", "virtual_alias_domains", "relay_domains")
 
 
 def _table_names(value: str) -> list[str]:
@@ -357,7 +360,8 @@ def _outbound_findings(config: Config, params: dict[str, str], snap: Snapshot | 
                 answer = index.transport(f"postmaster@{domain}")
                 if answer.reply.status is not Status.NOTFOUND:
                     found.append(Finding("error", f"outbound connector {answer.connector} covers {domain}, which "
-                                         f"Postfix delivers locally ({name}): tlsgate would route its mail away",
+                                         f"this Postfix delivers or relays itself ({name}): tlsgate would route "
+                                         "its mail to the domain's MX hosts, away or back here",
                                          f"remove {domain} from the outbound_domain rows of {answer.connector}"))
     return found
 
