@@ -25,6 +25,8 @@ from tlsgate.store import DEFAULT_DATABASE_URL
 log = logging.getLogger("tlsgate.config")
 
 DEFAULT_PATH = "/etc/tlsgate/tlsgate.conf"
+#: where postconf is when PATH does not say (spawn(8) passes export_environment only)
+POSTCONF = "/usr/sbin/postconf"
 EX_CONFIG = 78
 
 
@@ -215,8 +217,7 @@ def resolve_myorigin(cfg: EngineConfig) -> str | None:
         return None
     if cfg.myorigin != "auto":
         return cfg.myorigin
-    # spawn(8) runs its command with export_environment only: no PATH with /usr/sbin.
-    postconf = shutil.which("postconf") or "/usr/sbin/postconf"
+    postconf = shutil.which("postconf") or POSTCONF
     try:
         done = subprocess.run([postconf, "-xh", "myorigin"], capture_output=True, text=True, timeout=30,
                               check=False)

@@ -6,6 +6,7 @@ import pathlib
 
 import pytest
 
+from tlsgate import config
 from tlsgate.config import ConfigError, EngineConfig, load_config, resolve_myorigin
 
 
@@ -92,5 +93,9 @@ def test_myorigin_is_asked_from_postconf(tmp_path: pathlib.Path, monkeypatch: py
     fake.write_text("#!/bin/sh\necho 'postconf: fatal: open /etc/postfix/main.cf: No such file' >&2\nexit 1\n")
     assert resolve_myorigin(EngineConfig()) is None
     assert "set [engine] myorigin" in caplog.text and "main.cf: No such file" in caplog.text
-    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))  # as under spawn(8): postconf where it usually is
+    monkeypatch.setattr(config, "POSTCONF", str(fake))
+    fake.write_text("#!/bin/sh\necho example.com\n")
+    assert resolve_myorigin(EngineConfig()) == "example.com"
+    monkeypatch.setattr(config, "POSTCONF", str(tmp_path / "none" / "postconf"))
     assert resolve_myorigin(EngineConfig()) is None  # no postconf at all
