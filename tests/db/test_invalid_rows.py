@@ -7,40 +7,23 @@ can write exactly these rows; the tests write them the same way.
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
+from tests.support.rulesdb import load_unchecked
 from tlsgate.engine import decide
 from tlsgate.model import FailAction, SessionFacts
 from tlsgate.patterns import parse_address
-from tlsgate.store import init_schema, load, open_engine
 
 NOW = datetime.now(UTC)
 TLS = dict(tls_protocol="TLSv1.3", tls_cipher="TLS_AES_256_GCM_SHA384", tls_cipher_bits=256)
 
 
 def loaded(tmp_path: object, *statements: str) -> object:
-    url = f"sqlite:///{tmp_path}/r.sqlite"
-    engine = open_engine(url)
-    init_schema(engine)
-    engine.dispose()
-    db = sqlite3.connect(f"{tmp_path}/r.sqlite")
-    db.execute("PRAGMA ignore_check_constraints = ON")
-    db.execute("PRAGMA foreign_keys = OFF")
-    db.executescript(
-        "INSERT INTO inbound_connector (name) VALUES ('good');"
-        "INSERT INTO inbound_domain VALUES ('good', 'sender', 'good.test');"
-        + "".join(s + ";" for s in statements)
-    )
-    db.commit()
-    db.close()
-    engine = open_engine(url)
-    try:
-        return load(engine)
-    finally:
-        engine.dispose()
+    return load_unchecked(Path(str(tmp_path)) / "r.sqlite", "INSERT INTO inbound_connector (name) VALUES ('good')",
+                          "INSERT INTO inbound_domain VALUES ('good', 'sender', 'good.test')", *statements)
 
 
 CASES = [

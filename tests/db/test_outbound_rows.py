@@ -4,29 +4,16 @@ narrower), and connectors that share a smart host with different TLS policies.""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
+from tests.support.rulesdb import load_unchecked
 from tlsgate.outbound import NOT_FOUND, OutboundIndex
 from tlsgate.socketmap import Reply, Status
-from tlsgate.store import LoadResult, init_schema, load, open_engine
+from tlsgate.store import LoadResult
 
 
 def loaded(tmp_path: Path, *statements: str) -> LoadResult:
-    url = f"sqlite:///{tmp_path}/r.sqlite"
-    engine = open_engine(url)
-    init_schema(engine)
-    engine.dispose()
-    db = sqlite3.connect(f"{tmp_path}/r.sqlite")
-    db.execute("PRAGMA ignore_check_constraints = ON")
-    db.executescript("".join(s + ";" for s in statements))
-    db.commit()
-    db.close()
-    engine = open_engine(url)
-    try:
-        return load(engine)
-    finally:
-        engine.dispose()
+    return load_unchecked(tmp_path / "r.sqlite", *statements)
 
 
 def connector(name: str, level: str, *domains: str, hosts: tuple[tuple[str, int, int], ...] = ()) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from tlsgate.store import init_schema, open_engine
+from tlsgate.store import LoadResult, init_schema, load, open_engine
 
 
 def make_rules_db(path: Path, sql: str = "") -> str:
@@ -23,3 +23,22 @@ def make_rules_db(path: Path, sql: str = "") -> str:
         finally:
             con.close()
     return url
+
+
+def load_unchecked(path: Path, *statements: str) -> LoadResult:
+    """Write ``statements`` into a fresh rule database at ``path`` the way an sqlite3 shell
+    can, with CHECK constraints and foreign keys off, and load it as a daemon does."""
+    url = make_rules_db(path)
+    con = sqlite3.connect(path)
+    try:
+        con.execute("PRAGMA ignore_check_constraints = ON")
+        con.execute("PRAGMA foreign_keys = OFF")
+        con.executescript("".join(s + ";" for s in statements))
+        con.commit()
+    finally:
+        con.close()
+    engine = open_engine(url)
+    try:
+        return load(engine)
+    finally:
+        engine.dispose()
