@@ -179,9 +179,9 @@ def test_doctor_outbound_healthy(setup: dict[str, pathlib.Path]) -> None:
      "warning", "transport_maps asks texthash:/etc/postfix/transport before tlsgate"),
     ("transport_maps =\n", "error", "smtp_tls_policy_maps asks tlsgate but transport_maps does not"),
     ("virtual_mailbox_domains = example.org contoso.com\n", "error",
-     "outbound connector contoso-out covers contoso.com, which this Postfix delivers or relays itself (virtual_mailbox_domains)"),
-    ("relay_domains = contoso.com\n", "error",
-     "outbound connector contoso-out covers contoso.com, which this Postfix delivers or relays itself (relay_domains)"),
+     "outbound connector contoso-out covers contoso.com, which this Postfix delivers itself (virtual_mailbox_domains)"),
+    ("relay_domains = contoso.com\n", "warning",
+     "outbound connector contoso-out covers contoso.com, which this Postfix relays for (relay_domains)"),
 ])
 def test_doctor_outbound_routes(setup: dict[str, pathlib.Path], extra: str, severity: str, expected: str) -> None:
     with listen(setup["sockdir"] / "policy.sock", 0o666), listen(setup["sockdir"] / "milter.sock", 0o666):

@@ -307,9 +307,8 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
     return found
 
 
-# Domains this Postfix delivers itself, or relays for as their MX (an "smtp:" to the
-# domain's MX hosts would loop back here).
-_LOCAL_DOMAIN_PARAMS = ("mydestination", "virtual_mailbox_domains", "virtual_alias_domains", "relay_domains")
+# Domains this Postfix delivers itself: an outbound connector's "smtp:" would send them away.
+_LOCAL_DOMAIN_PARAMS = ("mydestination", "virtual_mailbox_domains", "virtual_alias_domains")
 
 
 def _table_names(value: str) -> list[str]:
@@ -360,9 +359,22 @@ def _outbound_findings(config: Config, params: dict[str, str], snap: Snapshot | 
                 answer = index.transport(f"postmaster@{domain}")
                 if answer.reply.status is not Status.NOTFOUND:
                     found.append(Finding("error", f"outbound connector {answer.connector} covers {domain}, which "
-                                         f"this Postfix delivers or relays itself ({name}): tlsgate would route "
-                                         "its mail to the domain's MX hosts, away or back here",
+                                         f"this Postfix delivers itself ({name}): tlsgate would route its mail "
+                                         "away by SMTP",
                                          f"remove {domain} from the outbound_domain rows of {answer.connector}"))
+        # Relayed domains: as a backup MX, tlsgate's route is Postfix's own (the best MX), but
+        # a gateway that hands them to an inside host by another route would lose that route.
+        for domain in _table_names(params.get("relay_domains", "")):
+            if ":" in domain or "/" in domain:
+                continue
+            answer = index.transport(f"postmaster@{domain}")
+            if answer.reply.status is not Status.NOTFOUND:
+                found.append(Finding("warning", f"outbound connector {answer.connector} covers {domain}, which "
+                                     "this Postfix relays for (relay_domains): tlsgate routes its mail to the "
+                                     f"connector's smart hosts or the domain's MX hosts ({answer.reply.data}), over "
+                                     "any other route; if this server is that MX, the mail loops back here",
+                                     f"remove {domain} from the outbound_domain rows of {answer.connector}, or "
+                                     "give the connector the inside host as its smart host"))
     return found
 
 
