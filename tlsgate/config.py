@@ -89,6 +89,8 @@ class SocketmapConfig:
     socket_group: str = "postfix"
     idle_timeout: float = 300.0
     max_connections: int = 2000
+    #: the master.cf service the transport answers name: the one outbound mail leaves by
+    transport: str = "smtp"
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 _LISTEN = re.compile(r"^(unix:/.+|inet:(\[[0-9a-fA-F:.]+\]|[0-9.]+|localhost):\d{1,5})$")
 _METRICS = re.compile(r"^(127\.\d{1,3}\.\d{1,3}\.\d{1,3}|\[::1\]):\d{1,5}$")
 _HEADER = re.compile(r"^[!-9;-~]{1,64}$")
+_SERVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def _convert(path: str, section: str, key: str, raw: str, default: Any) -> Any:
@@ -195,6 +198,8 @@ def _convert(path: str, section: str, key: str, raw: str, default: Any) -> Any:
         return value
     if key == "listen" and not _LISTEN.match(value):
         raise ConfigError(f"{where}: not unix:/PATH or inet:HOST:PORT")
+    if section == "socketmap" and key == "transport" and not _SERVICE.match(value):
+        raise ConfigError(f"{where}: not a master.cf service name")
     if key == "header_name" and not _HEADER.match(value):
         raise ConfigError(f"{where}: not a valid header field name")
     if key == "myorigin" and value.lower() not in ("auto", "none"):

@@ -83,7 +83,7 @@ def tls_policy(connector: OutboundConnector, snapshot: Snapshot) -> Reply:
     return Reply(Status.OK, " ".join(parts))
 
 
-def transport(connector: OutboundConnector) -> Reply:
+def transport(connector: OutboundConnector, service: str = "smtp") -> Reply:
     """``smtp:[host]:port, ...`` for a connector with smart hosts, else ``smtp:``.
 
     ``smtp:`` (an empty next hop: the recipient domain, transport(5)) overrides relayhost,
@@ -93,10 +93,10 @@ def transport(connector: OutboundConnector) -> Reply:
     if connector.problems:
         return Reply(Status.TEMP, f"outbound connector {connector.name} is misconfigured: {connector.problems[0]}")
     if not connector.smart_hosts:
-        return Reply(Status.OK, "smtp:")
+        return Reply(Status.OK, f"{service}:")
     hops = [next_hop(h.host, h.port, h.mx_lookup) for h in connector.smart_hosts]
     # Several destinations in one transport entry are tried in order (Postfix >= 3.5).
-    return Reply(Status.OK, "smtp:" + ", ".join(hops))
+    return Reply(Status.OK, f"{service}:" + ", ".join(hops))
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -163,7 +163,8 @@ class OutboundIndex:
     waits until it is fixed), then to the first connector by name.
     """
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, service: str = "smtp") -> None:
+        """``service``: the master.cf service the transport answers name (``[socketmap] transport``)."""
         self.snapshot = snapshot
         self.generation = snapshot.generation
         live = sorted((c for c in snapshot.outbound if c.enabled), key=lambda c: c.name)
@@ -187,7 +188,7 @@ class OutboundIndex:
         self._any = anyone
         self._hops = hops
         self._policies = {c.name: tls_policy(c, snapshot) for c in live}
-        self._transports = {c.name: transport(c) for c in live}
+        self._transports = {c.name: transport(c, service) for c in live}
         self._hop_answers: dict[str, Answer] = {}
         for key, names in hop_clashes(live).items():
             broken = next((n for n in names if self._policies[n].status is Status.TEMP), None)

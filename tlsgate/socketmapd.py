@@ -54,11 +54,12 @@ class StartupError(Exception):
 class IndexHolder:
     """The index of the newest snapshot; swapped by one assignment from the rules thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, service: str = "smtp") -> None:
         self.index: OutboundIndex | None = None
+        self._service = service
 
     def swap(self, snapshot: Snapshot) -> None:
-        index = OutboundIndex(snapshot)
+        index = OutboundIndex(snapshot, self._service)
         self.index = index
         log.info(
             "serving rules generation %d: %d enabled outbound connectors",
@@ -247,7 +248,7 @@ def _peer_name(writer: asyncio.StreamWriter) -> str:
 
 async def run(cfg_path: str | None) -> int:
     cfg = load_config(cfg_path)
-    holder = IndexHolder()
+    holder = IndexHolder(cfg.socketmap.transport)
     rules = RuleHolder(cfg.database, on_swap=holder.swap, dns=cfg.dns)
     server = SocketmapServer(cfg.socketmap, holder)
     inherited = [fd for fd, _ in sdnotify.listen_fds()]

@@ -182,6 +182,8 @@ def test_doctor_outbound_healthy(setup: dict[str, pathlib.Path]) -> None:
      "outbound connector contoso-out covers contoso.com, which this Postfix delivers itself (virtual_mailbox_domains)"),
     ("relay_domains = contoso.com\n", "warning",
      "outbound connector contoso-out covers contoso.com, which this Postfix relays for (relay_domains)"),
+    ("default_transport = smtp-out\n", "warning",
+     "default_transport = smtp-out, but tlsgate's transport answers name the smtp service ([socketmap] transport)"),
 ])
 def test_doctor_outbound_routes(setup: dict[str, pathlib.Path], extra: str, severity: str, expected: str) -> None:
     with listen(setup["sockdir"] / "policy.sock", 0o666), listen(setup["sockdir"] / "milter.sock", 0o666):

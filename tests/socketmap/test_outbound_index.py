@@ -236,3 +236,11 @@ def test_smart_host_addresses(host: str, port: int, mx: bool, route: str, keys: 
     assert index.transport("x@ip.test").reply == Reply(Status.OK, route)
     for key in keys:
         assert index.tls_policy(key) == Answer(Reply(Status.OK, "encrypt"), "ip"), key
+
+
+def test_transport_answers_name_the_configured_service() -> None:
+    relayed = conn("b", "b.example", smart_hosts=(SmartHost("relay.b.example", 25),))
+    snap = Snapshot(inbound=(), outbound=(conn("a", "a.example"), relayed))
+    index = OutboundIndex(snap, "smtp-out")
+    assert index.transport("x@a.example").reply == Reply(Status.OK, "smtp-out:")
+    assert index.transport("x@b.example").reply == Reply(Status.OK, "smtp-out:[relay.b.example]:25")

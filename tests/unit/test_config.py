@@ -99,3 +99,9 @@ def test_myorigin_is_asked_from_postconf(tmp_path: pathlib.Path, monkeypatch: py
     assert resolve_myorigin(EngineConfig()) == "example.com"
     monkeypatch.setattr(config, "POSTCONF", str(tmp_path / "none" / "postconf"))
     assert resolve_myorigin(EngineConfig()) is None  # no postconf at all
+
+
+def test_socketmap_transport_is_a_service_name(tmp_path: pathlib.Path) -> None:
+    assert load_config(write(tmp_path, "[socketmap]\ntransport = smtp-out\n"), environ={}).socketmap.transport == "smtp-out"
+    with pytest.raises(ConfigError, match=r"\[socketmap\] transport = 'smtp out': not a master.cf service name"):
+        load_config(write(tmp_path, "[socketmap]\ntransport = smtp out\n"), environ={})

@@ -340,6 +340,12 @@ def _outbound_findings(config: Config, params: dict[str, str], snap: Snapshot | 
         found.append(Finding("warning", f"transport_maps asks {earlier} before tlsgate: an entry there for a "
                              "connector's domain routes its mail to a next hop whose TLS policy tlsgate may not know",
                              f"list {ours} first in transport_maps, or keep the other tables free of those domains"))
+    service = params.get("default_transport", "smtp").split(":", 1)[0].strip()
+    if service and service != config.socketmap.transport:
+        found.append(Finding("warning", f"default_transport = {params.get('default_transport')}, but tlsgate's transport "
+                             f"answers name the {config.socketmap.transport} service ([socketmap] transport): mail to "
+                             "a connector's domains leaves through it, with its own master.cf settings",
+                             f"[socketmap] transport = {service}, if connectors' mail should leave that way"))
     relays = [f"{name} = {params[name]}" for name in ("relayhost", "sender_dependent_relayhost_maps")
               if params.get(name)]
     if relays:
@@ -351,7 +357,7 @@ def _outbound_findings(config: Config, params: dict[str, str], snap: Snapshot | 
                              "to send a connector's mail through the relay, add the relay as its smart host "
                              "(outbound_smart_host): the relay must then meet the connector's TLS level"))
     if snap is not None:
-        index = OutboundIndex(snap)
+        index = OutboundIndex(snap, config.socketmap.transport)
         for name in _LOCAL_DOMAIN_PARAMS:
             for domain in _table_names(params.get(name, "")):
                 if ":" in domain or "/" in domain:
