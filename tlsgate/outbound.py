@@ -17,12 +17,11 @@ no connector covers is NOTFOUND and Postfix's main.cf defaults apply.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tlsgate.model import OutboundConnector, TlsLevel
-from tlsgate.patterns import DomainKind, normalise_domain
+from tlsgate.patterns import DomainKind, normalise_domain, parse_address
 from tlsgate.snapshot import Snapshot
 from tlsgate.socketmap import Reply, Status
 
@@ -99,24 +98,16 @@ def transport(connector: OutboundConnector, service: str = "smtp") -> Reply:
     return Reply(Status.OK, f"{service}:" + ", ".join(hops))
 
 
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    text = host[5:] if host[:5].lower() == "ipv6:" else host
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
 def next_hop(host: str, port: int, mx_lookup: bool) -> str:
     # An address has no MX records; Postfix requires the [] form for it (transport(5)).
-    if mx_lookup and _ip(host) is None:
+    if mx_lookup and parse_address(host) is None:
         return host if port == 25 else f"{host}:{port}"
     return f"[{host}]:{port}"
 
 
 def _hop_keys(host: str, port: int, mx_lookup: bool) -> tuple[str, ...]:
     """Every spelling of a smart host Postfix may use as a TLS policy key."""
-    ip = _ip(host)
+    ip = parse_address(host)
     if ip is not None:
         # relayhost may spell an IPv6 address with Postfix's "ipv6:" prefix or without it.
         names = [f"[{ip}]"] + ([f"[ipv6:{ip}]"] if ip.version == 6 else [])
@@ -248,7 +239,7 @@ class OutboundIndex:
             return low
         host, sep, port = low.rpartition(":") if not low.endswith("]") else (low, "", "")
         inner = host.strip("[]") if host.startswith("[") else host
-        ip = _ip(inner)
+        ip = parse_address(inner)
         if ip is not None:
             name: str | None = str(ip)
         else:

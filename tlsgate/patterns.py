@@ -243,8 +243,12 @@ def parse_network(text: str) -> Network:
 
 
 def parse_address(text: str) -> Address | None:
-    """A client address as a front-end sees it; None for unknown or unparsable values."""
+    """An address as Postfix spells it (a client's, a smart host's: ``192.0.2.1``,
+    ``[192.0.2.1]``, ``IPv6:2001:db8::1``, ``[ipv6:2001:db8::1]``); None for unknown or
+    unparsable values."""
     raw = text.strip()
+    if raw.startswith("[") and raw.endswith("]"):
+        raw = raw[1:-1]
     if raw.lower().startswith("ipv6:"):
         raw = raw[5:]
     if raw.startswith("[") and raw.endswith("]"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import ipaddress
 import logging
 import os
 import re
@@ -46,6 +45,7 @@ from tlsgate.patterns import (
     IssuerPattern,
     Network,
     PatternError,
+    parse_address,
     parse_network,
     to_a_label,
 )
@@ -703,11 +703,11 @@ def _load_outbound(conn: Connection, problems: list[RowProblem]) -> list[Outboun
             hr = _RowReader("outbound_smart_host", (name, host, raw_port), name, problems)
             port = hr.integer(h, "port", 25, 1) or 25
             mx = hr.boolean(h, "mx_lookup", False)
-            ip = _ip_literal(host)
-            if ip is not None:
-                host = ip
+            address = parse_address(host)
+            if address is not None:
+                host = str(address)
                 if mx:
-                    hr.warn("mx_lookup", f"is ignored for the address {ip}: an address has no MX records")
+                    hr.warn("mx_lookup", f"is ignored for the address {host}: an address has no MX records")
                     mx = False
             else:
                 try:
@@ -736,19 +736,6 @@ def _load_outbound(conn: Connection, problems: list[RowProblem]) -> list[Outboun
             f"outbound connectors {', '.join(sharing)} share this smart host with different TLS policies: "
             "mail through it is deferred until they agree", sharing[0]))
     return out
-
-
-def _ip_literal(host: str) -> str | None:
-    """An IPv4 or IPv6 address (``[...]`` and ``ipv6:`` allowed) in its canonical form, or None."""
-    text = host.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    if text[:5].lower() == "ipv6:":
-        text = text[5:]
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
 
 
 @contextlib.contextmanager
