@@ -226,19 +226,16 @@ def resolve_myorigin(cfg: EngineConfig) -> str | None:
     try:
         done = subprocess.run([postconf, "-xh", "myorigin"], capture_output=True, text=True, timeout=30,
                               check=False)
+        if done.returncode == 0:
+            return to_a_label(done.stdout.strip())
+        why = (done.stderr.strip().splitlines() or ["no answer"])[-1]
     except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("cannot ask postconf for myorigin (%s): set [engine] myorigin; addresses without a domain "
-                    "get a temporary failure where a connector could apply", exc)
-        return None
-    value = done.stdout.strip()
-    try:
-        if done.returncode != 0:
-            raise PatternError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no answer")
-        return to_a_label(value)
+        why = str(exc)
     except PatternError as exc:
-        log.warning("postconf gave no usable myorigin (%r: %s): set [engine] myorigin; addresses without a "
-                    "domain get a temporary failure where a connector could apply", value, exc)
-        return None
+        why = f"{done.stdout.strip()!r}: {exc}"
+    log.warning("cannot learn myorigin from postconf (%s): set [engine] myorigin; addresses without a domain "
+                "get a temporary failure where a connector could apply", why)
+    return None
 
 
 def load_config(path: str | None = None, environ: dict[str, str] | None = None) -> Config:

@@ -449,16 +449,15 @@ def _undecidable(snapshot: Snapshot, facts: SessionFacts) -> Decision | None:
         address = facts.sender if scope is Scope.SENDER else facts.recipient
         if not address or scope not in snapshot.enforced_scopes:
             continue
-        bare = _local_part_only(address)
-        if bare is not None and not _elsewhere(bare):
-            if scope is Scope.RECIPIENT and bare.lower() == "postmaster":
+        shown = address.strip().strip("<>")
+        if _elsewhere(shown):
+            reason = (f"{scope.value} <{shown}> may be delivered to another domain than it shows (Postfix's "
+                      "allow_percent_hack, swap_bangpath), so the connector that applies cannot be told")
+        elif _local_part_only(address) is not None:
+            if scope is Scope.RECIPIENT and shown.lower() == "postmaster":
                 continue
-            reason = (f"{scope.value} <{bare}> has no domain, so the connector that applies cannot be told "
+            reason = (f"{scope.value} <{shown}> has no domain, so the connector that applies cannot be told "
                       f"(set [engine] myorigin, or Postfix's {restriction} refuses such addresses)")
-        elif _elsewhere(address.strip().strip("<>")):
-            reason = (f"{scope.value} <{address.strip().strip('<>')}> may be delivered to another domain than it "
-                      "shows (Postfix's allow_percent_hack, swap_bangpath), so the connector that applies "
-                      "cannot be told")
         else:
             continue
         return Decision(Outcome.FAIL, FailAction.DEFER, None, status, reason, reason,
