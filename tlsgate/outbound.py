@@ -17,10 +17,10 @@ no connector covers is NOTFOUND and Postfix's main.cf defaults apply.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from tlsgate.model import OutboundConnector, TlsLevel
+from tlsgate.model import InboundConnector, OutboundConnector, TlsLevel
 from tlsgate.patterns import DomainKind, normalise_domain, parse_address
 from tlsgate.snapshot import Snapshot
 from tlsgate.socketmap import Reply, Status
@@ -54,6 +54,17 @@ def _sha256(fingerprints: frozenset[str]) -> list[str]:
     return sorted(f for f in fingerprints if len(f) == _SHA256_HEX_LEN)
 
 
+def _pinned(name: str, partners: Mapping[str, InboundConnector]) -> list[str]:
+    """The sha256 fingerprints (public keys, then certificates) registered with the inbound
+    connector ``name``: what a ``fingerprint`` policy of the outbound connector of that name
+    accepts."""
+    partner = partners.get(name)
+    prints: list[str] = []
+    for pin in partner.pins if partner is not None else ():
+        prints += _sha256(pin.pubkey_fingerprints) + _sha256(pin.cert_fingerprints)
+    return list(dict.fromkeys(prints))
+
+
 def tls_policy(connector: OutboundConnector, snapshot: Snapshot) -> Reply:
     """The policy table entry of one connector, or TEMP when it cannot be written."""
     if connector.problems:
@@ -65,18 +76,14 @@ def tls_policy(connector: OutboundConnector, snapshot: Snapshot) -> Reply:
     if level is TlsLevel.FINGERPRINT:
         # The partner's registered certificates live with the inbound connector of the same
         # name: a partner usually sends and receives with one certificate.
-        partner = snapshot.by_name.get(connector.name)
-        pins = partner.pins if partner is not None else ()
-        prints: list[str] = []
-        for pin in pins:
-            prints += _sha256(pin.pubkey_fingerprints) + _sha256(pin.cert_fingerprints)
+        prints = _pinned(connector.name, snapshot.by_name)
         if not prints:
             return Reply(
                 Status.TEMP,
                 f"outbound connector {connector.name} asks for fingerprint but no certificate "
                 f"is registered for inbound connector {connector.name}",
             )
-        parts.append("match=" + "|".join(dict.fromkeys(prints)))
+        parts.append("match=" + "|".join(prints))
     if connector.min_tls_version is not None:
         parts.append(f"protocols=>={connector.min_tls_version}")
     return Reply(Status.OK, " ".join(parts))
@@ -117,22 +124,26 @@ def _hop_keys(host: str, port: int, mx_lookup: bool) -> tuple[str, ...]:
     return (f"[{host}]:{port}", f"[{host}]") if port == 25 else (f"[{host}]:{port}",)
 
 
-def _policy_settings(connector: OutboundConnector) -> tuple[object, ...]:
+def _policy_settings(connector: OutboundConnector, partners: Mapping[str, InboundConnector]) -> tuple[object, ...]:
     """What a connector's TLS policy answer is made of: equal settings, equal answers."""
     level = connector.tls_level
     names = connector.match_names if level in (TlsLevel.VERIFY, TlsLevel.SECURE) else ()
-    # Fingerprint pins come from the inbound connector of the same name.
-    owner = connector.name if level is TlsLevel.FINGERPRINT else ""
-    return (level, names, connector.min_tls_version, owner)
+    # Fingerprint pins come from the inbound connector of the same name: two connectors that
+    # accept the same certificates agree, whatever their names.
+    prints = frozenset(_pinned(connector.name, partners)) if level is TlsLevel.FINGERPRINT else frozenset()
+    return (level, names, connector.min_tls_version, prints)
 
 
-def hop_clashes(connectors: Iterable[OutboundConnector]) -> dict[str, tuple[str, ...]]:
+def hop_clashes(
+    connectors: Iterable[OutboundConnector], partners: Mapping[str, InboundConnector]
+) -> dict[str, tuple[str, ...]]:
     """Smart hosts shared by enabled connectors whose TLS policies differ: key -> names.
 
     Postfix asks for the TLS policy of a smart host by its name alone, so one answer must
     serve every connector routed there. No answer is "the strictest" in general (two match
     lists, or encrypt with TLS 1.3 against verify with TLS 1.2, do not compare), so such a
-    hop answers TEMP until the connectors agree.
+    hop answers TEMP until the connectors agree. ``partners`` are the inbound connectors by
+    name, whose registered certificates ``fingerprint`` policies pin.
     """
     by_key: dict[str, dict[str, OutboundConnector]] = {}
     for conn in sorted((c for c in connectors if c.enabled), key=lambda c: c.name):
@@ -142,7 +153,7 @@ def hop_clashes(connectors: Iterable[OutboundConnector]) -> dict[str, tuple[str,
     return {
         key: tuple(group)
         for key, group in by_key.items()
-        if len({_policy_settings(c) for c in group.values()}) > 1
+        if len({_policy_settings(c, partners) for c in group.values()}) > 1
     }
 
 
@@ -181,7 +192,7 @@ class OutboundIndex:
         self._policies = {c.name: tls_policy(c, snapshot) for c in live}
         self._transports = {c.name: transport(c, service) for c in live}
         self._hop_answers: dict[str, Answer] = {}
-        for key, names in hop_clashes(live).items():
+        for key, names in hop_clashes(live, snapshot.by_name).items():
             broken = next((n for n in names if self._policies[n].status is Status.TEMP), None)
             reply = self._policies[broken] if broken is not None else Reply(
                 Status.TEMP,

@@ -643,7 +643,9 @@ def _load_inbound(
     return out
 
 
-def _load_outbound(conn: Connection, problems: list[RowProblem]) -> list[OutboundConnector]:
+def _load_outbound(
+    conn: Connection, problems: list[RowProblem], inbound: Sequence[InboundConnector]
+) -> list[OutboundConnector]:
     by_name = _check_names("outbound_connector", _select(conn, "outbound_connector", _OUTBOUND_COLUMNS), problems)
     domains = _group(_select(conn, "outbound_domain", ("connector", "pattern")))
     matches = _group(_select(conn, "outbound_match_name", ("connector", "name")))
@@ -728,7 +730,7 @@ def _load_outbound(conn: Connection, problems: list[RowProblem]) -> list[Outboun
         out.append(OutboundConnector(**kw))
     # One line per smart host, under the spelling tlsgate's transport answer gives it.
     written = {next_hop(h.host, h.port, h.mx_lookup) for c in out for h in c.smart_hosts}
-    for key, sharing in hop_clashes(out).items():
+    for key, sharing in hop_clashes(out, {c.name: c for c in inbound}).items():
         if key not in written:
             continue
         problems.append(RowProblem(
@@ -805,7 +807,7 @@ def load(
                         text("SELECT generation FROM rules_generation WHERE id = 1")
                     ).scalar()
                     inbound = _load_inbound(conn, problems, moment, expiry_days, cache)
-                    outbound = _load_outbound(conn, problems)
+                    outbound = _load_outbound(conn, problems, inbound)
         except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:
             raise StoreError(describe_db_error(engine, exc)) from None
         snap = Snapshot(

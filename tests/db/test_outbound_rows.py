@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.support.pki import Pki
 from tests.support.rulesdb import load_unchecked
 from tlsgate.outbound import NOT_FOUND, OutboundIndex
 from tlsgate.socketmap import Reply, Status
@@ -71,6 +72,30 @@ def test_connectors_sharing_a_smart_host_must_agree(tmp_path: Path) -> None:
     index = OutboundIndex(result.snapshot)
     assert index.tls_policy("[relay.hub.test]:25").reply.status is Status.TEMP
     assert index.tls_policy("[relay.same.test]:25").reply == Reply(Status.OK, "encrypt")
+
+
+def test_fingerprint_connectors_sharing_a_smart_host_agree_when_they_pin_the_same_certificates(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    partner = pki.partner.cert_path.read_text()
+    other = pki.self_signed.cert_path.read_text()
+
+    def pinned(name: str, pem: str, host: str) -> list[str]:
+        return [
+            f"INSERT INTO inbound_connector (name, certificate) VALUES ('{name}', 'pinned')",
+            f"INSERT INTO inbound_domain (connector, scope, pattern) VALUES ('{name}', 'sender', '{name}.test')",
+            f"INSERT INTO inbound_certificate (connector, pem) VALUES ('{name}', '{pem}')",
+            *connector(name, "fingerprint", f"{name}.test", hosts=((host, 25, 0),)),
+        ]
+
+    result = loaded(tmp_path, *pinned("a", partner, "relay.same.test"), *pinned("b", partner, "relay.same.test"),
+                    *pinned("c", partner, "relay.hub.test"), *pinned("d", other, "relay.hub.test"))
+    assert [str(p) for p in result.errors] == [
+        "error: outbound_smart_host ('[relay.hub.test]:25') column host: outbound connectors c, d "
+        "share this smart host with different TLS policies: mail through it is deferred until they agree"]
+    index = OutboundIndex(result.snapshot)
+    assert index.tls_policy("[relay.same.test]:25").reply == Reply(
+        Status.OK, f"fingerprint match={pki.partner.pubkey_fingerprint}|{pki.partner.fingerprint}")
+    assert index.tls_policy("[relay.hub.test]:25").reply.status is Status.TEMP
 
 
 def test_any_domain_connector_with_smart_hosts_is_told_to_use_relayhost(tmp_path: Path) -> None:

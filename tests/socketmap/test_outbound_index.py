@@ -204,6 +204,28 @@ def test_shared_smart_host_with_equal_policies_is_answered() -> None:
     assert index.tls_policy("[relay.hub.test]:2525") == Answer(Reply(Status.OK, "verify"), "one")
 
 
+def test_shared_smart_host_with_fingerprint_policies_compares_the_certificates(tmp_path: Path) -> None:
+    # Two connectors (say, two domains of one partner) pinning the same certificate agree;
+    # pinning different certificates they cannot share one answer.
+    pki = Pki(tmp_path)
+    partner = pin_from_pem(pki.partner.cert_path.read_bytes())
+    other = pin_from_pem(pki.self_signed.cert_path.read_bytes())
+    hub = (SmartHost("relay.hub.test", 25),)
+
+    def pinned(name: str, pin: object) -> tuple[InboundConnector, OutboundConnector]:
+        inbound = InboundConnector(name=name, sender_domains=(DomainPattern.parse(f"{name}.test"),), pins=(pin,))  # type: ignore[arg-type]
+        return inbound, conn(name, f"{name}.test", tls_level=TlsLevel.FINGERPRINT, smart_hosts=hub)
+
+    (in_a, out_a), (in_b, out_b), (in_c, out_c) = pinned("a", partner), pinned("b", partner), pinned("c", other)
+    agreeing = OutboundIndex(Snapshot(inbound=(in_a, in_b), outbound=(out_a, out_b)))
+    answer = agreeing.tls_policy("[relay.hub.test]:25")
+    assert answer == Answer(Reply(Status.OK, f"fingerprint match={pki.partner.pubkey_fingerprint}|{pki.partner.fingerprint}"), "a")
+    clashing = OutboundIndex(Snapshot(inbound=(in_a, in_c), outbound=(out_a, out_c)))
+    answer = clashing.tls_policy("[relay.hub.test]:25")
+    assert answer.reply.status is Status.TEMP
+    assert "a, c share the smart host" in answer.reply.data
+
+
 def test_shared_smart_host_with_a_misconfigured_connector_gives_its_reason() -> None:
     hub = (SmartHost("relay.hub.test", 25),)
     good = conn("good", "good.test", smart_hosts=hub)
