@@ -84,7 +84,8 @@ def _clean(value: str | None) -> str | None:
 def common_name(subject: str) -> str:
     """The CN of a distinguished name (Sendmail's ``/C=US/O=X/CN=mx.example``), else the text.
 
-    Postfix already gives the CN alone; a value without ``CN=`` is returned unchanged.
+    For Sendmail only: Postfix gives the CN alone, and a value without ``CN=`` is returned
+    unchanged.
     """
     found = _CN.findall(subject)
     if not found:
@@ -119,14 +120,17 @@ def tls_from_macros(get: MacroGetter, mta: str | None = None) -> TlsFacts:
         return TlsFacts()
     cipher = _clean(get("{cipher}"))
     bits_text = _clean(get("{cipher_bits}")) or ""
-    bits = int(bits_text) if bits_text.isdigit() and len(bits_text) <= 5 else 0
+    bits = int(bits_text) if bits_text.isascii() and bits_text.isdigit() and len(bits_text) <= 5 else 0
     subject = _clean(get("{cert_subject}"))
     issuer = _clean(get("{cert_issuer}"))
     if not names_verified(mta, _clean(get(VERIFY_MACRO))):
         subject = issuer = None
     if subject is not None:
-        subject = common_name(subject)
-        issuer = common_name(issuer) if issuer is not None else None
+        if not is_postfix(mta):
+            # Postfix sends the CN alone, as the certificate spells it: a CN that reads
+            # "evil.example/CN=mail.partner.test" is that whole text, never a DN to pick from.
+            subject = common_name(subject)
+            issuer = common_name(issuer) if issuer is not None else None
     else:
         issuer = None  # an issuer without a verified subject means nothing
     return TlsFacts(protocol, cipher, bits, subject, issuer)

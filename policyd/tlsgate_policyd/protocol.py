@@ -157,14 +157,20 @@ def _malformed(line: str) -> MalformedLine:
     return MalformedLine(f"line without name=value: {line[:40]!r}")
 
 
-_XTEXT = re.compile(r"\+([0-9A-Fa-f]{2})")
+_XTEXT_BYTES = re.compile(rb"\+([0-9A-Fa-f]{2})")
 
 
 def xtext_decode(value: str) -> str:
-    """RFC 3461 xtext, as Postfix encodes ccert_subject and ccert_issuer (``Lab+20Test+20CA``)."""
+    """RFC 3461 xtext, as Postfix encodes ccert_subject and ccert_issuer (``Lab+20Test+20CA``).
+
+    Postfix encodes each byte of a UTF-8 name on its own (``F+C5+91`` for "Fő"), so the bytes
+    are gathered first and read as UTF-8; bytes that are not UTF-8 become U+FFFD, which no
+    configured name matches.
+    """
     if "+" not in value:
         return value
-    return _XTEXT.sub(lambda m: chr(int(m.group(1), 16)), value)
+    raw = _XTEXT_BYTES.sub(lambda m: bytes((int(m.group(1), 16),)), value.encode("utf-8"))
+    return raw.decode("utf-8", "replace")
 
 
 _STAGES = {
@@ -193,7 +199,7 @@ def facts_from_request(attrs: Mapping[str, str]) -> SessionFacts:
     """
     get = attrs.get  # a request is answered per recipient: no helper call per attribute
     bits_text = get("encryption_keysize", "").strip()
-    bits = int(bits_text) if bits_text.isdigit() and len(bits_text) < 6 else 0
+    bits = int(bits_text) if bits_text.isascii() and bits_text.isdigit() and len(bits_text) < 6 else 0
     subject = get("ccert_subject", "").strip()
     issuer = get("ccert_issuer", "").strip()
     state = get("protocol_state", "").strip().upper()

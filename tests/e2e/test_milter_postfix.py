@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.milter.milterhelp import POLICYD, MilterProcess, make_rules_db, write_config
-from tests.support.pki import PARTNER_CN, Pki
+from tests.support.pki import PARTNER_CN, Pki, issue_certificate
 from tests.support.postfix import PrivatePostfix, send, skip_reason
 
 pytestmark = pytest.mark.postfix
@@ -145,6 +145,20 @@ def test_trusted_certificate_name(stack: tuple[PrivatePostfix, MilterProcess], p
         reply = bad.rcpt["nocert@tlsgate.test"]
         assert reply.code == 550 and "5.7.1 " in reply.text, reply
         assert bad.data is None
+
+
+def test_a_common_name_is_never_read_as_a_distinguished_name(
+    stack: tuple[PrivatePostfix, MilterProcess], pki: Pki
+) -> None:
+    # Postfix passes the CN as the certificate spells it: this one is not mail.partner.test.
+    postfix, _ = stack
+    for i, cn in enumerate((f"evil.example/CN={PARTNER_CN}", f"evil.example, CN={PARTNER_CN}")):
+        cert = issue_certificate(pki.directory, f"cn-in-cn-{i}", common_name=cn, issuer=pki.ca)
+        result = send(postfix.port, "a@partner.test", ["cn@tlsgate.test"], starttls=True,
+                      cert=cert.cert_path, key=cert.key_path)
+        reply = result.rcpt["cn@tlsgate.test"]
+        assert reply.code == 550 and f"certificate name {cn} does not match {PARTNER_CN}" in reply.text, reply
+        assert result.data is None
 
 
 def test_one_recipient_refused_the_other_delivered(stack: tuple[PrivatePostfix, MilterProcess]) -> None:

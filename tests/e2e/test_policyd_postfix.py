@@ -20,7 +20,7 @@ import pytest
 
 import tests.support.postfix as harness
 from tests.policyd.policydhelp import PolicydProcess, write_config
-from tests.support.pki import Pki
+from tests.support.pki import Pki, issue_certificate
 from tests.support.postfix import PrivatePostfix, send, swaks
 from tests.support.rulesdb import make_rules_db
 
@@ -41,6 +41,9 @@ INSERT INTO inbound_cert_name VALUES ('wrongname-in', 'subject', '*.other.test')
 INSERT INTO inbound_connector (name, certificate, on_failure) VALUES ('issuer-in', 'trusted', 'reject');
 INSERT INTO inbound_domain VALUES ('issuer-in', 'sender', 'issuer.test');
 INSERT INTO inbound_cert_name VALUES ('issuer-in', 'issuer', 'Other CA*');
+INSERT INTO inbound_connector (name, certificate, on_failure) VALUES ('hu-in', 'trusted', 'reject');
+INSERT INTO inbound_domain VALUES ('hu-in', 'sender', 'hu.test');
+INSERT INTO inbound_cert_name VALUES ('hu-in', 'issuer', 'Főtanúsítvány CA');
 INSERT INTO inbound_connector (name, min_tls_version, on_failure) VALUES ('v13-in', 'TLSv1.3', 'reject');
 INSERT INTO inbound_domain VALUES ('v13-in', 'sender', 'v13.test');
 INSERT INTO inbound_connector (name, require_forward_secrecy, on_failure) VALUES ('fs-in', 1, 'reject');
@@ -149,6 +152,20 @@ def test_trusted_certificate_name_and_issuer(stack: Stack, pki: Pki) -> None:
                   cert=pki.partner.cert_path, key=pki.partner.key_path)
     assert "certificate issuer Lab Test CA does not match Other CA*" in issuer.rcpt["i@tlsgate.test"].text
     assert stack.postfix.wait_delivered("p@tlsgate.test")
+
+
+def test_a_non_ascii_issuer_name_is_read_as_postfix_encodes_it(stack: Stack, pki: Pki) -> None:
+    # Postfix xtext-encodes every byte of a UTF-8 name on its own ("F+C5+91..."): read one
+    # character per byte, the issuer never matched and the partner's mail got a 554.
+    inter = issue_certificate(pki.directory, "hu-ca", common_name="Főtanúsítvány CA", issuer=pki.ca, is_ca=True)
+    leaf = issue_certificate(pki.directory, "hu-leaf", common_name="mail.hu.test", san=("mail.hu.test",), issuer=inter)
+    chain = pki.directory / "hu-chain.crt"
+    chain.write_bytes(leaf.cert_path.read_bytes() + inter.cert_path.read_bytes())
+    good = send(stack.postfix.port, "a@hu.test", ["hu@tlsgate.test"], starttls=True, cert=chain, key=leaf.key_path)
+    assert good.delivered, good
+    other = send(stack.postfix.port, "a@hu.test", ["hu-bad@tlsgate.test"], starttls=True,
+                 cert=pki.partner.cert_path, key=pki.partner.key_path)
+    assert "certificate issuer Lab Test CA does not match Főtanúsítvány CA" in other.rcpt["hu-bad@tlsgate.test"].text
 
 
 def test_minimum_tls_version(stack: Stack) -> None:

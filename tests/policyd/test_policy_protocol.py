@@ -123,6 +123,9 @@ def test_xtext() -> None:
     assert xtext_decode("Lab+20Test+20CA") == "Lab Test CA"
     assert xtext_decode("a+2Bb") == "a+b"
     assert xtext_decode("plain") == "plain"
+    # Each byte of a UTF-8 name is encoded on its own; bytes that are not UTF-8 never match a name.
+    assert xtext_decode("F+C5+91tan+C3+BAs+C3+ADtv+C3+A1ny+20CA") == "Főtanúsítvány CA"
+    assert xtext_decode("a+FFb") == "a\ufffdb"
 
 
 def test_facts_from_a_postfix_request() -> None:
@@ -149,6 +152,7 @@ def test_empty_and_missing_are_alike() -> None:
     assert plain == missing
     assert plain.sender == "" and plain.tls_protocol is None and plain.cert_subject is None
     assert facts_from_request({"encryption_keysize": "lots"}).tls_cipher_bits == 0
+    assert facts_from_request({"encryption_keysize": "²"}).tls_cipher_bits == 0
     assert facts_from_request({"protocol_state": "END-OF-MESSAGE"}).stage is Stage.DATA
 
 
