@@ -218,7 +218,7 @@ def _plain_ipv4_network(raw: str) -> ipaddress.IPv4Network | None:
         prefix = 32
     try:
         value = int.from_bytes(socket.inet_pton(socket.AF_INET, addr), "big")
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL or a character that is not ASCII
         return None
     if value & _HOST_BITS4[prefix]:
         return None

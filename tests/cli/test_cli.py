@@ -205,6 +205,11 @@ def test_connector_add_set_remove(tmp_path: pathlib.Path) -> None:
     (["--sender", "a.test", "--require-tls", "maybe"], "argument --require-tls: 'maybe' is not yes or no"),
     ([], "a connector needs a scope"),
     (["--sender", "a.test", "--min-cipher-bits", "-1"], "--min-cipher-bits -1 is out of range"),
+    (["--sender", "a.test", "--min-key-bits", "9" * 25], f"--min-key-bits {'9' * 25} is out of range"),
+    (["--sender", "a.test", "--organization", "Org"],
+     "--organization can be checked only against a pinned certificate"),
+    (["--sender", "a.test", "--certificate", "trusted", "--unit", "Mail", "--min-key-bits", "3072"],
+     "--unit, --min-key-bits can be checked only against a pinned certificate"),
 ])
 def test_connector_add_refuses_bad_values(tmp_path: pathlib.Path, args: list[str], message: str) -> None:
     url = f"sqlite:///{tmp_path}/rules.sqlite"
@@ -226,3 +231,21 @@ def test_outbound_add(tmp_path: pathlib.Path) -> None:
     assert "smart hosts:        relay.contoso.com:2525" in r.stdout and "TLS level:          secure" in r.stdout
     r = tlsgate("--database-url", url, "outbound", "add", "x", "--domain", "a.test", "--smart-host", "h:99999")
     assert r.returncode == 2 and "is not HOST or HOST:PORT" in r.stderr
+    # A second name differing only in case would make both connectors misconfigured (TEMP).
+    r = tlsgate("--database-url", url, "outbound", "add", "Contoso-Out", "--domain", "contoso.org")
+    assert r.returncode == 1 and "an outbound connector named 'contoso-out' already exists" in r.stderr
+    assert tlsgate("--database-url", url, "lint").returncode == 0
+
+
+def test_connector_set_keeps_pin_only_requirements_on_pinned_connectors(tmp_path: pathlib.Path) -> None:
+    url = f"sqlite:///{tmp_path}/rules.sqlite"
+    assert tlsgate("--database-url", url, "db", "init").returncode == 0
+    r = tlsgate("--database-url", url, "connector", "add", "p", "--sender", "p.test", "--certificate", "pinned",
+                "--organization", "P Org")
+    assert r.returncode == 0, r.stderr
+    r = tlsgate("--database-url", url, "connector", "set", "p", "--certificate", "trusted")
+    assert r.returncode == 2 and "--organization can be checked only against a pinned certificate" in r.stderr
+    r = tlsgate("--database-url", url, "connector", "show", "p")
+    assert "organization:       P Org" in r.stdout and "certificate:        pinned" in r.stdout
+    r = tlsgate("--database-url", url, "connector", "set", "p", "--enabled", "no")
+    assert r.returncode == 0, r.stderr

@@ -25,15 +25,20 @@ def make_rules_db(path: Path, sql: str = "") -> str:
     return url
 
 
-def load_unchecked(path: Path, *statements: str) -> LoadResult:
-    """Write ``statements`` into a fresh rule database at ``path`` the way an sqlite3 shell
-    can, with CHECK constraints and foreign keys off, and load it as a daemon does."""
+def load_unchecked(path: Path, *statements: str | tuple[str, tuple[object, ...]]) -> LoadResult:
+    """Write ``statements`` (SQL, or SQL with its parameters) into a fresh rule database at
+    ``path`` the way an sqlite3 shell can, with CHECK constraints and foreign keys off, and
+    load it as a daemon does."""
     url = make_rules_db(path)
     con = sqlite3.connect(path)
     try:
         con.execute("PRAGMA ignore_check_constraints = ON")
         con.execute("PRAGMA foreign_keys = OFF")
-        con.executescript("".join(s + ";" for s in statements))
+        for statement in statements:
+            if isinstance(statement, str):
+                con.execute(statement)
+            else:
+                con.execute(*statement)
         con.commit()
     finally:
         con.close()

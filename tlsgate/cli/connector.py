@@ -127,14 +127,30 @@ _COLUMNS = {
 }
 
 
+_INT_MAX = 2**31 - 1  # the INTEGER columns' range on every supported database
+_PIN_ONLY = {"require_organization": "--organization", "require_unit": "--unit", "min_key_bits": "--min-key-bits"}
+
+
 def _columns(args: argparse.Namespace) -> dict[str, Any]:
     values = {col: getattr(args, opt) for opt, col in _COLUMNS.items() if getattr(args, opt) is not None}
     for col in ("min_cipher_bits", "min_key_bits"):
-        if col in values and values[col] < (0 if col == "min_cipher_bits" else 1):
+        if col in values and not (0 if col == "min_cipher_bits" else 1) <= values[col] <= _INT_MAX:
             raise CommandError(f"--{col.replace('_', '-')} {values[col]} is out of range", 2)
     if "reply_text" in values and ("\n" in values["reply_text"] or len(values["reply_text"]) > 255):
         raise CommandError("--reply-text must be one line of at most 255 characters", 2)
     return values
+
+
+def _check_pin_only(row: dict[str, Any]) -> None:
+    """Refuse organization, unit and key size requirements on a connector that pins no
+    certificate: Postfix reports none of them, so nothing could enforce them."""
+    if row.get("certificate") == "pinned":
+        return
+    given = [option for col, option in _PIN_ONLY.items() if row.get(col) is not None]
+    if given:
+        raise CommandError(f"{', '.join(given)} can be checked only against a pinned certificate (Postfix reports "
+                           "no organization, unit or key size): add --certificate pinned and register the partner's "
+                           "certificate with 'tlsgate cert add'", 2)
 
 
 def _child_rows(name: str, args: argparse.Namespace) -> list[tuple[Any, dict[str, Any]]]:
@@ -171,6 +187,7 @@ def cmd_add(args: argparse.Namespace, ctx: Context) -> int:
     children = _child_rows(args.name, args)
     if not children:
         raise CommandError("a connector needs a scope: --sender, --recipient, --header-from or --address", 2)
+    _check_pin_only(values)
     table = schema.Base.metadata.tables["inbound_connector"]
 
     def work(conn: Any) -> None:
@@ -195,8 +212,11 @@ def cmd_set(args: argparse.Namespace, ctx: Context) -> int:
     table = schema.Base.metadata.tables["inbound_connector"]
 
     def work(conn: Any) -> None:
-        if conn.execute(select(table.c.name).where(table.c.name == args.name)).first() is None:
+        current = conn.execute(select(table).where(table.c.name == args.name)).mappings().first()
+        if current is None:
             raise CommandError(f"no inbound connector named {args.name!r}")
+        if values.keys() & {"certificate", *_PIN_ONLY}:
+            _check_pin_only({**current, **values})
         if values:
             conn.execute(update(table).where(table.c.name == args.name).values(**values))
         for child, row in children:
@@ -256,6 +276,10 @@ def cmd_outbound_add(args: argparse.Namespace, ctx: Context) -> int:
     t = schema.Base.metadata.tables
 
     def work(conn: Any) -> None:
+        existing = conn.execute(select(t["outbound_connector"].c.name)).scalars().all()
+        clash = [n for n in existing if n.casefold() == args.name.casefold()]
+        if clash:
+            raise CommandError(f"an outbound connector named {clash[0]!r} already exists")
         conn.execute(insert(t["outbound_connector"]).values(
             name=args.name, tls_level=args.tls_level, min_tls_version=args.min_tls, comment=args.comment,
             enabled=not args.disabled))
