@@ -191,6 +191,48 @@ def test_add_refuses_duplicate_unknown_connector_and_bad_input(db: Path, tmp_pat
     assert len(rows(db)) == 1
 
 
+def test_add_refuses_a_file_that_starts_with_the_ca(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The first certificate is the one pinned: a CA first would refuse every session.
+    root = certgen.make("Partner Root CA", ca=True)
+    leaf, _ = certgen.make(issuer=root)
+    path = write(tmp_path, "root-first.pem", certgen.pem(root[0], leaf))
+    assert run(db, "cert", "add", "partner", path) == 1
+    err = capsys.readouterr().err
+    assert "the first certificate (Partner Root CA) is a CA certificate" in err and "put the partner's own" in err
+    assert rows(db) == []
+    assert run(db, "cert", "add", "partner", write(tmp_path, "leaf-first.pem", certgen.pem(leaf, root[0]))) == 0
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
+def test_add_stores_the_connector_name_as_the_database_has_it(
+    request: pytest.FixtureRequest, tmp_path: Path, dialect: str
+) -> None:
+    # MariaDB finds 'partner' by 'Partner' (its collation ignores case); a row written as
+    # 'Partner' would then belong to no connector, and 'partner' would have no certificate.
+    from sqlalchemy import create_engine, text
+
+    from tlsgate.store import load
+
+    url = f"sqlite:///{tmp_path}/r.sqlite" if dialect == "sqlite" else request.getfixturevalue("mariadb_url")
+    assert main(["--database-url", url, "db", "init"]) == 0
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO inbound_connector (name, certificate) VALUES ('partner', 'pinned')"))
+            conn.execute(text("INSERT INTO inbound_domain VALUES ('partner', 'sender', 'partner.test')"))
+        cert, _ = certgen.make()
+        rc = main(["--database-url", url, "cert", "add", "Partner", write(tmp_path, "c.pem", certgen.pem(cert))])
+        result = load(engine)
+    finally:
+        engine.dispose()
+    if dialect == "sqlite":  # names compare exactly: 'Partner' is no connector
+        assert rc == 1
+        return
+    assert rc == 0
+    assert [str(p) for p in result.errors] == []
+    assert len(result.snapshot.by_name["partner"].pins) == 1
+
+
 def test_add_warns_about_unused_expired_and_weak(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cert, _ = certgen.make(private_key=certgen.key("rsa", 1024), not_before=NOW - 90 * DAY, not_after=NOW - DAY)
     assert run(db, "cert", "add", "plain", write(tmp_path, "old.pem", certgen.pem(cert))) == 0

@@ -230,23 +230,45 @@ def _fingerprints_of(pem: object) -> frozenset[str]:
         return frozenset()
 
 
+def _first_is_a_leaf(name: str, certs: list[x509.Certificate]) -> None:
+    """Refuse a file whose first certificate is the CA of the others: the first one is the
+    one pinned, and a partner never presents its CA as its own certificate."""
+    first = certs[0]
+    others = certs[1:]
+    if not others:
+        return
+    try:
+        is_ca = first.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if is_ca or any(c.issuer == first.subject and c.subject != first.subject for c in others):
+        raise CommandError(
+            f"{name}: the first certificate ({display_name(first.subject)}) is a CA certificate; the first one is "
+            "the one registered: put the partner's own certificate first, then its chain"
+        )
+
+
 def cmd_add(args: argparse.Namespace, ctx: Context) -> int:
     name, certs = read_certificates(args.file)
+    _first_is_a_leaf(name, certs)
     leaf = certs[0]
     engine = ctx.engine
     connector = _connector_row(engine, args.connector)
+    # The name as stored: MariaDB compares names case-insensitively, and a row written under
+    # another spelling would belong to no connector when the rules are loaded.
+    owner = connector["name"]
     sha256 = fingerprint(leaf, "sha256")
-    for row in _registered(engine, args.connector):
+    for row in _registered(engine, owner):
         if sha256 in _fingerprints_of(row["pem"]):
             raise CommandError(
                 f"{name}: certificate {sha256} is already registered with connector "
-                f"{args.connector} as id {row['id']}"
+                f"{owner} as id {row['id']}"
             )
     derived = Derived.of(leaf)
     if args.comment is not None and len(args.comment) > 255:
         raise CommandError("--comment is longer than 255 characters")
     values: dict[str, Any] = {
-        "connector": args.connector,
+        "connector": owner,
         "pem": to_pem(certs),
         "cert_sha256": derived.cert_sha256,
         "pubkey_sha256": derived.pubkey_sha256,
@@ -272,7 +294,7 @@ def cmd_add(args: argparse.Namespace, ctx: Context) -> int:
     except SQLAlchemyError as exc:
         raise _db(engine, "storing the certificate", exc) from None
     print(
-        f"registered certificate {new_id} with connector {args.connector}: "
+        f"registered certificate {new_id} with connector {owner}: "
         f"CN={derived.subject_cn or '-'} O={derived.organization or '-'} OU={derived.unit or '-'} "
         f"{derived.key_type} {derived.key_bits}, valid until {derived.not_after:%Y-%m-%d}, sha256 {sha256}"
     )
@@ -362,8 +384,8 @@ def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_remove(args: argparse.Namespace, ctx: Context) -> int:
     engine = ctx.engine
-    _connector_row(engine, args.connector)
-    rows = _registered(engine, args.connector)
+    owner = _connector_row(engine, args.connector)["name"]
+    rows = _registered(engine, owner)
     which = args.which.strip()
     if which.isdigit() and len(which) < 12:
         targets = [r for r in rows if int(r["id"]) == int(which)]
@@ -377,12 +399,12 @@ def cmd_remove(args: argparse.Namespace, ctx: Context) -> int:
         targets = [r for r in rows if fp in _fingerprints_of(r["pem"])]
         label = f"fingerprint {fp}"
     if not targets:
-        raise CommandError(f"no certificate with {label} is registered with connector {args.connector}")
+        raise CommandError(f"no certificate with {label} is registered with connector {owner}")
     ids = [int(r["id"]) for r in targets]
     try:
         with engine.begin() as conn:
-            conn.execute(delete(_CERTS).where(_CERTS.c.id.in_(ids), _CERTS.c.connector == args.connector))
+            conn.execute(delete(_CERTS).where(_CERTS.c.id.in_(ids), _CERTS.c.connector == owner))
     except SQLAlchemyError as exc:
         raise _db(engine, "removing the certificate", exc) from None
-    print(f"removed certificate {', '.join(map(str, ids))} from connector {args.connector}")
+    print(f"removed certificate {', '.join(map(str, ids))} from connector {owner}")
     return 0
