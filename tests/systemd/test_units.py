@@ -50,3 +50,11 @@ def test_sockets_are_inside_the_postfix_chroot_for_group_postfix_only() -> None:
         assert re.search(r"^ListenStream=/var/spool/postfix/tlsgate/\w+\.sock$", text, re.M), unit.name
         assert "SocketGroup=postfix" in text and "SocketMode=0660" in text
     assert "d /var/spool/postfix/tlsgate 0750 tlsgate postfix -" in (UNITS / "tlsgate.tmpfiles").read_text()
+
+
+def test_the_state_directory_exists_before_any_service_starts() -> None:
+    # `tlsgate db init` writes /var/lib/tlsgate/rules.sqlite before the first service start,
+    # which is when StateDirectory= would have made the directory.
+    assert "d /var/lib/tlsgate 0750 tlsgate tlsgate -" in (UNITS / "tlsgate.tmpfiles").read_text()
+    for unit in UNITS.glob("*.service"):
+        assert "StateDirectory=tlsgate" in unit.read_text(), unit.name
