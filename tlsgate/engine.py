@@ -35,8 +35,8 @@ from tlsgate.model import (
     SessionFacts,
     Stage,
 )
-from tlsgate.patterns import address_domain
-from tlsgate.snapshot import Snapshot, range_contains
+from tlsgate.patterns import address_domain, raw_domain
+from tlsgate.snapshot import DomainIndex, Snapshot, range_contains
 
 # RFC 3463 status details, per kind of unmet requirement.
 STATUS_ENCRYPTION = "7.10"  # X.7.10 Encryption needed
@@ -80,9 +80,13 @@ def find_candidates(snapshot: Snapshot, facts: SessionFacts) -> list[Candidate]:
         else None
     )
     domains = snapshot.domains
-    sender_hits = domains[Scope.SENDER].lookup(sender_domain) if sender_domain else {}
-    rcpt_hits = domains[Scope.RECIPIENT].lookup(rcpt_domain) if rcpt_domain else {}
-    header_hits = domains[Scope.HEADER_FROM].lookup(header_domain) if header_domain else {}
+    sender_hits = (domains[Scope.SENDER].lookup(sender_domain) if sender_domain
+                   else _unreadable(domains[Scope.SENDER], facts.sender))
+    rcpt_hits = (domains[Scope.RECIPIENT].lookup(rcpt_domain) if rcpt_domain
+                 else _unreadable(domains[Scope.RECIPIENT], facts.recipient))
+    header_hits = (domains[Scope.HEADER_FROM].lookup(header_domain) if header_domain
+                   else _unreadable(domains[Scope.HEADER_FROM], facts.header_from) if facts.stage is Stage.DATA
+                   else {})
     range_hits = snapshot.ranges.lookup(facts.client_address) if facts.client_address else {}
 
     found: list[Candidate] = []
@@ -111,6 +115,13 @@ def find_candidates(snapshot: Snapshot, facts: SessionFacts) -> list[Candidate]:
         found.sort(key=lambda cand: cand.connector.name)
         found.sort(key=lambda cand: cand.rank, reverse=True)
     return found
+
+
+def _unreadable(index: DomainIndex, address: str | None) -> dict[int, tuple[int, int]]:
+    """What an address whose domain is written but is no domain name (an address literal
+    ``[192.0.2.1]``, ``under_score.example``) matches: no partner's domain, but every ``*``
+    pattern, which stands for all mail."""
+    return index.lookup_any() if address and raw_domain(address) else {}
 
 
 def _needs_tls(c: InboundConnector) -> bool:
@@ -443,14 +454,18 @@ def _undecidable(snapshot: Snapshot, facts: SessionFacts) -> Decision | None:
     """A temporary failure for a sender or recipient whose domain cannot be told where a
     connector in force could have applied, since judging it by none would let it pass every
     connector: one without a domain (left so when Postfix's myorigin is not known, see
-    :func:`with_myorigin`), or one Postfix may deliver elsewhere (:func:`_elsewhere`). A bare
+    :func:`with_myorigin`), one Postfix may deliver elsewhere (:func:`_elsewhere`), or a
+    recipient at an address literal (``bob@[192.0.2.1]``, local when it is this host's). A bare
     ``postmaster`` recipient, which RFC 5321 says must be accepted, is left to pass."""
     for scope, status, restriction in _BARE:
         address = facts.sender if scope is Scope.SENDER else facts.recipient
         if not address or scope not in snapshot.enforced_scopes:
             continue
         shown = address.strip().strip("<>")
-        if _elsewhere(shown):
+        if scope is Scope.RECIPIENT and raw_domain(shown).startswith("["):
+            reason = (f"recipient <{shown}> names a host by its address, which Postfix delivers locally when it "
+                      "is this host's, so the connector that applies cannot be told")
+        elif _elsewhere(shown):
             reason = (f"{scope.value} <{shown}> may be delivered to another domain than it shows (Postfix's "
                       "allow_percent_hack, swap_bangpath), so the connector that applies cannot be told")
         elif _local_part_only(address) is not None:
@@ -468,7 +483,9 @@ def _undecidable(snapshot: Snapshot, facts: SessionFacts) -> Decision | None:
 def decide(snapshot: Snapshot, facts: SessionFacts, now: datetime) -> Decision:
     """The verdict for one transaction (one recipient, when recipients are known)."""
     sender, recipient = facts.sender, facts.recipient
-    if (sender and ("@" not in sender or "%" in sender)) or (recipient and ("@" not in recipient or "%" in recipient)):
+    if (sender and ("@" not in sender or "%" in sender)) or (
+        recipient and ("@" not in recipient or "%" in recipient or "@[" in recipient)
+    ):
         if (undecidable := _undecidable(snapshot, facts)) is not None:
             return undecidable
     candidates = find_candidates(snapshot, facts)

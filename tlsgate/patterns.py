@@ -44,7 +44,13 @@ def to_a_label(domain: str) -> str:
         try:
             name = idna.encode(name, uts46=True).decode("ascii")
         except idna.IDNAError as exc:
-            raise PatternError(f"invalid internationalized domain {domain!r}: {exc}") from None
+            # UTS 46 also admits names that IDNA 2008 forbids (symbols: "☃.net"), and so do
+            # Postfix's ICU and the resolvers that deliver such mail; IDNA 2003 (Python's own
+            # codec) spells them as they do.
+            try:
+                name = name.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise PatternError(f"invalid internationalized domain {domain!r}: {exc}") from None
     name = name.lower()
     if len(name) > _MAX_DOMAIN:
         raise PatternError(f"domain {domain!r} is longer than {_MAX_DOMAIN} characters")
@@ -112,8 +118,9 @@ class DomainPattern:
 def normalise_domain(domain: str) -> str | None:
     """Normalise a domain seen in mail; None when it is not a valid domain name.
 
-    Address literals (``[192.0.2.1]``) and garbage never match a domain pattern. The same
-    domains come back with every recipient and every message, so answers are remembered.
+    Address literals (``[192.0.2.1]``) and garbage match no partner's domain pattern (the
+    engine holds them to ``*`` connectors only). The same domains come back with every
+    recipient and every message, so answers are remembered.
     """
     try:
         return to_a_label(domain)
@@ -121,17 +128,23 @@ def normalise_domain(domain: str) -> str | None:
         return None
 
 
-def address_domain(address: str) -> str | None:
-    """The normalised domain of an envelope or header address, or None (null sender, no @)."""
+def raw_domain(address: str) -> str:
+    """The text after the last @ of an envelope or header address, as written; "" when the
+    address has no domain (null sender, no @)."""
     addr = address.strip()
     if addr.startswith("<") and addr.endswith(">"):
         addr = addr[1:-1]
     # Postfix drops an empty domain ("bob@example.org@" is delivered to bob@example.org).
     addr = addr.rstrip("@")
     at = addr.rfind("@")
-    if at < 0:
-        return None
-    return normalise_domain(addr[at + 1 :])
+    return addr[at + 1 :] if at >= 0 else ""
+
+
+def address_domain(address: str) -> str | None:
+    """The normalised domain of an envelope or header address, or None (null sender, no @,
+    or a domain that is no domain name: an address literal, garbage)."""
+    domain = raw_domain(address)
+    return normalise_domain(domain) if domain else None
 
 
 @dataclass(frozen=True, slots=True)

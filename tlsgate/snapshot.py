@@ -68,6 +68,10 @@ class DomainIndex:
             found.setdefault(idx, (int(DomainKind.ANY), 0))
         return found
 
+    def lookup_any(self) -> dict[int, tuple[int, int]]:
+        """The connectors of ``*``: all that a domain which is no domain name can match."""
+        return {idx: (int(DomainKind.ANY), 0) for idx in self._any}
+
 
 class RangeIndex:
     """Address ranges keyed by (version, prefix length) then network address."""

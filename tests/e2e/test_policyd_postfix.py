@@ -73,6 +73,18 @@ class Stack:
         con.commit()
         con.close()
 
+    def apply(self, *statements: str) -> None:
+        """Run ``statements`` in one transaction and wait until the daemon decides by them."""
+        con = sqlite3.connect(self.db)
+        try:
+            with con:
+                for statement in statements:
+                    con.execute(statement)
+            (generation,) = con.execute("SELECT generation FROM rules_generation").fetchone()
+        finally:
+            con.close()
+        self.policyd.wait_log(f"loaded rules generation {generation}:")
+
 
 @pytest.fixture(scope="module")
 def stack(pki: Pki) -> Iterator[Stack]:
@@ -234,6 +246,25 @@ def test_addresses_postfix_delivers_elsewhere_than_they_show(stack: Stack) -> No
     assert empty.text.endswith("TLS required by connector example-rcpt")
     assert "may be delivered to another domain than it shows" in percent.text
     assert result.data is None
+
+
+def test_a_domain_that_is_no_domain_name_still_meets_every_star_connector(stack: Stack) -> None:
+    # Postfix accepts MAIL FROM:<a@[127.0.0.1]> and <a@under_score.test>; judged by no domain,
+    # they escaped a connector for every sender ('*'). A recipient at an address literal may be
+    # delivered locally, under a domain tlsgate cannot see, and waits where a recipient
+    # connector is in force.
+    stack.apply("INSERT INTO inbound_connector (name, on_failure) VALUES ('everyone-in', 'reject')",
+                "INSERT INTO inbound_domain VALUES ('everyone-in', 'sender', '*')")
+    try:
+        for sender in ("a@[127.0.0.1]", "a@under_score.test"):
+            result = send(stack.postfix.port, sender, ["star@tlsgate.test"])
+            reply = result.rcpt["star@tlsgate.test"]
+            assert reply.code == 554 and "TLS required by connector everyone-in" in reply.text, (sender, reply)
+        literal = send(stack.postfix.port, "a@other.test", ["bob@[127.0.0.1]"], starttls=True).rcpt["bob@[127.0.0.1]"]
+        assert literal.code == 450 and "names a host by its address" in literal.text, literal
+    finally:
+        stack.apply("DELETE FROM inbound_domain WHERE connector = 'everyone-in'",
+                    "DELETE FROM inbound_connector WHERE name = 'everyone-in'")
 
 
 def test_recipient_scope_refuses_only_that_recipient(stack: Stack) -> None:

@@ -27,6 +27,7 @@ from tlsgate.patterns import (
     ("*", DomainKind.ANY, ""),
     ("bücher.example", DomainKind.EXACT, "xn--bcher-kva.example"),
     ("*.bücher.example", DomainKind.SUBDOMAINS, "xn--bcher-kva.example"),
+    ("☃.net", DomainKind.EXACT, "xn--n3h.net"),  # UTS 46 (and Postfix's ICU) admit what IDNA 2008 forbids
 ])
 def test_domain_pattern_parse(text: str, kind: DomainKind, domain: str) -> None:
     p = DomainPattern.parse(text)
@@ -58,6 +59,8 @@ def test_domain_pattern_specificity_orders_exact_wildcard_star() -> None:
     ("", None),
     ("a@xn--bcher-kva.example", "xn--bcher-kva.example"),
     ("a@bücher.example", "xn--bcher-kva.example"),
+    ("a@☃.net", "xn--n3h.net"),
+    ("a@under_score.test", None),
 ])
 def test_address_domain(addr: str, domain: str | None) -> None:
     assert address_domain(addr) == domain
