@@ -88,6 +88,8 @@ class SocketmapConfig:
     socket_mode: int = 0o660
     socket_group: str = "postfix"
     idle_timeout: float = 300.0
+    #: seconds a request may take to arrive whole, from its first byte, and an answer to be taken
+    request_timeout: float = 10.0
     max_connections: int = 2000
     #: the master.cf service the transport answers name: the one outbound mail leaves by
     transport: str = "smtp"

@@ -5,8 +5,13 @@ systemd), reads netstring requests with :mod:`tlsgate.socketmap`, and answers th
 :class:`tlsgate.outbound.OutboundIndex` rebuilt whenever the :class:`tlsgate.rules.RuleHolder`
 swaps in a new snapshot. Postfix keeps a connection open and drops it after about ten idle
 seconds; a client that breaks the framing gets one WARNING line and its connection closed,
-the others are not disturbed. SIGHUP forces a reload, SIGTERM stops accepting, lets requests
-being answered finish, and exits 0. Until the first rules are loaded every answer is TEMP.
+the others are not disturbed. A request must arrive whole within ``request_timeout`` seconds of
+its first byte, and the client must take each answer within as long (never more than
+``idle_timeout``; Postfix writes a request at once and reads each answer): a client that drips its
+request or never reads its answers loses its connection instead of holding, for ever, one of
+the ``max_connections`` slots that Postfix needs. SIGHUP forces a reload, SIGTERM stops
+accepting, lets requests being answered finish, and exits 0. Until the first rules are loaded
+every answer is TEMP.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import grp
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from tlsgate import logsetup, sdnotify
 from tlsgate.config import EX_CONFIG, ConfigError, SocketmapConfig, load_config
@@ -45,6 +52,11 @@ log = logging.getLogger("tlsgate.socketmap")
 IDENT = "tlsgate-socketmap"
 READ_SIZE = 4096
 STOP_GRACE = 5.0
+#: a warning about slow or excess clients is logged at most once in this many seconds per kind;
+#: the next one says how many were held back
+WARNING_INTERVAL = 60.0
+#: descriptors the daemon needs besides its connections: listeners, database, log, event loop
+FD_MARGIN = 64
 
 
 class StartupError(Exception):
@@ -65,6 +77,49 @@ class IndexHolder:
             "serving rules generation %d: %d enabled outbound connectors",
             index.generation,
             index.connector_count,
+        )
+
+
+class ThrottledWarnings:
+    """WARNING lines of one kind at most once per ``interval`` seconds.
+
+    A flood of misbehaving clients would otherwise write one line per connection to mail.log.
+    The line after a quiet spell carries how many of its kind were held back since the last one.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = WARNING_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = logger
+        self._interval = interval
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, kind: str, msg: str, *args: object) -> bool:
+        """Log ``msg % args`` unless a line of ``kind`` was logged less than ``interval`` ago;
+        True when the line was written."""
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self._interval:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return False
+        self._last[kind] = now
+        held = self._held.pop(kind, 0)
+        if held and last is not None:
+            self._log.warning(msg + " (and %d more like it in the last %.0f s)", *args, held, now - last)
+        else:
+            self._log.warning(msg, *args)
+        return True
+
+
+def _check_fd_limit(max_connections: int) -> None:
+    """Warn when the open-file limit would refuse connections below ``max_connections``:
+    asyncio then stops accepting for a second at a time, and Postfix's lookups fail."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < max_connections + FD_MARGIN:
+        log.warning(
+            "the open file limit of %d is too low for max_connections = %d: raise it (LimitNOFILE=) to %d or more",
+            soft, max_connections, max_connections + FD_MARGIN,
         )
 
 
@@ -101,14 +156,23 @@ class SocketmapServer:
     def __init__(self, cfg: SocketmapConfig, holder: IndexHolder) -> None:
         self.cfg = cfg
         self.holder = holder
+        # A partial request never waits longer than an idle connection would.
+        self.request_timeout = min(cfg.request_timeout, cfg.idle_timeout)
+        self.warnings = ThrottledWarnings(log)
         self._servers: list[asyncio.base_events.Server] = []
         self._paths: list[str] = []
         self._connections: dict[asyncio.Task[None], bool] = {}  # task -> answering now
         self._stopping = False
         self.requests = 0
 
+    @property
+    def connections(self) -> int:
+        """Connections being served now."""
+        return len(self._connections)
+
     async def start(self, inherited: Sequence[int] = ()) -> None:
         """Listen on inherited descriptors (socket activation) or on ``cfg.listen``."""
+        _check_fd_limit(self.cfg.max_connections)
         if inherited:
             for fd in inherited:
                 sock = socket.socket(fileno=fd)
@@ -153,49 +217,89 @@ class SocketmapServer:
         assert task is not None
         if self._stopping or len(self._connections) >= self.cfg.max_connections:
             if not self._stopping:
-                log.warning("refusing a connection: %d connections open", len(self._connections))
+                self.warnings.warning("refused", "refusing a connection: %d connections open", len(self._connections))
             writer.close()
             return
         self._connections[task] = False
         try:
             await self.serve(reader, writer)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            # Cancelled by close(): ending normally keeps asyncio's own callback (Python 3.11)
+            # from logging each idle connection's cancellation as an error at every stop.
         finally:
             self._connections.pop(task, None)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Answer requests on one connection until EOF, idle timeout or a framing error."""
+        """Answer requests on one connection until EOF, idle timeout, a request or an answer
+        slower than ``request_timeout``, or a framing error."""
         task = asyncio.current_task()
         assert task is not None
+        loop = asyncio.get_running_loop()
         peer = _peer_name(writer)
         decoder = NetstringDecoder(MAX_QUERY)
+        # When the request being received must be whole: set by its first byte. Limiting each
+        # read instead would let a client drip a byte per timeout and keep the connection.
+        deadline: float | None = None
         try:
             while not self._stopping:
+                wait = self.cfg.idle_timeout if deadline is None else max(0.0, deadline - loop.time())
                 try:
-                    data = await asyncio.wait_for(reader.read(READ_SIZE), self.cfg.idle_timeout)
+                    data = await asyncio.wait_for(reader.read(READ_SIZE), wait)
                 except TimeoutError:
-                    log.debug("%s: idle for %.0fs, closing", peer, self.cfg.idle_timeout)
+                    if deadline is None:
+                        log.debug("%s: idle for %.0fs, closing", peer, self.cfg.idle_timeout)
+                    else:
+                        self.warnings.warning(
+                            "slow request", "%s: request incomplete %gs after its first byte, closing the connection",
+                            peer, self.request_timeout,
+                        )
                     break
                 if not data:
                     if decoder.pending:
                         log.warning("%s: connection closed in the middle of a request", peer)
                     break
+                arrived = loop.time()
                 self._connections[task] = True
                 try:
-                    for payload in decoder.feed(data):
+                    payloads = decoder.feed(data)
+                    for payload in payloads:
                         request = parse_request(payload)
                         self.requests += 1
                         writer.write(self._answer(peer, request.name, request.key))
                 except NetstringError as exc:
                     log.warning("%s: malformed request, closing the connection: %s", peer, exc)
                     break
-                await writer.drain()
+                if not decoder.pending:
+                    deadline = None
+                elif payloads or deadline is None:  # this read began the request left pending
+                    deadline = arrived + self.request_timeout
+                try:
+                    await asyncio.wait_for(writer.drain(), self.request_timeout)
+                except TimeoutError:
+                    self.warnings.warning(
+                        "unread answers", "%s: answers not read for %gs, closing the connection",
+                        peer, self.request_timeout,
+                    )
+                    writer.transport.abort()
+                    break
                 self._connections[task] = False
         except ConnectionError as exc:
             log.debug("%s: connection lost: %s", peer, exc)
         finally:
             writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            # close() waits for unsent answers to be taken: a client that reads nothing gets
+            # as long as for one answer, then the connection is cut.
+            try:
+                await asyncio.wait_for(writer.wait_closed(), self.request_timeout)
+            except TimeoutError:
+                writer.transport.abort()
+            except ConnectionError:
+                pass
+            except asyncio.CancelledError:  # stopping: nobody would wait for the answers any more
+                writer.transport.abort()
+                raise
 
     def _answer(self, peer: str, name: str, key: str) -> bytes:
         answer: Answer = lookup(self.holder.index, name, key)

@@ -116,6 +116,7 @@ class Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "unix"
         self.last = time.monotonic()  # when bytes last arrived
+        self.started = self.last  # when the first byte of the request being received arrived
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
@@ -138,11 +139,17 @@ class Connection(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
-        self.last = time.monotonic()
+        self.last = now = time.monotonic()
+        if not self.busy:
+            self.started = now
         respond = self._server.responder.respond
         try:
+            answered = False
             for request in self._parser.feed(data):
                 self.transport.write(encode(respond(request)))
+                answered = True
+            if answered:
+                self.started = now  # what is left pending began in this read
         except ProtocolError as exc:
             log.warning("closing connection from %s: %s", self.peer, exc)
             self.transport.close()
@@ -172,15 +179,21 @@ class Connection(asyncio.BufferedProtocol):
             self.done.set_result(None)
 
     def expire(self, now: float) -> None:
-        """Close the connection when it has been silent too long for its state."""
+        """Close the connection when a request has taken too long to arrive (counted from its
+        first byte: a client dripping a byte at a time must not hold its slot for ever), when
+        its answers have not been read for as long, or when it has been idle too long."""
         cfg = self._server.config
-        timeout = cfg.request_timeout if self.busy else cfg.idle_timeout
-        if self.transport is None or now - self.last < timeout or self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing():
             return
-        if self.busy:
-            log.warning("closing connection from %s: request incomplete after %.0fs", self.peer, timeout)
-        else:
+        if self.busy and now - self.started >= cfg.request_timeout:
+            log.warning("closing connection from %s: request incomplete %gs after its first byte",
+                        self.peer, cfg.request_timeout)
+        elif self.transport.get_write_buffer_size() and now - self.last >= cfg.request_timeout:
+            log.warning("closing connection from %s: answers not read for %gs", self.peer, cfg.request_timeout)
+        elif not self.busy and now - self.last >= cfg.idle_timeout:
             log.debug("closing idle connection from %s", self.peer)
+        else:
+            return
         if self.transport.get_write_buffer_size():
             self.transport.abort()  # answers it does not read would keep a close waiting forever
         else:
