@@ -105,6 +105,8 @@ class DnsConfig:
     timeout: float = 3.0
     min_ttl: int = 60
     max_ttl: int = 86400
+    #: seconds an entry keeps its last ranges once DNS answers it with no addresses
+    empty_grace: int = 86400
 
 
 @dataclass(frozen=True)

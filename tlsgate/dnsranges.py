@@ -3,9 +3,11 @@
 Partners' servers move; a list of addresses typed by hand goes stale and then blocks their
 mail. An ``inbound_address`` row may therefore name DNS instead of a range. This module
 resolves such entries with dnspython, never on the request path: the rule holder's thread
-refreshes each entry when its TTL (clamped to a sane minimum and maximum) runs out, keeps the
-last good answer when DNS fails, and rebuilds the snapshot with the resolved ranges. An entry
-that has never resolved makes its connector fail closed (a temporary failure in its scope).
+refreshes the entries whose TTL (clamped to a sane minimum and maximum) ran out, all at once
+within one deadline, keeps the last good answer when DNS fails (and, for a while, when it
+suddenly answers with no addresses), and rebuilds the snapshot with the resolved ranges. A
+connector whose DNS ranges are unknown (an entry never resolved) or empty fails closed: a
+temporary failure in its scope, where ranges that selected clients then select every client.
 
 SPF records are followed through ``include:`` and ``redirect=`` within RFC 7208's limit of 10
 DNS-querying terms; ``a`` and ``mx`` mechanisms inside them are resolved, ``ptr`` and
@@ -18,7 +20,8 @@ import ipaddress
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import dns.exception
@@ -35,6 +38,16 @@ MAX_MX_HOSTS = 10
 #: seconds before an entry that never resolved is asked again (capped by min_ttl): its
 #: connector defers mail meanwhile, so it should not wait a whole min_ttl after DNS recovers
 FIRST_RETRY = 10.0
+#: seconds the ranges of an entry stay in force after DNS starts answering it with no addresses
+#: (NXDOMAIN, no records, no usable SPF record): a botched zone change should not refuse or
+#: defer a partner at once, a server that really left should not stay trusted for long
+EMPTY_GRACE = 86400.0
+#: a round of lookups (every due entry, resolved at once) ends after this many resolver timeouts;
+#: a dead server costs one, as each entry gives up at its first unanswered query, and the rest
+#: is for entries that need many answers from a slow server (SPF includes)
+ROUND_TIMEOUTS = 3
+#: entries resolved at the same time in one round; threads mostly wait on a socket
+MAX_PARALLEL = 32
 ALL_ADDRESSES: tuple[Network, ...] = (ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv6Network("::/0"))
 
 
@@ -86,6 +99,9 @@ class Resolution:
     ttl: int
     resolved_at: float
     problems: tuple[str, ...] = ()
+    #: when DNS began answering with no addresses, while ``networks`` are those of the last
+    #: answer that had some (kept for the grace); None for an answer taken as it came
+    empty_since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,7 @@ class ResolverSettings:
     timeout: float = 3.0
     min_ttl: int = 60
     max_ttl: int = 86400
+    empty_grace: float = EMPTY_GRACE
 
 
 def make_resolver(settings: ResolverSettings) -> dns.resolver.Resolver:
@@ -110,16 +127,27 @@ def make_resolver(settings: ResolverSettings) -> dns.resolver.Resolver:
 
 
 class _Lookup:
-    """One entry's resolution: counts queries, collects TTLs and problems."""
+    """One entry's resolution: counts queries, collects TTLs and problems, keeps the deadline
+    (``time.monotonic()`` seconds) of the round it is part of."""
 
-    def __init__(self, resolver: dns.resolver.Resolver) -> None:
+    def __init__(self, resolver: dns.resolver.Resolver, deadline: float | None = None) -> None:
         self.resolver = resolver
+        self.deadline = deadline
         self.ttls: list[int] = []
         self.problems: list[str] = []
 
+    def _lifetime(self, name: str, rdtype: str) -> float | None:
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DnsFailure(f"{name} {rdtype}: not asked, this round of lookups ran out of time")
+        return min(left, self.resolver.lifetime)
+
     def query(self, name: str, rdtype: str) -> list[object]:
+        lifetime = self._lifetime(name, rdtype)
         try:
-            answer = self.resolver.resolve(name, rdtype, raise_on_no_answer=False)
+            answer = self.resolver.resolve(name, rdtype, raise_on_no_answer=False, lifetime=lifetime)
         except dns.resolver.NXDOMAIN:
             return []  # authoritative: the name does not exist, which is an answer
         except dns.resolver.NoNameservers as exc:
@@ -153,10 +181,12 @@ def _short(exc: Exception) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
-def resolve_entry(entry: str, resolver: dns.resolver.Resolver, settings: ResolverSettings) -> Resolution:
-    """Resolve one entry now. Raises DnsFailure when DNS could not give an answer."""
+def resolve_entry(entry: str, resolver: dns.resolver.Resolver, settings: ResolverSettings,
+                  deadline: float | None = None) -> Resolution:
+    """Resolve one entry now. Raises DnsFailure when DNS could not give an answer, by
+    ``deadline`` (``time.monotonic()`` seconds) when one is given."""
     kind, _, name = entry.partition(":")
-    lookup = _Lookup(resolver)
+    lookup = _Lookup(resolver, deadline)
     if kind == "a":
         nets = lookup.addresses(name)
         if not nets:
@@ -311,35 +341,86 @@ class DnsCache:
                 del table[entry]
 
     def refresh(self, entries: Iterable[str]) -> bool:
-        """Resolve ``entries``; True when any answer changed the ranges."""
+        """Resolve ``entries`` at once, within one deadline; True when any answer changed the
+        ranges in force."""
         changed = False
-        for entry in entries:
-            try:
-                result = resolve_entry(entry, self._resolver, self.settings)
-            except DnsFailure as exc:
-                self.failures += 1
-                # Retry failed entries after the minimum TTL, not on every poll; sooner when the
-                # entry never resolved, as its connector defers mail until it does.
-                wait = self.settings.min_ttl if entry in self.entries else min(FIRST_RETRY, self.settings.min_ttl)
-                self._retry_at[entry] = time.time() + wait
-                if entry not in self._failing:
-                    self._failing[entry] = str(exc)
-                    old = self.entries.get(entry)
-                    if old is None:
-                        log.error("DNS entry %s: %s; its connector defers until it resolves", entry, exc)
-                    else:
-                        log.error("DNS entry %s: %s; keeping the ranges resolved %.0fs ago", entry, exc,
-                                  time.time() - old.resolved_at)
-                continue
-            self._retry_at.pop(entry, None)
-            if self._failing.pop(entry, None) is not None:
-                log.warning("DNS entry %s resolves again", entry)
-            old = self.entries.get(entry)
-            if old is None or set(old.networks) != set(result.networks):
-                changed = True
-                log.info("DNS entry %s: %s", entry, ", ".join(str(n) for n in result.networks) or "no addresses")
-            self.entries[entry] = result
+        for entry, outcome in self._resolve_all(list(entries)):
+            if isinstance(outcome, DnsFailure):
+                self._failed(entry, outcome)
+            else:
+                changed = self._answered(entry, outcome) or changed
         return changed
+
+    def _resolve_all(self, entries: list[str]) -> list[tuple[str, Resolution | DnsFailure]]:
+        """Every entry's answer or failure. Concurrent, so that a dead server costs one timeout
+        for the round rather than one per entry; each lookup stops at the round's deadline, so
+        no thread outlives the round."""
+        if not entries:
+            return []
+        deadline = time.monotonic() + ROUND_TIMEOUTS * self.settings.timeout
+
+        def one(entry: str) -> Resolution | DnsFailure:
+            try:
+                return resolve_entry(entry, self._resolver, self.settings, deadline)
+            except DnsFailure as exc:
+                return exc
+
+        with ThreadPoolExecutor(min(MAX_PARALLEL, len(entries)), thread_name_prefix="tlsgate-dns") as pool:
+            return list(zip(entries, pool.map(one, entries), strict=True))
+
+    def _failed(self, entry: str, exc: DnsFailure) -> None:
+        self.failures += 1
+        # Retry failed entries after the minimum TTL, not on every poll; sooner when the
+        # entry never resolved, as its connector defers mail until it does.
+        wait = self.settings.min_ttl if entry in self.entries else min(FIRST_RETRY, self.settings.min_ttl)
+        self._retry_at[entry] = time.time() + wait
+        if entry in self._failing:
+            return
+        self._failing[entry] = str(exc)
+        old = self.entries.get(entry)
+        if old is None:
+            log.error("DNS entry %s: %s; its connector defers until it resolves", entry, exc)
+        else:
+            log.error("DNS entry %s: %s; keeping the ranges resolved %.0fs ago", entry, exc,
+                      time.time() - old.resolved_at)
+
+    def _answered(self, entry: str, result: Resolution) -> bool:
+        self._retry_at.pop(entry, None)
+        if self._failing.pop(entry, None) is not None:
+            log.warning("DNS entry %s resolves again", entry)
+        old = self.entries.get(entry)
+        if not result.networks and old is not None and old.networks:
+            kept = self._hold(old, result)
+            self.entries[entry] = kept or result
+            return kept is None
+        self.entries[entry] = result
+        if old is not None and old.empty_since is not None:
+            log.warning("DNS entry %s has addresses again", entry)
+        if old is not None and set(old.networks) == set(result.networks):
+            return False
+        if result.networks:
+            log.info("DNS entry %s: %s", entry, ", ".join(str(n) for n in result.networks))
+        else:
+            log.warning("DNS entry %s: no addresses (%s); a connector left without ranges defers mail",
+                        entry, "; ".join(result.problems))
+        return True
+
+    def _hold(self, old: Resolution, empty: Resolution) -> Resolution | None:
+        """``empty`` with the ranges of ``old`` while within the grace, else None.
+
+        An answer without addresses after one with addresses is more often a mistake in the
+        partner's zone than a server that left: its old ranges stay for ``empty_grace``.
+        """
+        since = empty.resolved_at if old.empty_since is None else old.empty_since
+        if empty.resolved_at >= since + self.settings.empty_grace:
+            log.error("DNS entry %s has had no addresses for %.0fs (%s); its last ranges are dropped, "
+                      "a connector left without ranges defers mail",
+                      empty.entry, empty.resolved_at - since, "; ".join(empty.problems))
+            return None
+        if old.empty_since is None:
+            log.warning("DNS entry %s: no addresses (%s); keeping the last ranges for up to %.0fs",
+                        empty.entry, "; ".join(empty.problems), self.settings.empty_grace)
+        return replace(empty, networks=old.networks, empty_since=since)
 
 
 def dns_entries(connectors: Iterable[InboundConnector]) -> set[str]:
@@ -347,31 +428,30 @@ def dns_entries(connectors: Iterable[InboundConnector]) -> set[str]:
 
 
 def apply_dns(connectors: Iterable[InboundConnector], cache: DnsCache) -> tuple[InboundConnector, ...]:
-    """Connectors with their DNS entries' ranges added to their client ranges.
+    """Connectors with their DNS entries' ranges added to their client ranges."""
+    return tuple(_with_dns(c, cache.entries) if c.dns_entries else c for c in connectors)
 
-    A connector with an entry that never resolved is marked misconfigured, so the engine
-    defers mail in its scope; when its scope is addresses alone, that scope is unknown, so it
-    covers every client until DNS answers: closed, never open.
+
+def _with_dns(c: InboundConnector, known: Mapping[str, Resolution]) -> InboundConnector:
+    """``c`` with the ranges of its entries; misconfigured when they leave its scope unknown.
+
+    An entry that never resolved leaves the ranges unknown; entries that resolved to nothing,
+    with no literal range beside them, leave none: either way the connector cannot tell which
+    clients are its own, so it gets a problem (mail in its scope is deferred). Where its ranges
+    select sessions, it then covers every client address, so that no session of the partner
+    falls outside it (ranges beside a domain scope narrow it: the domain scope alone is then
+    covered whole). Closed, never open, and never narrower than with its ranges known.
     """
-    out = []
-    for c in connectors:
-        if not c.dns_entries:
-            out.append(c)
-            continue
-        ranges = list(c.client_ranges)
-        missing = []
-        for entry in c.dns_entries:
-            got = cache.entries.get(entry)
-            if got is None:
-                missing.append(entry)
-            else:
-                ranges.extend(got.networks)
-        if missing:
-            problems = (*c.problems, *(f"address entry {e} has not been resolved yet" for e in missing))
-            if not c.has_domain_scope:
-                ranges = list(ALL_ADDRESSES)
-            out.append(replace(c, client_ranges=tuple(dict.fromkeys(ranges)), problems=problems))
+    ranges = list(c.client_ranges)
+    problems = []
+    for entry in c.dns_entries:
+        got = known.get(entry)
+        if got is None:
+            problems.append(f"address entry {entry} has not been resolved yet")
         else:
-            out.append(replace(c, client_ranges=tuple(dict.fromkeys(ranges))))
-    return tuple(out)
-
+            ranges.extend(got.networks)
+    if not ranges and not problems:
+        problems = [f"address entry {entry} resolves to no addresses" for entry in c.dns_entries]
+    if problems and not (c.restrict_to_ranges and c.has_domain_scope):
+        ranges = list(ALL_ADDRESSES)
+    return replace(c, client_ranges=tuple(dict.fromkeys(ranges)), problems=(*c.problems, *problems))

@@ -7,7 +7,9 @@ loop always see a whole snapshot. When the database is unreachable the last good
 keeps serving and the outage is logged once, with a second line when it ends. Until a first
 snapshot exists, ``snapshot`` is None and front-ends answer a temporary failure.
 Address entries that name DNS are re-resolved on the same thread when their TTL runs out,
-and the snapshot is rebuilt with their ranges without reading the database again.
+and the snapshot is rebuilt with their ranges without reading the database again. New rules
+are swapped in before DNS is asked (entries not resolved yet fail closed), and the answers
+in a second swap: a slow or dead DNS server delays neither the rules nor outbound answers.
 """
 
 from __future__ import annotations
@@ -29,11 +31,16 @@ log = logging.getLogger("tlsgate.rules")
 
 
 def resolver_settings(cfg: DnsConfig) -> ResolverSettings:
-    return ResolverSettings(tuple(cfg.nameservers), cfg.port, cfg.timeout, cfg.min_ttl, cfg.max_ttl)
+    return ResolverSettings(tuple(cfg.nameservers), cfg.port, cfg.timeout, cfg.min_ttl, cfg.max_ttl,
+                            float(cfg.empty_grace))
 
 
 class RuleHolder:
-    """The current snapshot of one daemon, and the thread that keeps it current."""
+    """The current snapshot of one daemon, and the thread that keeps it current.
+
+    ``resolve_dns=False`` never asks DNS, for a daemon that decides no inbound mail (the
+    socketmap daemon): its connectors with DNS entries stay unresolved, failing closed.
+    """
 
     def __init__(
         self,
@@ -42,6 +49,7 @@ class RuleHolder:
         on_swap: Callable[[Snapshot], None] | None = None,
         engine: Engine | None = None,
         dns: DnsConfig | None = None,
+        resolve_dns: bool = True,
     ) -> None:
         self._cfg = cfg
         self._engine = engine
@@ -50,6 +58,7 @@ class RuleHolder:
         self._base: Snapshot | None = None  # as loaded from the database, before DNS entries
         self._cache = LoadCache()  # a poll that sees a change rebuilds only what changed
         self.dns = DnsCache(resolver_settings(dns or DnsConfig()))
+        self._resolve_dns = resolve_dns
         self._outage: str | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -76,71 +85,86 @@ class RuleHolder:
 
     def refresh(self, force: bool = False) -> bool:
         """Load a new snapshot if the rules changed (or ``force``), and re-resolve DNS address
-        entries that are due; True when a new snapshot was swapped in.
+        entries that are due (every one when ``force``); True when a new snapshot was swapped in.
 
-        Never raises for database or DNS trouble: each outage is logged once.
+        New rules are swapped in at once, with what DNS said so far; the DNS answers follow in
+        a second swap when they change any range. Never raises for database or DNS trouble:
+        each outage is logged once.
         """
         with self._lock:
-            try:
-                engine = self._db()
-                current = self._base
-                if not force and current is not None:
-                    if read_generation(engine) == current.generation:
-                        self._recovered()
-                        return self._refresh_dns(current)
-                started = time.monotonic()
-                if force:  # SIGHUP: build every connector afresh
-                    self._cache = LoadCache()
-                result = load(engine, cache=self._cache, freeze=True)
-            except StoreError as exc:
-                self._failed(str(exc))
-                return self._refresh_dns(self._base) if self._base is not None else False
-            except Exception as exc:  # noqa: BLE001 - logged by logsetup.failure
-                # A fault no check foresaw (a bug, a value of a type nobody expected): an outage
-                # like any other, so the last rules keep deciding and the next poll tries again
-                # from scratch. Letting it end this thread would freeze the rules for good.
-                logsetup.failure(log, "loading rules failed")
-                self._cache = LoadCache()
-                self._failed(f"loading rules failed: {type(exc).__name__}: {exc}")
+            loaded = self._load(force)
+            base = self._base
+            if base is None:
                 return False
-            self._recovered()
-            base = result.snapshot
-            for problem in result.errors:
-                log.error("rules generation %d: %s", base.generation, problem)
-            self._base = base
-            self.loads += 1
-            took = time.monotonic() - started
             # A forced load (SIGHUP) re-resolves every entry too: the way to follow a DNS change now.
-            self._refresh_dns(base, swap_anyway=True, everything=force)
-            # Logged once the new rules decide: the line tells that they are in force.
-            log.info(
-                "loaded rules generation %d: %d inbound, %d outbound connectors, %d errors, in %.3fs",
-                base.generation,
-                len(base.inbound),
-                len(base.outbound),
-                len(result.errors),
-                took,
-            )
-            return True
+            return self._refresh_dns(base, everything=force) or loaded
 
-    def _refresh_dns(self, base: Snapshot, swap_anyway: bool = False, everything: bool = False) -> bool:
+    def _load(self, force: bool) -> bool:
+        """Read the rules when they changed (or ``force``) and put them in force, with the DNS
+        ranges known so far; True when it did."""
+        try:
+            engine = self._db()
+            current = self._base
+            if not force and current is not None and read_generation(engine) == current.generation:
+                self._recovered()
+                return False
+            started = time.monotonic()
+            if force:  # SIGHUP: build every connector afresh
+                self._cache = LoadCache()
+            result = load(engine, cache=self._cache, freeze=True)
+        except StoreError as exc:
+            self._failed(str(exc))
+            return False
+        except Exception as exc:  # noqa: BLE001 - logged by logsetup.failure
+            # A fault no check foresaw (a bug, a value of a type nobody expected): an outage
+            # like any other, so the last rules keep deciding and the next poll tries again
+            # from scratch. Letting it end this thread would freeze the rules for good.
+            logsetup.failure(log, "loading rules failed")
+            self._cache = LoadCache()
+            self._failed(f"loading rules failed: {type(exc).__name__}: {exc}")
+            return False
+        self._recovered()
+        base = result.snapshot
+        for problem in result.errors:
+            log.error("rules generation %d: %s", base.generation, problem)
+        self._base = base
+        self.loads += 1
+        took = time.monotonic() - started
+        self._swap(base, fresh=force)
+        # Logged once the new rules decide: the line tells that they are in force.
+        log.info(
+            "loaded rules generation %d: %d inbound, %d outbound connectors, %d errors, in %.3fs",
+            base.generation,
+            len(base.inbound),
+            len(base.outbound),
+            len(result.errors),
+            took,
+        )
+        return True
+
+    def _refresh_dns(self, base: Snapshot, everything: bool = False) -> bool:
         """Resolve the due DNS entries of ``base`` (all of them when ``everything``); swap in a
-        snapshot when anything changed."""
+        snapshot when any range changed."""
+        if not self._resolve_dns:
+            return False
         wanted = dns_entries(base.inbound)
         self.dns.forget(wanted)
         due = sorted(wanted) if everything else self.dns.due(wanted)
-        changed = bool(due) and self.dns.refresh(due)
-        if not (changed or swap_anyway):
+        if not (due and self.dns.refresh(due)):
             return False
+        self._swap(base, fresh=False)
+        return True
+
+    def _swap(self, base: Snapshot, fresh: bool) -> None:
+        """Put ``base`` with the DNS ranges known now in force; ``fresh`` builds every index anew."""
         snap = base
-        if wanted:
+        if dns_entries(base.inbound):
             snap = Snapshot(inbound=apply_dns(base.inbound, self.dns), outbound=base.outbound,
                             generation=base.generation, loaded_at=base.loaded_at, errors=base.errors,
-                            previous=None if everything else self._snapshot)
+                            previous=None if fresh else self._snapshot)
         self._snapshot = snap
         if self._on_swap is not None:
             self._on_swap(snap)
-        return True
 
     @property
     def dns_failures(self) -> int:

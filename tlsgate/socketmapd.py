@@ -353,7 +353,8 @@ def _peer_name(writer: asyncio.StreamWriter) -> str:
 async def run(cfg_path: str | None) -> int:
     cfg = load_config(cfg_path)
     holder = IndexHolder(cfg.socketmap.transport)
-    rules = RuleHolder(cfg.database, on_swap=holder.swap, dns=cfg.dns)
+    # Inbound address entries never decide an outbound answer: no DNS lookups here.
+    rules = RuleHolder(cfg.database, on_swap=holder.swap, resolve_dns=False)
     server = SocketmapServer(cfg.socketmap, holder)
     inherited = [fd for fd, _ in sdnotify.listen_fds()]
     where = f"{len(inherited)} socket(s) from systemd" if inherited else ", ".join(cfg.socketmap.listen)
