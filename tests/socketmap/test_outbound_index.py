@@ -181,6 +181,14 @@ def test_any_domain_connector_leaves_unknown_next_hops_alone(key: str) -> None:
     assert index.tls_policy("anything.example").connector == "all"
 
 
+def test_a_u_label_key_finds_the_connector_of_its_a_label() -> None:
+    # With SMTPUTF8 Postfix asks with the U-label; names UTS 46 admits and IDNA 2008 forbids
+    # ("☃.net") once got NOTFOUND, and the mail left with main.cf's TLS level.
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(conn("snow", "xn--n3h.net", tls_level=TlsLevel.VERIFY),)))
+    assert index.tls_policy("☃.net") == Answer(Reply(Status.OK, "verify"), "snow")
+    assert index.transport("u@☃.net") == Answer(Reply(Status.OK, "smtp:"), "snow")
+
+
 def test_shared_smart_host_with_different_policies_is_a_temporary_failure() -> None:
     hub = (SmartHost("relay.hub.test", 25),)
     weak = conn("a-weak", "alpha.test", tls_level=TlsLevel.ENCRYPT, smart_hosts=hub)
