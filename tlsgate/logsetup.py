@@ -27,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from tlsgate.config import LogConfig
 
@@ -252,6 +253,43 @@ def failure(logger: logging.Logger, msg: str, *args: object) -> None:
         _tracebacks_shown.clear()
     _tracebacks_shown[kind] = now
     logger.error(msg, *args, exc_info=True)
+
+
+#: a warning about misbehaving clients is logged at most once in this many seconds per kind;
+#: the next one says how many were held back
+WARNING_INTERVAL = 60.0
+
+
+class ThrottledWarnings:
+    """WARNING lines of one kind at most once per ``interval`` seconds.
+
+    A flood of misbehaving clients would otherwise write one line per connection to mail.log.
+    The line after a quiet spell carries how many of its kind were held back since the last one.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = WARNING_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = logger
+        self._interval = interval
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, kind: str, msg: str, *args: object) -> bool:
+        """Log ``msg % args`` unless a line of ``kind`` was logged less than ``interval`` ago;
+        True when the line was written."""
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self._interval:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return False
+        self._last[kind] = now
+        held = self._held.pop(kind, 0)
+        if held and last is not None:
+            self._log.warning(msg + " (and %d more like it in the last %.0f s)", *args, held, now - last)
+        else:
+            self._log.warning(msg, *args)
+        return True
 
 
 def configure(cfg: LogConfig, ident: str) -> None:

@@ -28,8 +28,7 @@ import signal
 import socket
 import stat
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from tlsgate import logsetup, sdnotify
 from tlsgate.config import EX_CONFIG, ConfigError, SocketmapConfig, load_config
@@ -52,9 +51,6 @@ log = logging.getLogger("tlsgate.socketmap")
 IDENT = "tlsgate-socketmap"
 READ_SIZE = 4096
 STOP_GRACE = 5.0
-#: a warning about slow or excess clients is logged at most once in this many seconds per kind;
-#: the next one says how many were held back
-WARNING_INTERVAL = 60.0
 #: descriptors the daemon needs besides its connections: listeners, database, log, event loop
 FD_MARGIN = 64
 
@@ -78,38 +74,6 @@ class IndexHolder:
             index.generation,
             index.connector_count,
         )
-
-
-class ThrottledWarnings:
-    """WARNING lines of one kind at most once per ``interval`` seconds.
-
-    A flood of misbehaving clients would otherwise write one line per connection to mail.log.
-    The line after a quiet spell carries how many of its kind were held back since the last one.
-    """
-
-    def __init__(self, logger: logging.Logger, interval: float = WARNING_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._log = logger
-        self._interval = interval
-        self._clock = clock
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def warning(self, kind: str, msg: str, *args: object) -> bool:
-        """Log ``msg % args`` unless a line of ``kind`` was logged less than ``interval`` ago;
-        True when the line was written."""
-        now = self._clock()
-        last = self._last.get(kind)
-        if last is not None and now - last < self._interval:
-            self._held[kind] = self._held.get(kind, 0) + 1
-            return False
-        self._last[kind] = now
-        held = self._held.pop(kind, 0)
-        if held and last is not None:
-            self._log.warning(msg + " (and %d more like it in the last %.0f s)", *args, held, now - last)
-        else:
-            self._log.warning(msg, *args)
-        return True
 
 
 def _check_fd_limit(max_connections: int) -> None:
@@ -158,7 +122,7 @@ class SocketmapServer:
         self.holder = holder
         # A partial request never waits longer than an idle connection would.
         self.request_timeout = min(cfg.request_timeout, cfg.idle_timeout)
-        self.warnings = ThrottledWarnings(log)
+        self.warnings = logsetup.ThrottledWarnings(log)
         self._servers: list[asyncio.base_events.Server] = []
         self._paths: list[str] = []
         self._connections: dict[asyncio.Task[None], bool] = {}  # task -> answering now

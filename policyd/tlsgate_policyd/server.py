@@ -185,11 +185,13 @@ class Connection(asyncio.BufferedProtocol):
         cfg = self._server.config
         if self.transport is None or self.transport.is_closing():
             return
+        warnings = self._server.warnings
         if self.busy and now - self.started >= cfg.request_timeout:
-            log.warning("closing connection from %s: request incomplete %gs after its first byte",
-                        self.peer, cfg.request_timeout)
+            warnings.warning("slow request", "closing connection from %s: request incomplete %gs after its first byte",
+                             self.peer, cfg.request_timeout)
         elif self.transport.get_write_buffer_size() and now - self.last >= cfg.request_timeout:
-            log.warning("closing connection from %s: answers not read for %gs", self.peer, cfg.request_timeout)
+            warnings.warning("unread answers", "closing connection from %s: answers not read for %gs",
+                             self.peer, cfg.request_timeout)
         elif not self.busy and now - self.last >= cfg.idle_timeout:
             log.debug("closing idle connection from %s", self.peer)
         else:
@@ -210,6 +212,8 @@ class PolicyServer:
         self.closing = False
         self._unix_paths: list[str] = []
         self._sweeper: asyncio.Task[None] | None = None
+        # Clients cut or refused: one line per kind a minute, however many there are.
+        self.warnings = logsetup.ThrottledWarnings(log)
         # Shared by every connection: the event loop fills it and a connection copies out of
         # it before the next read (see Connection).
         self.receive_buffer = memoryview(bytearray(RECEIVE_BUFFER))
@@ -278,8 +282,8 @@ class PolicyServer:
         """A new connection: served, or closed at once when shutting down or over the limit."""
         assert conn.transport is not None
         if self.closing or len(self._conns) >= self.config.max_connections:
-            log.warning("refusing connection from %s: %s", conn.peer,
-                        "shutting down" if self.closing else f"{len(self._conns)} connections already open")
+            self.warnings.warning("refused", "refusing connection from %s: %s", conn.peer,
+                                  "shutting down" if self.closing else f"{len(self._conns)} connections already open")
             conn.transport.close()
             return
         self._conns.add(conn)

@@ -17,11 +17,12 @@ import pytest
 from tests.socketmap.socketmap_daemon import DAEMON, SocketmapDaemon, make_database
 from tests.support.postfix import free_port
 from tlsgate.config import PolicydConfig, SocketmapConfig
+from tlsgate.logsetup import ThrottledWarnings
 from tlsgate.model import OutboundConnector, TlsLevel
 from tlsgate.patterns import DomainPattern
 from tlsgate.snapshot import Snapshot
 from tlsgate.socketmap import MAX_REPLY, NetstringDecoder, Reply, Status, encode_request, parse_reply
-from tlsgate.socketmapd import FD_MARGIN, IndexHolder, SocketmapServer, ThrottledWarnings
+from tlsgate.socketmapd import FD_MARGIN, IndexHolder, SocketmapServer
 
 PARTNER = Reply(Status.OK, "encrypt")
 # an answer of about 4 KB: a client that does not read fills any socket buffer with few requests
