@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -24,7 +25,9 @@ smtpd_tls_security_level = may
 smtpd_tls_ask_ccert = yes
 smtpd_tls_CAfile = /etc/ssl/certs/ca-certificates.crt
 smtpd_tls_fingerprint_digest = sha256
-smtpd_recipient_restrictions = reject_unauth_destination,
+smtpd_tls_chain_files = /etc/postfix/mx-key-and-chain.pem
+compatibility_level = 3.6
+smtpd_recipient_restrictions =
     check_policy_service {{ unix:tlsgate/policy.sock, timeout=10s, default_action=DEFER_IF_PERMIT }}
 smtpd_milters = unix:tlsgate/milter.sock
 milter_default_action = tempfail
@@ -46,7 +49,8 @@ def setup(tmp_path: pathlib.Path) -> Iterator[dict[str, pathlib.Path]]:
     db = tmp_path / "rules.sqlite"
     conf = tmp_path / "tlsgate.conf"
     conf.write_text(f"[database]\nurl = sqlite:///{db}\n[policyd]\nlisten = unix:{sockdir}/policy.sock\n"
-                    f"[milter]\nlisten = unix:{sockdir}/milter.sock\n")
+                    f"[milter]\nlisten = unix:{sockdir}/milter.sock\n"
+                    f"[socketmap]\nlisten = unix:{sockdir}/socketmap.sock\n")
     r = subprocess.run([BIN / "tlsgate", "-c", conf, "db", "init", "--examples", ROOT / "sql" / "examples.sql"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -71,19 +75,109 @@ def doctor(setup: dict[str, pathlib.Path], main_cf: str) -> subprocess.Completed
                           capture_output=True, text=True)
 
 
-def test_postfix_config_is_relative_to_the_queue_directory(setup: dict[str, pathlib.Path]) -> None:
-    r = subprocess.run([BIN / "tlsgate", "-c", setup["conf"], "postfix-config", "--queue-directory", setup["queue"]],
+def postfix_config(setup: dict[str, pathlib.Path], *args: str, main_cf: str | None = None,
+                   master_cf: str = "", readable: bool = True) -> subprocess.CompletedProcess[str]:
+    """`tlsgate postfix-config` against the private configuration (`main_cf`, `master_cf` when
+    given, else the files as they are; `readable=False`: one postconf cannot read)."""
+    if main_cf is not None:
+        (setup["pfdir"] / "main.cf").write_text(main_cf.format(queue=setup["queue"]))
+        (setup["pfdir"] / "master.cf").write_text(master_cf)
+    pfdir = setup["pfdir"] if readable else setup["pfdir"] / "missing"
+    r = subprocess.run([BIN / "tlsgate", "-c", setup["conf"], "postfix-config", "--postfix-dir", pfdir, *args],
                        capture_output=True, text=True)
-    assert r.returncode == 0
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def main_cf_part(output: str) -> str:
+    """The main.cf lines of postfix-config's output (before the master.cf advice), comments left out."""
+    main = output.split("# master.cf:", 1)[0]
+    return "".join(line + "\n" for line in main.splitlines() if line and not line.startswith("#"))
+
+
+def paste(setup: dict[str, pathlib.Path], output: str) -> dict[str, str]:
+    """Append the printed lines to main.cf, as an administrator pasting them would, and return
+    the values postconf then reads (a later line of the same name wins)."""
+    main_cf = setup["pfdir"] / "main.cf"
+    main_cf.write_text(main_cf.read_text() + main_cf_part(output))
+    r = subprocess.run(["postconf", "-c", setup["pfdir"], "-n"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert all("overriding earlier entry" in line for line in r.stderr.splitlines() if "warning" in line), r.stderr
+    return {name: value for name, _, value in (line.partition(" = ") for line in r.stdout.splitlines())}
+
+
+def test_postfix_config_is_relative_to_the_queue_directory(setup: dict[str, pathlib.Path]) -> None:
+    r = postfix_config(setup, main_cf="queue_directory = {queue}\n")
     assert "check_policy_service { unix:tlsgate/policy.sock, timeout=10s, default_action=DEFER_IF_PERMIT" in r.stdout
     assert "smtpd_milters = unix:tlsgate/milter.sock" in r.stdout
-    assert "milter_default_action = tempfail" in r.stdout
+    assert "milter_default_action = tempfail: kept" in r.stdout
+    assert "transport_maps = socketmap:unix:tlsgate/socketmap.sock:transport" in r.stdout
     # The printed lines are valid Postfix syntax.
-    (setup["pfdir"] / "main.cf").write_text(
-        "\n".join(line for line in r.stdout.splitlines() if not line.startswith("#")) + "\n")
+    (setup["pfdir"] / "main.cf").write_text(main_cf_part(r.stdout))
     check = subprocess.run(["postconf", "-c", setup["pfdir"], "-n"], capture_output=True, text=True)
     assert check.returncode == 0 and "warning" not in check.stderr, check.stderr
     assert "smtpd_tls_ask_ccert = yes" in check.stdout
+    # The same with --queue-directory, and without the optional parts.
+    r = postfix_config(setup, "--queue-directory", str(setup["queue"]), "--no-milter", "--no-outbound",
+                       main_cf="queue_directory = /var/spool/postfix\n")
+    assert "check_policy_service { unix:tlsgate/policy.sock," in r.stdout
+    assert "milter" not in main_cf_part(r.stdout) and "socketmap" not in r.stdout
+
+
+# What a relaying host has: mynetworks and SASL users send out through it, relay control in
+# the recipient restrictions, other milters and tables of its own.
+ADMIN_MAIN_CF = """\
+queue_directory = {queue}
+compatibility_level = 3.6
+mynetworks = 127.0.0.0/8
+smtpd_recipient_restrictions = permit_mynetworks, permit_sasl_authenticated,
+    reject_unauth_destination, check_policy_service unix:private/policyd-spf
+smtpd_milters = inet:127.0.0.1:8891
+non_smtpd_milters = $smtpd_milters
+milter_default_action = accept
+transport_maps = hash:/etc/postfix/transport
+smtp_tls_policy_maps = hash:/etc/postfix/tls_policy
+smtpd_tls_security_level = encrypt
+smtpd_tls_CAfile = /etc/postfix/partners-ca.pem
+smtpd_tls_chain_files = /etc/postfix/mx.pem
+"""
+
+
+def test_postfix_config_adds_to_what_the_admin_has(setup: dict[str, pathlib.Path]) -> None:
+    r = postfix_config(setup, main_cf=ADMIN_MAIN_CF)
+    assert "reject_unauth_destination" not in main_cf_part(r.stdout).replace(
+        "permit_sasl_authenticated, reject_unauth_destination", "")
+    after = paste(setup, r.stdout)
+    # tlsgate before the first entry that could accept, every entry of the admin kept in order.
+    assert after["smtpd_recipient_restrictions"].split(" }, ", 1)[0].startswith(
+        "check_policy_service { unix:tlsgate/policy.sock,")
+    assert after["smtpd_recipient_restrictions"].endswith(
+        "}, permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination, "
+        "check_policy_service unix:private/policyd-spf")
+    # tlsgate's milter added with its own tempfail; the other milter keeps accept; local submission
+    # keeps only the milters it had.
+    assert after["smtpd_milters"] == "inet:127.0.0.1:8891, { unix:tlsgate/milter.sock, default_action=tempfail }"
+    assert after["milter_default_action"] == "accept"
+    assert after["non_smtpd_milters"] == "inet:127.0.0.1:8891"
+    # tlsgate's tables first: it must win for connector domains.
+    assert after["transport_maps"] == "socketmap:unix:tlsgate/socketmap.sock:transport, hash:/etc/postfix/transport"
+    assert after["smtp_tls_policy_maps"] == \
+        "socketmap:unix:tlsgate/socketmap.sock:tls_policy, hash:/etc/postfix/tls_policy"
+    # Settings that suit tlsgate are not weakened nor replaced.
+    assert after["smtpd_tls_security_level"] == "encrypt"
+    assert after["smtpd_tls_CAfile"] == "/etc/postfix/partners-ca.pem"
+    # Once pasted, a second run adds nothing more.
+    again = postfix_config(setup)
+    assert paste(setup, again.stdout) == after
+
+
+def test_postfix_config_without_postconf_says_to_merge_by_hand(setup: dict[str, pathlib.Path]) -> None:
+    r = postfix_config(setup, readable=False)
+    assert "postconf could not read the Postfix configuration" in r.stdout
+    assert "REPLACES a line of the same name" in r.stdout
+    assert r.stdout.count("MERGE BY HAND") == 3
+    assert "reject_unauth_destination" not in main_cf_part(r.stdout)
+    assert "smtpd_recipient_restrictions =\n    check_policy_service { unix:" in r.stdout
 
 
 def test_doctor_healthy(setup: dict[str, pathlib.Path]) -> None:
@@ -109,6 +203,10 @@ def test_doctor_healthy(setup: dict[str, pathlib.Path]) -> None:
      "milter_macro_v = 'Mailer "),
     (("milter_default_action = tempfail", "milter_default_action = tempfail\nmilter_macro_v = MTA"),
      "milter_macro_v = 'MTA'"),
+    # What postfix-config printed before it merged: relaying clients got "Relay access denied".
+    (("smtpd_recipient_restrictions =\n", "smtpd_recipient_restrictions = reject_unauth_destination,\n"),
+     "smtpd_recipient_restrictions has reject_unauth_destination without permit_mynetworks and "
+     "permit_sasl_authenticated before it, which smtpd_relay_restrictions grants"),
 ])
 def test_doctor_names_each_fault_and_its_fix(setup: dict[str, pathlib.Path], change: tuple[str, str],
                                              expected: str | None) -> None:
@@ -144,7 +242,6 @@ def test_doctor_pinned_connector_enforced_only_by_the_milter(setup: dict[str, pa
     db.close()
     main_cf = GOOD_MAIN_CF.replace(
         "    check_policy_service {{ unix:tlsgate/policy.sock, timeout=10s, default_action=DEFER_IF_PERMIT }}\n", "")
-    main_cf = main_cf.replace("reject_unauth_destination,", "reject_unauth_destination")
     with listen(setup["sockdir"] / "milter.sock", 0o666):
         r = doctor(setup, main_cf)
     assert r.returncode == 1
@@ -163,8 +260,19 @@ transport_maps = socketmap:unix:tlsgate/socketmap.sock:transport
 """
 
 
+def listening(setup: dict[str, pathlib.Path], *names: str) -> contextlib.ExitStack:
+    """Sockets that user postfix can reach, listening in the socket directory until the stack closes."""
+    stack = contextlib.ExitStack()
+    for name in names:
+        stack.enter_context(listen(setup["sockdir"] / name, 0o666))
+    return stack
+
+
+ALL_SOCKETS = ("policy.sock", "milter.sock", "socketmap.sock")
+
+
 def test_doctor_outbound_healthy(setup: dict[str, pathlib.Path]) -> None:
-    with listen(setup["sockdir"] / "policy.sock", 0o666), listen(setup["sockdir"] / "milter.sock", 0o666):
+    with listening(setup, *ALL_SOCKETS):
         r = doctor(setup, OUTBOUND_MAIN_CF + "mydestination = localhost, $myhostname\n")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip() == "ok: no problems found"
@@ -186,9 +294,121 @@ def test_doctor_outbound_healthy(setup: dict[str, pathlib.Path]) -> None:
      "default_transport = smtp-out, but tlsgate's transport answers name the smtp service ([socketmap] transport)"),
 ])
 def test_doctor_outbound_routes(setup: dict[str, pathlib.Path], extra: str, severity: str, expected: str) -> None:
-    with listen(setup["sockdir"] / "policy.sock", 0o666), listen(setup["sockdir"] / "milter.sock", 0o666):
+    with listening(setup, *ALL_SOCKETS):
         r = doctor(setup, OUTBOUND_MAIN_CF + extra)
     assert r.returncode == (1 if severity == "error" else 0), r.stdout + r.stderr
     line = next(line for line in r.stdout.splitlines() if expected in line)
     assert line.startswith(f"{severity}: ")
     assert "    fix: " in r.stdout
+
+
+@pytest.mark.parametrize("main_cf", [
+    OUTBOUND_MAIN_CF,
+    GOOD_MAIN_CF + "transport_maps = socketmap:unix:tlsgate/socketmap.sock:transport\n",
+    GOOD_MAIN_CF + "smtp_tls_policy_maps = socketmap:unix:tlsgate/socketmap.sock:tls_policy\n"
+                   "transport_maps = socketmap:unix:tlsgate/socketmap.sock:transport\n",
+])
+def test_doctor_socketmap_nobody_listens_on(setup: dict[str, pathlib.Path], main_cf: str) -> None:
+    # Postfix then answers 451 4.3.0 for every recipient, local ones too.
+    with listening(setup, "policy.sock", "milter.sock"):
+        r = doctor(setup, main_cf)
+        assert r.returncode == 1, r.stdout
+        assert "error: socketmap socket (unix:tlsgate/socketmap.sock, in transport_maps or smtp_tls_policy_maps): " \
+            f"{setup['sockdir']}/socketmap.sock does not exist" in r.stdout
+        assert "systemctl enable --now tlsgate-socketmap.socket tlsgate-socketmap.service" in r.stdout
+        # A socket file left behind by a daemon that died: nothing accepts on it.
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(str(setup["sockdir"] / "socketmap.sock"))
+        os.chmod(setup["sockdir"] / "socketmap.sock", 0o666)
+        stale.close()
+        r = doctor(setup, main_cf)
+        assert r.returncode == 1, r.stdout
+        assert "socketmap.sock (connection refused): is the daemon running?" in r.stdout
+
+
+@pytest.mark.parametrize("certificate", ["smtpd_tls_chain_files", "smtpd_tls_cert_file", "smtpd_tls_eccert_file"])
+def test_doctor_tls_without_a_server_certificate(setup: dict[str, pathlib.Path], certificate: str) -> None:
+    main_cf = GOOD_MAIN_CF.replace("smtpd_tls_chain_files = /etc/postfix/mx-key-and-chain.pem\n", "")
+    with listening(setup, *ALL_SOCKETS):
+        r = doctor(setup, main_cf)
+        assert r.returncode == 1, r.stdout
+        line = next(line for line in r.stdout.splitlines() if "no server certificate" in line)
+        assert line.startswith("error: smtpd_tls_security_level = may but smtpd has no server certificate")
+        assert "fix: smtpd_tls_chain_files = " in r.stdout
+        r = doctor(setup, main_cf + f"{certificate} = /etc/postfix/mx.pem\n")
+        assert r.returncode == 0, r.stdout
+        # No TLS offered at all: the error that says so, not this one.
+        r = doctor(setup, main_cf.replace("smtpd_tls_security_level = may", "smtpd_tls_security_level = none"))
+        assert "no server certificate" not in r.stdout and "smtpd offers no STARTTLS" in r.stdout
+
+
+SMTP_SERVICE = "smtp      unix  -       -       y       -       -       smtp\n"
+
+
+@pytest.mark.parametrize(("main_extra", "master_cf", "transport", "fault"), [
+    ("smtp_fallback_relay = [fallback.example.net]:25\n", SMTP_SERVICE, None,
+     "main.cf smtp_fallback_relay = [fallback.example.net]:25"),
+    ("fallback_relay = [fallback.example.net]\n", SMTP_SERVICE, None, "main.cf smtp_fallback_relay = [fallback.example.net]"),
+    ("", SMTP_SERVICE + "  -o smtp_fallback_relay=[fallback.example.net]\n", None,
+     "master.cf smtp -o smtp_fallback_relay = [fallback.example.net]"),
+    ("smtp_fallback_relay = [fallback.example.net]\n", SMTP_SERVICE + "  -o smtp_fallback_relay=\n", None, None),
+    ("smtp_fallback_relay = [fallback.example.net]\n",
+     SMTP_SERVICE + SMTP_SERVICE.replace("smtp ", "tlsgate-smtp ", 1) + "  -o smtp_fallback_relay=\n", "tlsgate-smtp", None),
+    ("smtp_fallback_relay = [fallback.example.net]\n",
+     SMTP_SERVICE + SMTP_SERVICE.replace("smtp ", "tlsgate-smtp ", 1), "tlsgate-smtp",
+     "main.cf smtp_fallback_relay = [fallback.example.net]"),
+])
+def test_doctor_fallback_relay_for_connector_mail(setup: dict[str, pathlib.Path], main_extra: str, master_cf: str,
+                                                  transport: str | None, fault: str | None) -> None:
+    # Postfix appends the fallback relay after tlsgate's smtp:[hop], and tlsgate has no TLS policy
+    # for the relay: a partner that fails its connector's TLS check would get the mail in plaintext.
+    if transport:
+        with setup["conf"].open("a") as fh:
+            fh.write(f"transport = {transport}\n")  # the last section is [socketmap]
+    (setup["pfdir"] / "master.cf").write_text(master_cf)
+    with listening(setup, *ALL_SOCKETS):
+        r = doctor(setup, OUTBOUND_MAIN_CF + main_extra)
+    if fault is None:
+        assert r.returncode == 0, r.stdout
+        assert "fallback" not in r.stdout
+        return
+    assert r.returncode == 1, r.stdout
+    line = next(line for line in r.stdout.splitlines() if fault in line)
+    assert line.startswith(f"error: {fault}: Postfix adds the fallback relay after every next hop of the "
+                           f"{transport or 'smtp'} service")
+    assert f"fix: -o smtp_fallback_relay= on the {transport or 'smtp'} service in master.cf" in r.stdout
+
+
+def test_postfix_config_service_without_the_fallback_relay(setup: dict[str, pathlib.Path]) -> None:
+    main_cf = "queue_directory = {queue}\nsmtp_fallback_relay = [fallback.example.net]\n"
+    master_cf = SMTP_SERVICE + "  -o smtp_helo_name=mx.example.org\n"
+    r = postfix_config(setup, main_cf=main_cf, master_cf=master_cf)
+    assert "[socketmap] transport = tlsgate-smtp" in r.stdout
+    assert r.stdout.endswith("tlsgate-smtp unix - - y - - smtp\n  -o smtp_helo_name=mx.example.org\n"
+                             "  -o smtp_fallback_relay=\n")
+    # With that service in master.cf and named in [socketmap] transport, doctor is satisfied.
+    with (setup["pfdir"] / "master.cf").open("a") as fh:
+        fh.write(r.stdout.rsplit("\ntlsgate-smtp ", 1)[1].join(["tlsgate-smtp ", ""]))
+    with setup["conf"].open("a") as fh:
+        fh.write("transport = tlsgate-smtp\n")
+    with listening(setup, *ALL_SOCKETS):
+        r = doctor(setup, OUTBOUND_MAIN_CF + main_cf.split("\n", 1)[1])
+    assert "fallback" not in r.stdout, r.stdout
+    # No fallback relay: nothing to add to master.cf.
+    r = postfix_config(setup, main_cf="queue_directory = {queue}\n", master_cf=SMTP_SERVICE)
+    assert "-o smtp_fallback_relay" not in r.stdout
+
+
+def test_doctor_per_milter_default_action(setup: dict[str, pathlib.Path]) -> None:
+    # What postfix-config prints when the admin's other milters keep milter_default_action = accept.
+    main_cf = GOOD_MAIN_CF.replace(
+        "smtpd_milters = unix:tlsgate/milter.sock\nmilter_default_action = tempfail",
+        "smtpd_milters = inet:127.0.0.1:8891, {{ unix:tlsgate/milter.sock, default_action=tempfail }}\n"
+        "milter_default_action = accept")
+    assert main_cf != GOOD_MAIN_CF
+    with listening(setup, *ALL_SOCKETS):
+        r = doctor(setup, main_cf)
+        assert r.returncode == 0, r.stdout
+        r = doctor(setup, main_cf.replace("default_action=tempfail", "default_action=accept"))
+    assert r.returncode == 1, r.stdout
+    assert "error: default_action=accept in smtpd_milters: mail passes unjudged" in r.stdout

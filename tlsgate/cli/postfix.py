@@ -1,6 +1,9 @@
 """``tlsgate postfix-config`` and ``tlsgate doctor``: plugging tlsgate into an existing Postfix.
 
-``postfix-config`` prints the main.cf lines for this installation's sockets. Sockets under
+``postfix-config`` prints the main.cf lines for this installation's sockets, merged with the
+configuration postconf reads: tlsgate is added to the administrator's lists (restrictions,
+milters, lookup tables), never put in their place, and settings that already suit it are kept;
+without postconf it prints tlsgate's parts alone, marked to be merged by hand. Sockets under
 Postfix's queue directory are written relative to it (``unix:tlsgate/policy.sock``): every
 Postfix daemon runs with the queue directory as its working directory, chrooted or not, so
 the same line works in Debian's chrooted smtpd and in an unchrooted one.
@@ -15,13 +18,16 @@ import argparse
 import grp
 import os
 import pwd
+import re
+import shutil
+import socket
 import stat
 import subprocess
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tlsgate.cli import CommandError
-from tlsgate.config import Config
+from tlsgate.config import POSTCONF, Config
 from tlsgate.model import CertRequirement
 from tlsgate.outbound import TLS_POLICY_MAP, TRANSPORT_MAP, OutboundIndex
 from tlsgate.snapshot import Snapshot
@@ -36,9 +42,12 @@ DEFAULT_QUEUE = "/var/spool/postfix"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("postfix-config", help="print the main.cf lines that plug tlsgate into Postfix")
+    p = sub.add_parser("postfix-config", help="print the main.cf lines that plug tlsgate into Postfix, merged "
+                       "with the configuration postconf reads")
     p.add_argument("--queue-directory", default=None,
                    help=f"Postfix's queue_directory (default: asked from postconf, else {DEFAULT_QUEUE})")
+    p.add_argument("--postfix-dir", default=None,
+                   help="the Postfix configuration to merge with (postconf -c; default: postconf's own)")
     p.add_argument("--no-milter", action="store_true", help="leave out the milter lines")
     p.add_argument("--no-outbound", action="store_true", help="leave out the outbound (socketmap) lines")
     p.set_defaults(func=cmd_postfix_config)
@@ -48,7 +57,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _postconf(postfix_dir: str | None, *args: str) -> str:
-    cmd = ["postconf"]
+    cmd = [shutil.which("postconf") or POSTCONF]
     if postfix_dir:
         cmd += ["-c", postfix_dir]
     try:
@@ -59,7 +68,7 @@ def _postconf(postfix_dir: str | None, *args: str) -> str:
         raise CommandError("postconf did not answer within 30 seconds") from None
     if r.returncode != 0:
         first = (r.stderr.strip().splitlines() or ["failed"])[0]
-        raise CommandError(f"postconf -c {postfix_dir}: {first}")
+        raise CommandError(f"postconf{' -c ' + postfix_dir if postfix_dir else ''}: {first}")
     return r.stdout
 
 
@@ -93,58 +102,312 @@ def socketmap_listen(config: Config) -> str:
     return listen if isinstance(listen, str) else "unix:/var/spool/postfix/tlsgate/socketmap.sock"
 
 
-def main_cf_lines(config: Config, queue_dir: str, *, milter: bool = True, outbound: bool = True) -> list[str]:
+#: Restrictions that never accept (they answer DUNNO or refuse) and take no argument: tlsgate's
+#: check may come after a leading run of them and still judge every recipient Postfix accepts.
+_NEVER_ACCEPT = frozenset({
+    "reject_unauth_destination", "defer_unauth_destination", "reject_unauth_pipelining",
+    "reject_non_fqdn_recipient", "reject_non_fqdn_sender", "reject_unknown_recipient_domain",
+    "reject_unknown_sender_domain", "reject_unlisted_recipient", "reject_unlisted_sender",
+    "reject_unverified_recipient", "reject_unverified_sender",
+})
+#: Where smtpd finds its server certificate; all empty: no STARTTLS ("No server certs available").
+_CERT_PARAMS = ("smtpd_tls_chain_files", "smtpd_tls_cert_file", "smtpd_tls_eccert_file", "smtpd_tls_dcert_file")
+#: The main.cf parameters postfix-config merges with or checks.
+_MERGED = (
+    "queue_directory", "smtpd_recipient_restrictions", "smtpd_milters", "non_smtpd_milters",
+    "milter_default_action", "milter_protocol", "milter_helo_macros", "milter_mail_macros",
+    "smtpd_tls_security_level", "smtpd_use_tls", "smtpd_enforce_tls", "smtpd_tls_ask_ccert",
+    "smtpd_tls_CAfile", "smtpd_tls_CApath", "smtpd_tls_fingerprint_digest", "smtpd_tls_received_header",
+    *_CERT_PARAMS, "smtp_tls_policy_maps", "transport_maps", "smtp_tls_CAfile", "smtp_tls_CApath",
+    "smtp_fallback_relay", "default_transport",
+)
+#: The master.cf service postfix-config proposes for connector mail when a fallback relay is set.
+DEDICATED_SERVICE = "tlsgate-smtp"
+
+
+def split_list(value: str) -> list[tuple[int, str]]:
+    """Postfix's list syntax: items separated by commas or white space, ``{ ... }`` kept whole.
+    Each item with its offset in ``value``."""
+    items: list[tuple[int, str]] = []
+    i, n = 0, len(value)
+    while i < n:
+        if value[i] in " \t\r\n,":
+            i += 1
+            continue
+        start, depth = i, 0
+        while i < n and (depth > 0 or value[i] not in " \t\r\n,"):
+            depth += {"{": 1, "}": -1}.get(value[i], 0)
+            i += 1
+        items.append((start, value[start:i]))
+    return items
+
+
+def _items(value: str) -> list[str]:
+    return [item for _, item in split_list(value)]
+
+
+@dataclass(frozen=True)
+class Current:
+    """The Postfix configuration postfix-config adds tlsgate to: main.cf values as written
+    (``raw``, ``$name`` references kept) and expanded, and master.cf services."""
+
+    raw: dict[str, str]
+    expanded: dict[str, str]
+    #: ``service/type/parameter`` -> value of each ``-o`` (postconf -xP)
+    service_params: dict[str, str]
+    #: ``service/type`` -> its master.cf entry on one line (postconf -M)
+    services: dict[str, str]
+    where: str
+
+
+def _name_values(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(" = ")
+        if sep:
+            out[name.strip()] = value.strip()
+        elif line.endswith(" ="):
+            out[line[:-2].strip()] = ""
+    return out
+
+
+def read_current(postfix_dir: str | None) -> Current:
+    """What postconf says of the configuration in ``postfix_dir`` (None: postconf's default)."""
+    services = {}
+    for line in _postconf(postfix_dir, "-M").splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            services[f"{fields[0]}/{fields[1]}"] = line.strip()
+    return Current(raw=_name_values(_postconf(postfix_dir, *_MERGED)),
+                   expanded=_name_values(_postconf(postfix_dir, "-x", *_MERGED)),
+                   service_params=_name_values(_postconf(postfix_dir, "-xP")),
+                   services=services, where=postfix_dir or "postconf's default configuration")
+
+
+def fallback_relay(params: dict[str, str], service: str) -> tuple[str, str]:
+    """(where it is set, value) of smtp_fallback_relay for the ``service`` of master.cf, given
+    main.cf's expanded parameters and master.cf's ``service/type/name`` ones; value '' if none."""
+    key = f"{service}/unix/smtp_fallback_relay"
+    if key in params:
+        return f"master.cf {service} -o smtp_fallback_relay", params[key]
+    return "main.cf smtp_fallback_relay", params.get("smtp_fallback_relay", "")
+
+
+def recipient_restrictions(current: str, check: str) -> list[str]:
+    """``current`` with tlsgate's ``check`` before the first entry that could accept a recipient
+    (permit_*, an access table, another policy service): after a leading run of entries that
+    never accept, so relay control stays first and tlsgate still judges every recipient."""
+    items = split_list(current)
+    cut = next((offset for offset, item in items if item not in _NEVER_ACCEPT), len(current))
+    head = current[:cut].strip().rstrip(",").strip()
+    tail = current[cut:].strip()
+    return [part for part in (head, check, tail) if part]
+
+
+def _tables_first(current: str, ours: str) -> str:
+    others = [t for t in _items(current) if t != ours]
+    return ", ".join([ours, *others])
+
+
+def _setting(name: str, lines: list[str], *, fold: bool = False) -> str:
+    if len(lines) == 1 and not fold:
+        return f"{name} = {lines[0]}"
+    return f"{name} =\n    " + ",\n    ".join(lines)
+
+
+def _kept(name: str, value: str, why: str) -> str:
+    return f"# {name} = {value}: kept{(' (' + why + ')') if why else ''}"
+
+
+def main_cf_lines(config: Config, queue_dir: str, current: Current | None = None, *,
+                  milter: bool = True, outbound: bool = True) -> list[str]:
+    """tlsgate's main.cf lines, merged with ``current`` (lists extended, settings that already
+    suit tlsgate kept); without it, tlsgate's parts alone with comments to merge them by hand."""
+    raw = current.raw if current else {}
+    now = current.expanded if current else {}
     policy = postfix_endpoint(_first_unix(config.policyd.listen), queue_dir)
+    check = f"check_policy_service {{ {policy}, timeout=10s, default_action=DEFER_IF_PERMIT, max_idle=300s }}"
     lines = [
         "# --- tlsgate: inbound TLS connectors (policy daemon) ---",
         "# Offer STARTTLS, ask clients for a certificate, and trust the CAs partners' certificates chain to.",
-        "smtpd_tls_security_level = may",
-        "smtpd_tls_ask_ccert = yes",
-        "smtpd_tls_CAfile = /etc/ssl/certs/ca-certificates.crt",
-        "smtpd_tls_fingerprint_digest = sha256",
-        "smtpd_tls_received_header = yes",
-        "# Relay control stays in smtpd_relay_restrictions; tlsgate answers DUNNO or REJECT/DEFER per recipient.",
-        "# A policy service that does not answer within the timeout gets default_action: a 4xx, never a pass.",
-        "smtpd_recipient_restrictions =",
-        "    reject_unauth_destination,",
-        f"    check_policy_service {{ {policy}, timeout=10s, default_action=DEFER_IF_PERMIT, max_idle=300s }}",
     ]
-    if milter:
-        sock = postfix_endpoint(config.milter.listen, queue_dir)
+    level = now.get("smtpd_tls_security_level", "")
+    if level in ("may", "encrypt"):
+        lines.append(_kept("smtpd_tls_security_level", level, "tlsgate needs may or encrypt"))
+    elif not level and now.get("smtpd_enforce_tls") == "yes":
+        lines.append("smtpd_tls_security_level = encrypt")
+    else:
+        lines.append("smtpd_tls_security_level = may")
+    for name, value in (("smtpd_tls_ask_ccert", "yes"), ("smtpd_tls_received_header", "yes")):
+        lines.append(_kept(name, value, "") if now.get(name) == value else f"{name} = {value}")
+    if now.get("smtpd_tls_CAfile") or now.get("smtpd_tls_CApath"):
+        lines.append(_kept("smtpd_tls_CAfile", raw.get("smtpd_tls_CAfile") or "",
+                           "with smtpd_tls_CApath = " + raw["smtpd_tls_CApath"] if now.get("smtpd_tls_CApath") else
+                           "partners' certificates must chain to a CA in it"))
+    else:
+        lines.append("smtpd_tls_CAfile = /etc/ssl/certs/ca-certificates.crt")
+    digest = now.get("smtpd_tls_fingerprint_digest", "").lower()
+    if digest in ("sha1", "md5"):
+        lines.append(_kept("smtpd_tls_fingerprint_digest", digest, "tlsgate pins it too; sha256 is stronger, "
+                           "but a change breaks fingerprint tables"))
+    elif digest == "sha256":
+        lines.append(_kept("smtpd_tls_fingerprint_digest", digest, ""))
+    else:
+        lines.append("smtpd_tls_fingerprint_digest = sha256")
+    if current is None or not any(now.get(p) for p in _CERT_PARAMS):
         lines += [
-            "",
-            "# --- tlsgate: the milter (header From connectors, trace header) ---",
-            f"smtpd_milters = {sock}",
-            "milter_default_action = tempfail",
-            "milter_protocol = 6",
-            "# The TLS macros at HELO (Postfix's default) and again at MAIL FROM, so clients that skip",
-            "# the second EHLO after STARTTLS are still judged with their TLS facts.",
-            f"milter_helo_macros = {' '.join(TLS_MACROS)}",
-            "milter_mail_macros = i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} "
-            "{mail_mailer} " + " ".join(TLS_MACROS),
+            "# smtpd needs a server certificate, or it offers no STARTTLS (\"No server certs available\")"
+            + ("" if current is None else ": none is configured") + ". For example:",
+            "# smtpd_tls_chain_files = /etc/postfix/mx-key-and-chain.pem",
         ]
+    lines += [
+        "# Relay control stays in smtpd_relay_restrictions, which Postfix evaluates first. tlsgate comes",
+        "# before anything that could accept a recipient (permit_*, access tables), so it judges every",
+        "# recipient, and it answers only DUNNO, REJECT or DEFER: your entries keep deciding the rest.",
+        "# A policy service that does not answer within the timeout gets default_action: a 4xx, never a pass.",
+    ]
+    existing = raw.get("smtpd_recipient_restrictions", "")
+    if current is None:
+        lines += [
+            "# MERGE BY HAND: put check_policy_service first in your smtpd_recipient_restrictions, or",
+            "# after relay control and before any permit_* or access table, keeping your entries.",
+            _setting("smtpd_recipient_restrictions", [check], fold=True),
+        ]
+    elif policy in existing:
+        lines.append("# smtpd_recipient_restrictions: already asks tlsgate, kept")
+    else:
+        merged = recipient_restrictions(" ".join(existing.split()), check)
+        lines.append(_setting("smtpd_recipient_restrictions", merged, fold=True))
+    if milter:
+        lines += ["", "# --- tlsgate: the milter (header From connectors, trace header) ---"]
+        lines += _milter_lines(config, queue_dir, current)
     if outbound:
         sm = postfix_endpoint(socketmap_listen(config), queue_dir)
-        lines += [
-            "",
-            "# --- tlsgate: outbound connectors (Postfix's SMTP client) ---",
-            f"smtp_tls_policy_maps = socketmap:{sm}:tls_policy",
-            f"transport_maps = socketmap:{sm}:transport",
-            "smtp_tls_CAfile = /etc/ssl/certs/ca-certificates.crt",
-        ]
+        lines += ["", "# --- tlsgate: outbound connectors (Postfix's SMTP client) ---",
+                  "# tlsgate's table first: it must win for connector domains; your tables answer the rest."]
+        if current is None:
+            lines.append("# MERGE BY HAND: tlsgate's table first, then the tables you have.")
+        for name, map_name in (("smtp_tls_policy_maps", TLS_POLICY_MAP), ("transport_maps", TRANSPORT_MAP)):
+            ours = f"socketmap:{sm}:{map_name}"
+            tables = _items(raw.get(name, ""))
+            if tables[:1] == [ours]:
+                lines.append(_kept(name, ", ".join(tables), "tlsgate's table first"))
+            else:
+                lines.append(_setting(name, [_tables_first(raw.get(name, ""), ours)]))
+        if now.get("smtp_tls_CAfile") or now.get("smtp_tls_CApath"):
+            lines.append(_kept("smtp_tls_CAfile", raw.get("smtp_tls_CAfile") or "", ""))
+        else:
+            lines.append("smtp_tls_CAfile = /etc/ssl/certs/ca-certificates.crt")
+    return lines
+
+
+def _milter_lines(config: Config, queue_dir: str, current: Current | None) -> list[str]:
+    raw = current.raw if current else {}
+    now = current.expanded if current else {}
+    sock = postfix_endpoint(config.milter.listen, queue_dir)
+    options = []
+    action = now.get("milter_default_action", "tempfail")
+    protocol = now.get("milter_protocol", "6")
+    if action not in ("tempfail", "reject"):
+        options.append("default_action=tempfail")  # for tlsgate's milter only: yours keep theirs
+    if protocol != "6":
+        options.append("protocol=6")
+    entry = f"{{ {sock}, {', '.join(options)} }}" if options else sock
+    lines: list[str] = []
+    existing = raw.get("smtpd_milters", "")
+    if current is None:
+        lines.append("# MERGE BY HAND: append tlsgate's milter to the smtpd_milters you have.")
+        lines.append(f"smtpd_milters = {sock}")
+    elif sock in existing:
+        lines.append("# smtpd_milters: already has tlsgate's milter, kept")
+    else:
+        lines.append(_setting("smtpd_milters", [", ".join([*_items(existing), entry])]))
+        non_smtpd = raw.get("non_smtpd_milters", "")
+        if re.search(r"\$(smtpd_milters\b|\{smtpd_milters\}|\(smtpd_milters\))", non_smtpd):
+            # Locally submitted mail has no TLS session: tlsgate's milter has nothing to judge there.
+            kept = re.sub(r"\$(smtpd_milters\b|\{smtpd_milters\}|\(smtpd_milters\))", lambda _: existing, non_smtpd)
+            lines += ["# non_smtpd_milters named $smtpd_milters: it keeps the milters it had (tlsgate's judges SMTP only)",
+                      f"non_smtpd_milters = {' '.join(kept.split())}".rstrip()]
+    if current is None or action in ("tempfail", "reject"):
+        lines.append("milter_default_action = tempfail" if current is None else
+                     _kept("milter_default_action", action, "a milter that does not answer gives a 4xx"))
+    if current is None:
+        lines.append("milter_protocol = 6")
+    lines += ["# The TLS macros at HELO (Postfix's default) and again at MAIL FROM, so clients that skip",
+              "# the second EHLO after STARTTLS are still judged with their TLS facts."]
+    defaults = {"milter_helo_macros": "",
+                "milter_mail_macros": "i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} {mail_mailer}"}
+    for name, default in defaults.items():
+        have = raw.get(name, default) if current else default
+        missing = [m for m in TLS_MACROS if m not in have.split()]
+        if missing:
+            lines.append(f"{name} = {' '.join([*have.split(), *missing])}")
+        else:
+            lines.append(_kept(name, " ".join(have.split()), "has the TLS macros"))
+    return lines
+
+
+def master_cf_lines(config: Config, current: Current | None, *, outbound: bool = True) -> list[str]:
+    """master.cf advice: nothing, unless a fallback relay would take connectors' mail (Postfix adds
+    smtp_fallback_relay after every next hop, and tlsgate has no TLS policy for it)."""
+    lines = ["# master.cf: the daemons run as systemd services (systemd/ in the sources)."]
+    if not outbound:
+        return lines
+    service = config.socketmap.transport
+    if current is None:
+        return [*lines, f"# If smtp_fallback_relay is set, add -o smtp_fallback_relay= to the {service} service",
+                "# tlsgate's transport answers name, or give connector mail a service of its own",
+                "# ([socketmap] transport): see docs/outbound.md."]
+    where, relay = fallback_relay({**current.expanded, **current.service_params}, service)
+    if not relay:
+        return [*lines, "# Nothing to add there: no smtp_fallback_relay applies to connector mail."]
+    default_service = current.expanded.get("default_transport", "smtp").split(":", 1)[0].strip() or "smtp"
+    template = current.services.get(f"{service}/unix") or current.services.get("smtp/unix") or \
+        f"{service} unix - - y - - smtp"
+    fields = template.split()
+    args: list[str] = []
+    i = 8
+    while i < len(fields):
+        if fields[i] == "-o" and i + 1 < len(fields) and fields[i + 1].startswith("smtp_fallback_relay="):
+            i += 2
+            continue
+        args.append(fields[i])
+        i += 1
+    if service == default_service:
+        name = DEDICATED_SERVICE
+        lines += [f"# {where} = {relay}: Postfix would hand connector mail that fails the connector's",
+                  "# TLS check to that relay, under main.cf's default TLS level. Keep the fallback for your other",
+                  f"# mail and give connector mail a service of its own without it (a copy of {service}):",
+                  f"#   in tlsgate.conf: [socketmap] transport = {name}, then restart tlsgate-socketmap"]
+    else:
+        name = service
+        lines += [f"# {where} = {relay}: Postfix would hand connector mail that fails the connector's",
+                  "# TLS check to that relay, under main.cf's default TLS level. The service for connector mail:"]
+    lines.append(" ".join([name, *fields[1:8]]) + "".join(f"\n  {a}" if a == "-o" else f" {a}" for a in args)
+                 + "\n  -o smtp_fallback_relay=")
     return lines
 
 
 def cmd_postfix_config(args: argparse.Namespace, ctx: Context) -> int:
-    queue_dir = args.queue_directory
-    if queue_dir is None:
-        try:
-            queue_dir = _postconf(None, "-h", "queue_directory").strip() or DEFAULT_QUEUE
-        except CommandError:
-            queue_dir = DEFAULT_QUEUE
-    print("# main.cf lines for tlsgate; `postconf -e` them or paste them, then `postfix reload`.")
-    print("\n".join(main_cf_lines(ctx.config, queue_dir, milter=not args.no_milter, outbound=not args.no_outbound)))
-    print("\n# master.cf: nothing to add; the daemons run as systemd services (systemd/ in the sources).")
+    current: Current | None
+    try:
+        current = read_current(args.postfix_dir)
+        why = ""
+    except CommandError as exc:
+        current, why = None, str(exc)
+    queue_dir = args.queue_directory or (current.expanded.get("queue_directory") if current else None) \
+        or DEFAULT_QUEUE
+    if current is not None:
+        print(f"# main.cf lines for tlsgate, merged with {current.where}: your entries are kept and tlsgate's")
+        print("# added. Paste them (each replaces the line of the same name) or `postconf -e` them, then `postfix reload`.")
+    else:
+        print(f"# main.cf lines for tlsgate. postconf could not read the Postfix configuration ({why}),")
+        print("# so these are tlsgate's parts alone: each REPLACES a line of the same name you may have.")
+        print("# Merge them by hand where marked, then `postfix reload` and run `tlsgate doctor`.")
+    print("\n".join(main_cf_lines(ctx.config, queue_dir, current, milter=not args.no_milter,
+                                  outbound=not args.no_outbound)))
+    print()
+    print("\n".join(master_cf_lines(ctx.config, current, outbound=not args.no_outbound)))
     return 0
 
 
@@ -159,14 +422,8 @@ class Finding:
 
 
 def _params(postfix_dir: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in _postconf(postfix_dir, "-x").splitlines():
-        name, sep, value = line.partition(" = ")
-        if sep:
-            out[name.strip()] = value.strip()
-        elif line.endswith(" ="):
-            out[line[:-2].strip()] = ""
-    return out
+    """main.cf's parameters, expanded, and master.cf's ``-o`` ones as ``service/type/name``."""
+    return {**_name_values(_postconf(postfix_dir, "-x")), **_name_values(_postconf(postfix_dir, "-xP"))}
 
 
 def _reachable_by_postfix(path: str) -> str | None:
@@ -198,6 +455,28 @@ def _reachable_by_postfix(path: str) -> str | None:
         if not can(pst, (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)):
             return f"directory {parent} is not searchable by user postfix (mode {stat.S_IMODE(pst.st_mode):04o})"
         parent = os.path.dirname(parent)
+    # A socket file outlives a daemon killed without cleanup: only a connection shows a listener.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return f"nothing listens on {path} (connection refused): is the daemon running?"
+        except OSError:
+            pass  # not allowed to try, or too long a path: the checks above are all we know
+    return None
+
+
+def _listening(endpoint: str, queue_dir: str) -> str | None:
+    """None when Postfix can connect to ``endpoint`` as main.cf names it (``unix:PATH``, relative
+    to the queue directory, or ``inet:HOST:PORT``); else why not."""
+    if endpoint.startswith("unix:"):
+        return _reachable_by_postfix(os.path.join(queue_dir, endpoint[5:]))
+    host, _, port = endpoint.removeprefix("inet:").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+    except (OSError, ValueError) as exc:
+        return f"cannot connect to {endpoint}: {exc}"
     return None
 
 
@@ -213,7 +492,7 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
     milter_name = postfix_endpoint(config.milter.listen, queue_dir)
     uses_milter = milter_name in params.get("smtpd_milters", "")
 
-    needs_cert = needs_tls = False
+    needs_cert = needs_tls = has_inbound = False
     pinned: list[str] = []
     snap: Snapshot | None = None
     if ctx is not None:
@@ -227,6 +506,7 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
             for c in snap.inbound:
                 if not c.enabled:
                     continue
+                has_inbound = True
                 needs_tls = needs_tls or c.require_tls
                 if c.certificate is not CertRequirement.NONE or c.cert_names or c.issuer_names:
                     needs_cert = True
@@ -236,6 +516,21 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
         found.append(Finding("error", "neither the policy daemon nor the milter is in the Postfix configuration: "
                              "no connector is enforced",
                              "add the lines `tlsgate postfix-config` prints"))
+    # The recipient list is evaluated after smtpd_relay_restrictions: relay control there refuses
+    # what the relay list permitted (an earlier `tlsgate postfix-config` printed such a line).
+    recipient_items = _items(params.get("smtpd_recipient_restrictions", ""))
+    guard = next((i for i, item in enumerate(recipient_items)
+                  if item in ("reject_unauth_destination", "defer_unauth_destination")), len(recipient_items))
+    relay_items = _items(params.get("smtpd_relay_restrictions", ""))
+    lost = [p for p in ("permit_mynetworks", "permit_sasl_authenticated")
+            if guard < len(recipient_items) and p in relay_items and p not in recipient_items[:guard]]
+    if lost:
+        item = recipient_items[guard]
+        found.append(Finding("error", f"smtpd_recipient_restrictions has {item} without {' and '.join(lost)} before "
+                             "it, which smtpd_relay_restrictions grants: those clients get \"Relay access denied\" "
+                             "for mail to other domains",
+                             f"remove {item} from smtpd_recipient_restrictions (relay control stays in "
+                             f"smtpd_relay_restrictions), or put {', '.join(lost)} before it"))
     if pinned and uses_milter and not uses_policyd:
         found.append(Finding("error", f"pinned connectors ({', '.join(pinned)}) are enforced only by the milter, "
                              "which never sees a certificate fingerprint: their mail is deferred",
@@ -245,6 +540,16 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
         found.append(Finding("error", "connectors require TLS but smtpd offers no STARTTLS "
                              f"(smtpd_tls_security_level = {params.get('smtpd_tls_security_level', '')!r})",
                              "smtpd_tls_security_level = may, with smtpd_tls_cert_file and smtpd_tls_key_file"))
+    level = params.get("smtpd_tls_security_level", "")
+    offers_tls = level in ("may", "encrypt") or (not level and "yes" in (params.get("smtpd_use_tls"),
+                                                                        params.get("smtpd_enforce_tls")))
+    if offers_tls and (has_inbound or snap is None) and not any(params.get(p) for p in _CERT_PARAMS):
+        found.append(Finding("error", f"smtpd_tls_security_level = {level or 'may'} but smtpd has no server certificate "
+                             f"({', '.join(_CERT_PARAMS[:3])} are empty): Postfix logs \"No server certs available. "
+                             "TLS won't be enabled\" and answers STARTTLS with 454, so every connector that "
+                             "requires TLS fails",
+                             "smtpd_tls_chain_files = a PEM file with the key and the certificate chain (or "
+                             "smtpd_tls_cert_file and smtpd_tls_key_file)"))
     if needs_cert and params.get("smtpd_tls_ask_ccert", "no") != "yes":
         found.append(Finding("error", "connectors require client certificates but smtpd_tls_ask_ccert = no: "
                              "Postfix never asks for one, so those connectors fail every session",
@@ -280,10 +585,14 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
                                  "session it judges",
                                  "add v to milter_connect_macros; leave milter_macro_v and mail_name at their "
                                  "defaults ($mail_name $mail_version, Postfix)"))
-        if params.get("milter_default_action", "tempfail") not in ("tempfail", "reject"):
-            found.append(Finding("error", f"milter_default_action = {params.get('milter_default_action')}: "
-                                 "mail passes unjudged whenever the milter is down",
-                                 "milter_default_action = tempfail"))
+        own = next((m for m in _items(params.get("smtpd_milters", "")) if milter_name in m), "")
+        per_milter = re.search(r"default_action\s*=\s*(\w+)", own) if own.startswith("{") else None
+        action = per_milter.group(1) if per_milter else params.get("milter_default_action", "tempfail")
+        if action not in ("tempfail", "reject"):
+            setting = f"default_action={action} in smtpd_milters" if per_milter else f"milter_default_action = {action}"
+            found.append(Finding("error", f"{setting}: mail passes unjudged whenever the milter is down",
+                                 "milter_default_action = tempfail, or { " + milter_name + ", default_action=tempfail } "
+                                 "in smtpd_milters"))
         path = _socket_path(config.milter.listen)
         if path:
             why = _reachable_by_postfix(path)
@@ -326,9 +635,32 @@ def _outbound_findings(config: Config, params: dict[str, str], snap: Snapshot | 
         return next((t for t in tables if t.startswith("socketmap:") and t.endswith(":" + map_name)), None)
 
     ours = tlsgate_table(transport_tables, TRANSPORT_MAP)
-    if tlsgate_table(policy_tables, TLS_POLICY_MAP) is None and ours is None:
+    ours_policy = tlsgate_table(policy_tables, TLS_POLICY_MAP)
+    if ours_policy is None and ours is None:
         return []
     found: list[Finding] = []
+    # A transport_maps table that cannot answer makes smtpd answer 451 4.3.0 "Temporary lookup
+    # failure" for every recipient, local ones too; a policy table, every delivery deferred.
+    endpoints = {t[len("socketmap:"):t.rindex(":")] for t in (ours, ours_policy) if t is not None}
+    for endpoint in sorted(endpoints):
+        why = _listening(endpoint, queue_dir)
+        if why:
+            found.append(Finding("error", f"socketmap socket ({endpoint}, in transport_maps or smtp_tls_policy_maps): "
+                                 f"{why}; Postfix answers 451 4.3.0 Temporary lookup failure for every recipient, "
+                                 "local ones too",
+                                 "systemctl enable --now tlsgate-socketmap.socket tlsgate-socketmap.service; the "
+                                 "socket must be group postfix, mode 0660, in a directory postfix can search"))
+    in_use = snap is None or any(c.enabled for c in snap.outbound)
+    where, relay = fallback_relay(params, config.socketmap.transport)
+    if in_use and relay:
+        found.append(Finding("error", f"{where} = {relay}: Postfix adds the fallback relay after every next hop of "
+                             f"the {config.socketmap.transport} service, which tlsgate's transport answers name "
+                             "([socketmap] transport); tlsgate has no TLS policy for that relay, so a partner that "
+                             "fails its connector's TLS check gets its mail through the relay under main.cf's "
+                             "default TLS level, possibly in plaintext",
+                             f"-o smtp_fallback_relay= on the {config.socketmap.transport} service in master.cf, or "
+                             "a service of its own for connector mail named in [socketmap] transport "
+                             "(`tlsgate postfix-config` prints one; docs/outbound.md)"))
     if ours is None:
         table = f"socketmap:{postfix_endpoint(socketmap_listen(config), queue_dir)}:{TRANSPORT_MAP}"
         found.append(Finding("error", "smtp_tls_policy_maps asks tlsgate but transport_maps does not: smart hosts "
