@@ -6,8 +6,8 @@ resolves such entries with dnspython, never on the request path: the rule holder
 refreshes the entries whose TTL (clamped to a sane minimum and maximum) ran out, all at once
 within one deadline, keeps the last good answer when DNS fails (and, for a while, when it
 suddenly answers with no addresses), and rebuilds the snapshot with the resolved ranges. A
-connector whose DNS ranges are unknown (an entry never resolved) or empty fails closed: a
-temporary failure in its scope, where ranges that selected clients then select every client.
+connector whose DNS ranges are unknown (an entry never resolved) fails closed: a temporary
+failure in its scope, where ranges that selected clients then select every client.
 
 SPF records are followed through ``include:`` and ``redirect=`` within RFC 7208's limit of 10
 DNS-querying terms; ``a`` and ``mx`` mechanisms inside them are resolved, ``ptr`` and
@@ -401,8 +401,8 @@ class DnsCache:
         if result.networks:
             log.info("DNS entry %s: %s", entry, ", ".join(str(n) for n in result.networks))
         else:
-            log.warning("DNS entry %s: no addresses (%s); a connector left without ranges defers mail",
-                        entry, "; ".join(result.problems))
+            log.error("DNS entry %s: no addresses (%s); its connector covers no client by it",
+                      entry, "; ".join(result.problems))
         return True
 
     def _hold(self, old: Resolution, empty: Resolution) -> Resolution | None:
@@ -414,7 +414,7 @@ class DnsCache:
         since = empty.resolved_at if old.empty_since is None else old.empty_since
         if empty.resolved_at >= since + self.settings.empty_grace:
             log.error("DNS entry %s has had no addresses for %.0fs (%s); its last ranges are dropped, "
-                      "a connector left without ranges defers mail",
+                      "and its connector covers no client by it",
                       empty.entry, empty.resolved_at - since, "; ".join(empty.problems))
             return None
         if old.empty_since is None:
@@ -435,12 +435,19 @@ def apply_dns(connectors: Iterable[InboundConnector], cache: DnsCache) -> tuple[
 def _with_dns(c: InboundConnector, known: Mapping[str, Resolution]) -> InboundConnector:
     """``c`` with the ranges of its entries; misconfigured when they leave its scope unknown.
 
-    An entry that never resolved leaves the ranges unknown; entries that resolved to nothing,
-    with no literal range beside them, leave none: either way the connector cannot tell which
-    clients are its own, so it gets a problem (mail in its scope is deferred). Where its ranges
-    select sessions, it then covers every client address, so that no session of the partner
+    An entry that never resolved leaves the ranges unknown: the connector cannot tell which
+    clients are its own, so it gets a problem (mail in its scope is deferred) and, where its
+    ranges select sessions, covers every client address, so that no session of the partner
     falls outside it (ranges beside a domain scope narrow it: the domain scope alone is then
     covered whole). Closed, never open, and never narrower than with its ranges known.
+
+    Entries that DNS answered with no addresses at all (and no literal range beside them) are
+    an answer: the partner has no servers. A connector scoped by them alone then covers no
+    client, and one scoped by domains too covers its domains from any client; neither holds
+    up anyone else's mail (the cache logs the empty answer as an error). Only a connector that
+    restricts its domains to those servers is misconfigured: its partner's mail is deferred,
+    not refused for good over what is more likely a mistake in a zone than a partner without
+    servers.
     """
     ranges = list(c.client_ranges)
     problems = []
@@ -450,7 +457,7 @@ def _with_dns(c: InboundConnector, known: Mapping[str, Resolution]) -> InboundCo
             problems.append(f"address entry {entry} has not been resolved yet")
         else:
             ranges.extend(got.networks)
-    if not ranges and not problems:
+    if not ranges and not problems and c.restrict_to_ranges and c.has_domain_scope:
         problems = [f"address entry {entry} resolves to no addresses" for entry in c.dns_entries]
     if problems and not (c.restrict_to_ranges and c.has_domain_scope):
         ranges = list(ALL_ADDRESSES)
