@@ -171,6 +171,20 @@ def test_postfix_config_adds_to_what_the_admin_has(setup: dict[str, pathlib.Path
     assert paste(setup, again.stdout) == after
 
 
+def test_postfix_config_moves_a_tlsgate_check_that_comes_after_a_permit(setup: dict[str, pathlib.Path]) -> None:
+    # Merged by hand "after relay control", as the docs once said: mynetworks and SASL clients
+    # were accepted by the permits before tlsgate was asked.
+    late = ADMIN_MAIN_CF.replace("check_policy_service unix:private/policyd-spf",
+                                 "check_policy_service {{ unix:tlsgate/policy.sock, timeout=10s }}")
+    r = postfix_config(setup, main_cf=late)
+    assert "asked tlsgate after permit_mynetworks, which can accept a recipient" in r.stdout
+    after = paste(setup, r.stdout)
+    assert after["smtpd_recipient_restrictions"] == (
+        "check_policy_service { unix:tlsgate/policy.sock, timeout=10s, default_action=DEFER_IF_PERMIT, "
+        "max_idle=300s }, permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination")
+    assert "already asks tlsgate before anything that accepts, kept" in postfix_config(setup).stdout
+
+
 def test_postfix_config_without_postconf_says_to_merge_by_hand(setup: dict[str, pathlib.Path]) -> None:
     r = postfix_config(setup, readable=False)
     assert "postconf could not read the Postfix configuration" in r.stdout
@@ -203,6 +217,9 @@ def test_doctor_healthy(setup: dict[str, pathlib.Path]) -> None:
      "milter_macro_v = 'Mailer "),
     (("milter_default_action = tempfail", "milter_default_action = tempfail\nmilter_macro_v = MTA"),
      "milter_macro_v = 'MTA'"),
+    # tlsgate asked after a permit: what the permit accepts is never judged.
+    (("smtpd_recipient_restrictions =\n", "smtpd_recipient_restrictions = permit_mynetworks,\n"),
+     "smtpd_recipient_restrictions asks tlsgate after permit_mynetworks, which can accept a recipient"),
     # What postfix-config printed before it merged: relaying clients got "Relay access denied".
     (("smtpd_recipient_restrictions =\n", "smtpd_recipient_restrictions = reject_unauth_destination,\n"),
      "smtpd_recipient_restrictions has reject_unauth_destination without permit_mynetworks and "

@@ -204,6 +204,19 @@ def recipient_restrictions(current: str, check: str) -> list[str]:
     return [part for part in (head, check, tail) if part]
 
 
+def tlsgate_check(items: list[tuple[int, str]], policy: str) -> tuple[int, int, str | None] | None:
+    """Where tlsgate's check_policy_service stands in a restriction list (its span in the
+    list's text, and the first entry before it that could accept a recipient, which would let
+    mail skip it), or None when the list does not ask tlsgate."""
+    for i, (offset, item) in enumerate(items):
+        # `check_policy_service ENDPOINT`, or `check_policy_service { ENDPOINT, options }`
+        named = item == policy or (item.startswith("{") and policy in _items(item.strip("{}")))
+        if named and i > 0 and items[i - 1][1] == "check_policy_service":
+            accepting = next((entry for _, entry in items[: i - 1] if entry not in _NEVER_ACCEPT), None)
+            return items[i - 1][0], offset + len(item), accepting
+    return None
+
+
 def _tables_first(current: str, ours: str) -> str:
     others = [t for t in _items(current) if t != ours]
     return ", ".join([ours, *others])
@@ -263,7 +276,7 @@ def main_cf_lines(config: Config, queue_dir: str, current: Current | None = None
     lines += [
         "# Relay control stays in smtpd_relay_restrictions, which Postfix evaluates first. tlsgate comes",
         "# before anything that could accept a recipient (permit_*, access tables), so it judges every",
-        "# recipient, and it answers only DUNNO, REJECT or DEFER: your entries keep deciding the rest.",
+        "# recipient, and it never answers OK (only DUNNO, REJECT, DEFER): your entries keep deciding the rest.",
         "# A policy service that does not answer within the timeout gets default_action: a 4xx, never a pass.",
     ]
     existing = raw.get("smtpd_recipient_restrictions", "")
@@ -273,11 +286,19 @@ def main_cf_lines(config: Config, queue_dir: str, current: Current | None = None
             "# after relay control and before any permit_* or access table, keeping your entries.",
             _setting("smtpd_recipient_restrictions", [check], fold=True),
         ]
-    elif policy in existing:
-        lines.append("# smtpd_recipient_restrictions: already asks tlsgate, kept")
     else:
-        merged = recipient_restrictions(" ".join(existing.split()), check)
-        lines.append(_setting("smtpd_recipient_restrictions", merged, fold=True))
+        flat = " ".join(existing.split())
+        found = tlsgate_check(split_list(flat), policy)
+        if found is not None and found[2] is None:
+            lines.append("# smtpd_recipient_restrictions: already asks tlsgate before anything that accepts, kept")
+        else:
+            if found is not None:  # after a permit: what that accepts skips tlsgate; move it
+                start, end, accepting = found
+                lines.append(f"# smtpd_recipient_restrictions asked tlsgate after {accepting}, which can accept a "
+                             "recipient that then skips tlsgate: moved before it")
+                flat = re.sub(r"\s*,(\s*,)+\s*", ", ", flat[:start] + flat[end:]).strip(" ,")
+            merged = recipient_restrictions(flat, check)
+            lines.append(_setting("smtpd_recipient_restrictions", merged, fold=True))
     if milter:
         lines += ["", "# --- tlsgate: the milter (header From connectors, trace header) ---"]
         lines += _milter_lines(config, queue_dir, current)
@@ -531,6 +552,14 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
                              "for mail to other domains",
                              f"remove {item} from smtpd_recipient_restrictions (relay control stays in "
                              f"smtpd_relay_restrictions), or put {', '.join(lost)} before it"))
+    for listen in config.policyd.listen:
+        placed = tlsgate_check(split_list(params.get("smtpd_recipient_restrictions", "")),
+                               postfix_endpoint(listen, queue_dir))
+        if placed is not None and placed[2] is not None:
+            found.append(Finding("error", f"smtpd_recipient_restrictions asks tlsgate after {placed[2]}, which can "
+                                 "accept a recipient: mail it accepts is never judged by tlsgate",
+                                 f"move check_policy_service before {placed[2]} (`tlsgate postfix-config` prints "
+                                 "the list with it moved)"))
     if pinned and uses_milter and not uses_policyd:
         found.append(Finding("error", f"pinned connectors ({', '.join(pinned)}) are enforced only by the milter, "
                              "which never sees a certificate fingerprint: their mail is deferred",
