@@ -80,13 +80,10 @@ def find_candidates(snapshot: Snapshot, facts: SessionFacts) -> list[Candidate]:
         else None
     )
     domains = snapshot.domains
-    sender_hits = (domains[Scope.SENDER].lookup(sender_domain) if sender_domain
-                   else _unreadable(domains[Scope.SENDER], facts.sender))
-    rcpt_hits = (domains[Scope.RECIPIENT].lookup(rcpt_domain) if rcpt_domain
-                 else _unreadable(domains[Scope.RECIPIENT], facts.recipient))
-    header_hits = (domains[Scope.HEADER_FROM].lookup(header_domain) if header_domain
-                   else _unreadable(domains[Scope.HEADER_FROM], facts.header_from) if facts.stage is Stage.DATA
-                   else {})
+    sender_hits = _hits(domains[Scope.SENDER], sender_domain, facts.sender)
+    rcpt_hits = _hits(domains[Scope.RECIPIENT], rcpt_domain, facts.recipient)
+    header_hits = (_hits(domains[Scope.HEADER_FROM], header_domain, facts.header_from)
+                   if facts.stage is Stage.DATA else {})
     range_hits = snapshot.ranges.lookup(facts.client_address) if facts.client_address else {}
 
     found: list[Candidate] = []
@@ -117,10 +114,13 @@ def find_candidates(snapshot: Snapshot, facts: SessionFacts) -> list[Candidate]:
     return found
 
 
-def _unreadable(index: DomainIndex, address: str | None) -> dict[int, tuple[int, int]]:
-    """What an address whose domain is written but is no domain name (an address literal
-    ``[192.0.2.1]``, ``under_score.example``) matches: no partner's domain, but every ``*``
-    pattern, which stands for all mail."""
+def _hits(index: DomainIndex, domain: str | None, address: str | None) -> dict[int, tuple[int, int]]:
+    """The connectors of one scope that ``address`` (its normalised ``domain``) meets. An
+    address whose domain is written but is no domain name (an address literal ``[192.0.2.1]``,
+    ``under_score.example``) meets no partner's domain, but every ``*`` pattern, which stands
+    for all mail."""
+    if domain:
+        return index.lookup(domain)
     return index.lookup_any() if address and raw_domain(address) else {}
 
 

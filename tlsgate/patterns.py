@@ -30,6 +30,9 @@ class PatternError(ValueError):
     """A value in a rule row that is not a valid pattern of its kind."""
 
 
+_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")  # UTS 46's deviation characters
+
+
 def to_a_label(domain: str) -> str:
     """Return ``domain`` lowercased, in A-label (ASCII) form, without a trailing dot.
 
@@ -46,7 +49,10 @@ def to_a_label(domain: str) -> str:
         except idna.IDNAError as exc:
             # UTS 46 also admits names that IDNA 2008 forbids (symbols: "☃.net"), and so do
             # Postfix's ICU and the resolvers that deliver such mail; IDNA 2003 (Python's own
-            # codec) spells them as they do.
+            # codec) spells them as they do, except the four characters it maps where UTS 46
+            # keeps them (ß, ς, ZWJ, ZWNJ): a name with one of those is refused, not misspelt.
+            if _DEVIATIONS.intersection(name):
+                raise PatternError(f"invalid internationalized domain {domain!r}: {exc}") from None
             try:
                 name = name.encode("idna").decode("ascii")
             except UnicodeError:

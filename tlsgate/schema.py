@@ -54,6 +54,9 @@ SCOPES = ("sender", "recipient", "header_from")
 NAME_FIELDS = ("subject", "issuer")
 TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 TLS_LEVELS = ("encrypt", "verify", "secure", "fingerprint", "dane", "dane-only")
+#: inbound_connector columns only a pinned certificate can satisfy (Postfix reports none of
+#: them for a session), with what each asks of the certificate
+PIN_ONLY = {"require_organization": "organization", "require_unit": "organizational unit", "min_key_bits": "key size"}
 
 
 class Base(DeclarativeBase):

@@ -441,10 +441,6 @@ _INBOUND_COLUMNS = ("name", "comment", *_INBOUND_SETTINGS)
 _OUTBOUND_COLUMNS = ("name", "enabled", "comment", "tls_level", "min_tls_version")
 
 
-_PIN_ONLY = {"require_organization": "organization", "require_unit": "organizational unit",
-             "min_key_bits": "key size"}
-
-
 def _inbound_settings(row: Mapping[str, object], r: _RowReader) -> dict[str, Any]:
     """The typed settings of one inbound_connector row (every column but name and comment)."""
     kw: dict[str, Any] = {}
@@ -467,10 +463,10 @@ def _inbound_settings(row: Mapping[str, object], r: _RowReader) -> dict[str, Any
         # Postfix reports no organization, unit or key size of a client certificate: only a
         # registered certificate can be held to them. Left unenforced, the requirement would
         # read as met; the connector fails closed until it is pinned or the column cleared.
-        for column in ("require_organization", "require_unit", "min_key_bits"):
+        for column, what in schema.PIN_ONLY.items():
             if kw[column] is not None:
                 r.error(column, f"is checked only against a pinned certificate (Postfix reports no "
-                                f"{_PIN_ONLY[column]} of a client certificate): set certificate to 'pinned' and "
+                                f"{what} of a client certificate): set certificate to 'pinned' and "
                                 "register the partner's certificate, or clear it")
     kw["restrict_to_ranges"] = r.boolean(row, "restrict_to_addresses", False)
     kw["on_failure"] = FailAction(r.choice(row, "on_failure", schema.FAIL_ACTIONS, "defer"))

@@ -231,17 +231,12 @@ def _fingerprints_of(pem: object) -> frozenset[str]:
 
 
 def _first_is_a_leaf(name: str, certs: list[x509.Certificate]) -> None:
-    """Refuse a file whose first certificate is the CA of the others: the first one is the
-    one pinned, and a partner never presents its CA as its own certificate."""
+    """Refuse a file whose first certificate issued one of the others: the first one is the
+    one pinned, and a partner never presents its CA as its own certificate. (A self-signed
+    partner certificate may say CA:TRUE, as `openssl req -x509` makes them: that alone is no
+    reason to refuse.)"""
     first = certs[0]
-    others = certs[1:]
-    if not others:
-        return
-    try:
-        is_ca = first.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    if is_ca or any(c.issuer == first.subject and c.subject != first.subject for c in others):
+    if any(c.issuer == first.subject and c.subject != first.subject for c in certs[1:]):
         raise CommandError(
             f"{name}: the first certificate ({display_name(first.subject)}) is a CA certificate; the first one is "
             "the one registered: put the partner's own certificate first, then its chain"

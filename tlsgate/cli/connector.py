@@ -128,7 +128,6 @@ _COLUMNS = {
 
 
 _INT_MAX = 2**31 - 1  # the INTEGER columns' range on every supported database
-_PIN_ONLY = {"require_organization": "--organization", "require_unit": "--unit", "min_key_bits": "--min-key-bits"}
 
 
 def _columns(args: argparse.Namespace) -> dict[str, Any]:
@@ -141,12 +140,17 @@ def _columns(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def _option(column: str) -> str:
+    """The command-line option that sets ``column``."""
+    return next(f"--{opt.replace('_', '-')}" for opt, col in _COLUMNS.items() if col == column)
+
+
 def _check_pin_only(row: dict[str, Any]) -> None:
     """Refuse organization, unit and key size requirements on a connector that pins no
     certificate: Postfix reports none of them, so nothing could enforce them."""
     if row.get("certificate") == "pinned":
         return
-    given = [option for col, option in _PIN_ONLY.items() if row.get(col) is not None]
+    given = [_option(col) for col in schema.PIN_ONLY if row.get(col) is not None]
     if given:
         raise CommandError(f"{', '.join(given)} can be checked only against a pinned certificate (Postfix reports "
                            "no organization, unit or key size): add --certificate pinned and register the partner's "
@@ -215,7 +219,7 @@ def cmd_set(args: argparse.Namespace, ctx: Context) -> int:
         current = conn.execute(select(table).where(table.c.name == args.name)).mappings().first()
         if current is None:
             raise CommandError(f"no inbound connector named {args.name!r}")
-        if values.keys() & {"certificate", *_PIN_ONLY}:
+        if values.keys() & {"certificate", *schema.PIN_ONLY}:
             _check_pin_only({**current, **values})
         if values:
             conn.execute(update(table).where(table.c.name == args.name).values(**values))
