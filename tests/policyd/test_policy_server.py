@@ -134,7 +134,7 @@ def test_a_client_dripping_its_request_loses_its_connection(daemon: PolicydProce
     daemon.wait_log("request incomplete 1s after its first byte")
 
 
-def test_idle_and_unread_connections_are_closed_after_idle_timeout(work: Path) -> None:
+def test_idle_and_unread_connections_are_closed(work: Path) -> None:
     url = make_db(work / "rules.sqlite")
     sock = work / "policy.sock"
     config = write_config(work, url, f"unix:{sock}", idle_timeout="1", request_timeout="1")
@@ -143,7 +143,7 @@ def test_idle_and_unread_connections_are_closed_after_idle_timeout(work: Path) -
         idle = PolicyClient(sock)
         assert idle.ask(request()).startswith("REJECT")
         # A client that sends request after request and never reads an answer: the daemon stops
-        # reading it once its answers pile up, and cuts it off when it has been silent too long.
+        # reading it once its answers pile up, and cuts it off once they have waited request_timeout.
         greedy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         greedy.connect(str(sock))
         greedy.settimeout(0.2)
