@@ -180,6 +180,14 @@ def _write(ctx: Context, work: Callable[[Any], None]) -> None:
         raise CommandError(describe_db_error(engine, exc)) from None
 
 
+def _refuse_taken_name(conn: Any, table: Any, name: str, what: str) -> None:
+    """Refuse ``name`` when ``table`` has it under any spelling: two names differing only in
+    case would make both connectors misconfigured (and their mail wait)."""
+    taken = next((n for n in conn.execute(select(table.c.name)).scalars() if n.casefold() == name.casefold()), None)
+    if taken is not None:
+        raise CommandError(f"{what} named {taken!r} already exists")
+
+
 def _check_name(name: str) -> None:
     if not NAME_RE.match(name):
         raise CommandError(f"connector name {name!r}: 1 to 64 letters, digits, '.', '_' or '-'", 2)
@@ -195,10 +203,7 @@ def cmd_add(args: argparse.Namespace, ctx: Context) -> int:
     table = schema.Base.metadata.tables["inbound_connector"]
 
     def work(conn: Any) -> None:
-        existing = conn.execute(select(table.c.name)).scalars().all()
-        clash = [n for n in existing if n.casefold() == args.name.casefold()]
-        if clash:
-            raise CommandError(f"a connector named {clash[0]!r} already exists")
+        _refuse_taken_name(conn, table, args.name, "a connector")
         conn.execute(insert(table).values(name=args.name, **values))
         for child, row in children:
             conn.execute(insert(child).values(**row))
@@ -280,10 +285,7 @@ def cmd_outbound_add(args: argparse.Namespace, ctx: Context) -> int:
     t = schema.Base.metadata.tables
 
     def work(conn: Any) -> None:
-        existing = conn.execute(select(t["outbound_connector"].c.name)).scalars().all()
-        clash = [n for n in existing if n.casefold() == args.name.casefold()]
-        if clash:
-            raise CommandError(f"an outbound connector named {clash[0]!r} already exists")
+        _refuse_taken_name(conn, t["outbound_connector"], args.name, "an outbound connector")
         conn.execute(insert(t["outbound_connector"]).values(
             name=args.name, tls_level=args.tls_level, min_tls_version=args.min_tls, comment=args.comment,
             enabled=not args.disabled))
