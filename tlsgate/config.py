@@ -218,6 +218,11 @@ def _convert(path: str, section: str, key: str, raw: str, default: Any) -> Any:
     return value
 
 
+def postconf_command() -> str:
+    """postconf as PATH finds it, else where Postfix installs it (spawn(8) passes no PATH)."""
+    return shutil.which("postconf") or POSTCONF
+
+
 def resolve_myorigin(cfg: EngineConfig) -> str | None:
     """The domain Postfix appends to an address without one (``MAIL FROM:<root>``), so that
     the daemons judge the address Postfix will deliver; None when it cannot be known, and
@@ -226,9 +231,8 @@ def resolve_myorigin(cfg: EngineConfig) -> str | None:
         return None
     if cfg.myorigin != "auto":
         return cfg.myorigin
-    postconf = shutil.which("postconf") or POSTCONF
     try:
-        done = subprocess.run([postconf, "-xh", "myorigin"], capture_output=True, text=True, timeout=30,
+        done = subprocess.run([postconf_command(), "-xh", "myorigin"], capture_output=True, text=True, timeout=30,
                               check=False)
         if done.returncode == 0:
             return to_a_label(done.stdout.strip())

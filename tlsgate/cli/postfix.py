@@ -19,7 +19,6 @@ import grp
 import os
 import pwd
 import re
-import shutil
 import socket
 import stat
 import subprocess
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tlsgate.cli import CommandError
-from tlsgate.config import POSTCONF, Config
+from tlsgate.config import Config, postconf_command
 from tlsgate.model import CertRequirement
 from tlsgate.outbound import TLS_POLICY_MAP, TRANSPORT_MAP, OutboundIndex
 from tlsgate.snapshot import Snapshot
@@ -57,7 +56,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _postconf(postfix_dir: str | None, *args: str) -> str:
-    cmd = [shutil.which("postconf") or POSTCONF]
+    cmd = [postconf_command()]
     if postfix_dir:
         cmd += ["-c", postfix_dir]
     try:
