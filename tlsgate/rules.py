@@ -56,6 +56,7 @@ class RuleHolder:
         self._on_swap = on_swap
         self._snapshot: Snapshot | None = None
         self._base: Snapshot | None = None  # as loaded from the database, before DNS entries
+        self._entries: set[str] = set()  # the DNS entries of _base, gathered once per load
         self._cache = LoadCache()  # a poll that sees a change rebuilds only what changed
         self.dns = DnsCache(resolver_settings(dns or DnsConfig()))
         self._resolve_dns = resolve_dns
@@ -128,6 +129,7 @@ class RuleHolder:
         for problem in result.errors:
             log.error("rules generation %d: %s", base.generation, problem)
         self._base = base
+        self._entries = dns_entries(base.inbound)
         self.loads += 1
         took = time.monotonic() - started
         self._swap(base, fresh=force)
@@ -147,7 +149,7 @@ class RuleHolder:
         snapshot when any range changed."""
         if not self._resolve_dns:
             return False
-        wanted = dns_entries(base.inbound)
+        wanted = self._entries
         self.dns.forget(wanted)
         due = sorted(wanted) if everything else self.dns.due(wanted)
         if not (due and self.dns.refresh(due)):
@@ -158,7 +160,7 @@ class RuleHolder:
     def _swap(self, base: Snapshot, fresh: bool) -> None:
         """Put ``base`` with the DNS ranges known now in force; ``fresh`` builds every index anew."""
         snap = base
-        if dns_entries(base.inbound):
+        if self._entries:
             snap = Snapshot(inbound=apply_dns(base.inbound, self.dns), outbound=base.outbound,
                             generation=base.generation, loaded_at=base.loaded_at, errors=base.errors,
                             previous=None if fresh else self._snapshot)
