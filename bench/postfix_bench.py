@@ -175,12 +175,11 @@ def run(work: Path, *, runs: int = 5, messages: int = 300, processes: int = 4,
         # takes from Postfix on the shared cores.
         sent = {config: runs * WARM_UP + sum(r["accepted"] + r["failed"] for rows in modes.values() for r in rows)
                 for config, modes in out["results"].items()}
-        seen = {"policyd": sent["tlsgate-policyd"] + sent["policyd + milter"],
-                "milter": sent["tlsgate-milter"] + sent["policyd + milter"],
-                "noop": sent["no-op pymilter"], "floor": sent["floor policy server"]}
+        seen = {name: sum(sent.get(config, 0) for config in CONFIGS if name in ADD_ONS[config])
+                for name in by_name}
         out["cpu_us_per_message"] = {
             name: 1e6 * (_cpu_seconds(child) - before) / seen[name]
-            for name, child, before in zip(seen, children, cpu_before, strict=True)
+            for name, child, before in zip(by_name, children, cpu_before, strict=True) if seen[name]
         }
         return out
     finally:

@@ -264,7 +264,9 @@ class ThrottledWarnings:
     """WARNING lines of one kind at most once per ``interval`` seconds.
 
     A flood of misbehaving clients would otherwise write one line per connection to mail.log.
-    The line after a quiet spell carries how many of its kind were held back since the last one.
+    The next line of a kind carries how many were held back since the last one; a flood that
+    ends before another line is due is reported by :meth:`flush`, which the daemons call
+    periodically.
     """
 
     def __init__(self, logger: logging.Logger, interval: float = WARNING_INTERVAL,
@@ -273,7 +275,8 @@ class ThrottledWarnings:
         self._interval = interval
         self._clock = clock
         self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
+        # kind -> how many were held back since its last line, and the latest of them
+        self._held: dict[str, tuple[int, str, tuple[object, ...]]] = {}
 
     def warning(self, kind: str, msg: str, *args: object) -> bool:
         """Log ``msg % args`` unless a line of ``kind`` was logged less than ``interval`` ago;
@@ -281,15 +284,29 @@ class ThrottledWarnings:
         now = self._clock()
         last = self._last.get(kind)
         if last is not None and now - last < self._interval:
-            self._held[kind] = self._held.get(kind, 0) + 1
+            held = self._held.get(kind, (0, "", ()))[0]
+            self._held[kind] = (held + 1, msg, args)
             return False
+        self._write(kind, now, msg, args, more=self._held.pop(kind, (0, "", ()))[0])
+        return True
+
+    def flush(self, *, force: bool = False) -> None:
+        """Write the latest held-back line of every kind that has had none written for
+        ``interval`` seconds (of every kind, when ``force``: at a stop), with the count of the
+        others."""
+        now = self._clock()
+        for kind, (held, msg, args) in list(self._held.items()):
+            if force or now - self._last[kind] >= self._interval:
+                del self._held[kind]
+                self._write(kind, now, msg, args, more=held - 1)
+
+    def _write(self, kind: str, now: float, msg: str, args: tuple[object, ...], more: int) -> None:
+        last = self._last.get(kind)
         self._last[kind] = now
-        held = self._held.pop(kind, 0)
-        if held and last is not None:
-            self._log.warning(msg + " (and %d more like it in the last %.0f s)", *args, held, now - last)
+        if more and last is not None:
+            self._log.warning(msg + " (and %d more like it in the last %.0f s)", *args, more, now - last)
         else:
             self._log.warning(msg, *args)
-        return True
 
 
 def configure(cfg: LogConfig, ident: str) -> None:

@@ -127,6 +127,7 @@ class SocketmapServer:
         self._paths: list[str] = []
         self._connections: dict[asyncio.Task[None], bool] = {}  # task -> answering now
         self._stopping = False
+        self._flusher: asyncio.Task[None] | None = None
         self.requests = 0
 
     @property
@@ -137,6 +138,7 @@ class SocketmapServer:
     async def start(self, inherited: Sequence[int] = ()) -> None:
         """Listen on inherited descriptors (socket activation) or on ``cfg.listen``."""
         _check_fd_limit(self.cfg.max_connections)
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_warnings())
         if inherited:
             for fd in inherited:
                 sock = socket.socket(fileno=fd)
@@ -156,6 +158,12 @@ class SocketmapServer:
                     self._servers.append(await asyncio.start_server(self._handle, host, port))
                 except OSError as exc:
                     raise StartupError(f"cannot listen on {spec}: {exc.strerror or exc}") from None
+
+    async def _flush_warnings(self) -> None:
+        """Report the end of a flood of warnings (see ThrottledWarnings.flush)."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.warnings.flush()
 
     async def _listen_unix(self, path: str) -> None:
         parent = os.path.dirname(path) or "."
@@ -305,6 +313,9 @@ class SocketmapServer:
         for path in self._paths:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        if self._flusher is not None:
+            self._flusher.cancel()
+        self.warnings.flush(force=True)
 
 
 def _peer_name(writer: asyncio.StreamWriter) -> str:

@@ -292,13 +292,15 @@ class PolicyServer:
         self._conns.discard(conn)
 
     async def _sweep(self) -> None:
-        """Close connections silent beyond their timeout, checked a few times per timeout."""
+        """Close connections silent beyond their timeout, checked a few times per timeout, and
+        report the end of a flood of warnings."""
         period = min(1.0, max(0.05, min(self.config.idle_timeout, self.config.request_timeout) / 4))
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
             for conn in list(self._conns):
                 conn.expire(now)
+            self.warnings.flush()
 
     async def shutdown(self, grace: float = 10.0) -> None:
         """Stop accepting, let requests in flight finish (up to ``grace`` seconds), close the rest."""
@@ -331,6 +333,7 @@ class PolicyServer:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        self.warnings.flush(force=True)
         for server in self._servers:
             with contextlib.suppress(asyncio.CancelledError):
                 await server.wait_closed()

@@ -7,6 +7,7 @@ generous bound. Assertions are on answers and closed connections, never on timin
 
 from __future__ import annotations
 
+import re
 import resource
 import shutil
 import socket
@@ -216,6 +217,13 @@ def test_connections_beyond_the_limit_are_refused_and_the_others_served() -> Non
         # 140 refusals, one line: a flood must not flood mail.log too
         log = process.wait_log("refusing connection from")
         assert log.count("refusing connection from") == 1
+        for s in flood:
+            s.close()
+        # ... and the count of the others is written once the flood is over (here: at the stop)
+        assert process.stop() == 0
+        lines = [line for line in process.log().splitlines() if "refusing connection from" in line]
+        held = re.search(r"\(and (\d+) more like it in the last \d+ s\)$", lines[-1])
+        assert len(lines) == 2 and held and int(held.group(1)) >= 139, lines
     finally:
         for s in flood:
             s.close()

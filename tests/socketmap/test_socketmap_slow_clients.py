@@ -117,9 +117,14 @@ def test_dripping_clients_lose_their_slots_and_postfix_is_served(
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             reply = await query(reader, writer, "partner.test")
             writer.close()
+            # the second client's line is held back: no flood in mail.log
+            assert len(incomplete()) == 1, incomplete()
             return list(took), reply, server.connections
         finally:
             await server.close(grace=0.1)
+
+    def incomplete() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "request incomplete" in r.getMessage()]
 
     with caplog.at_level(logging.WARNING, "tlsgate.socketmap"):
         took, reply, open_after = asyncio.run(main())
@@ -128,9 +133,9 @@ def test_dripping_clients_lose_their_slots_and_postfix_is_served(
         assert deadline - 0.05 <= seconds < deadline + 5, took
     assert reply == PARTNER
     assert open_after == 1
-    cut = [r.getMessage() for r in caplog.records if "request incomplete" in r.getMessage()]
-    assert len(cut) == 1, cut  # the second client's line is held back: no flood in mail.log
-    assert "after its first byte, closing the connection" in cut[0]
+    cut = incomplete()
+    assert len(cut) == 2, cut  # the line held back is written at the stop
+    assert all("after its first byte, closing the connection" in line for line in cut)
     assert server_request_timeout(idle_timeout, timeouts) == deadline
 
 
@@ -246,6 +251,33 @@ def test_throttled_warnings_one_line_per_kind_and_interval(caplog: pytest.LogCap
         "a: slow",
         "refusing: 2 open",
         "d: slow (and 2 more like it in the last 60 s)",
+        "e: slow",
+    ]
+
+
+def test_throttled_warnings_report_a_flood_that_has_ended(caplog: pytest.LogCaptureFixture) -> None:
+    """Without a next line of its kind, the count held back is written by flush once the
+    interval has passed since the last line (and by a forced flush at a stop)."""
+    clock = FakeClock()
+    warnings = ThrottledWarnings(logging.getLogger("tlsgate.socketmap"), interval=60.0, clock=clock)
+    with caplog.at_level(logging.WARNING, "tlsgate.socketmap"):
+        warnings.warning("slow", "%s: slow", "a")
+        for peer in "bcd":
+            clock.now += 5
+            warnings.warning("slow", "%s: slow", peer)
+        clock.now += 44
+        warnings.flush()  # 59 s after the last line: nothing yet
+        clock.now += 1
+        warnings.flush()
+        warnings.flush()  # written once
+        clock.now += 1
+        warnings.warning("slow", "%s: slow", "e")  # held: a line of its kind was written 1 s ago
+        warnings.warning("refused", "refusing: %d open", 2)
+        warnings.flush(force=True)
+    assert [r.getMessage() for r in caplog.records] == [
+        "a: slow",
+        "d: slow (and 2 more like it in the last 60 s)",
+        "refusing: 2 open",
         "e: slow",
     ]
 
