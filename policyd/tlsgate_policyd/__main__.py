@@ -78,12 +78,14 @@ async def serve(config: Config, holder: RuleHolder) -> int:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    # Ready once the first load has been tried (bounded by the database's connect timeout):
-    # Postfix then meets the rules at once, or the outage answer if the database is down.
-    await loop.run_in_executor(None, holder.first_attempt.wait, config.database.connect_timeout + 5)
+    # Before anything waits: a SIGHUP's default action would end the daemon (cleanly, for
+    # systemd's Restart=on-failure, so for good).
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    # Ready once the first load has been tried (bounded by the database's connect timeout):
+    # Postfix then meets the rules at once, or the outage answer if the database is down.
+    await loop.run_in_executor(None, holder.first_attempt.wait, config.database.connect_timeout + 5)
     sdnotify.notify("READY=1", _status(holder))
     log.info("tlsgate-policyd ready; rules from %s", safe_url(config.database.url))
 

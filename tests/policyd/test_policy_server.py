@@ -450,3 +450,30 @@ def test_metrics_and_stats(work: Path) -> None:
         assert proc.stop() == 0
     r = subprocess.run([BIN / "tlsgate", "-c", config, "stats"], capture_output=True, text=True)
     assert r.returncode == 1 and "not answering" in r.stdout
+
+
+def test_a_sighup_while_the_first_load_waits_for_the_database_does_not_end_the_daemon(work: Path) -> None:
+    """The first load may take seconds (a database slow to answer, 100,000 connectors): a
+    reload asked meanwhile is queued, not the signal's default action, which ends the process."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections (backlog), never answers
+    port = silent.getsockname()[1]
+    sock = work / "policy.sock"
+    config = write_config(work, f"postgresql+psycopg://tlsgate@127.0.0.1:{port}/rules", f"unix:{sock}")
+    config.write_text(config.read_text().replace("[database]\n", "[database]\nconnect_timeout = 3\n"))
+    proc = PolicydProcess(config, sock, work / "policyd.log")
+    log = (work / "policyd.log").open("ab")
+    proc._log = log
+    proc.proc = subprocess.Popen([str(BIN / "tlsgate-policyd"), "--config", str(config)], stdout=log,
+                                 stderr=subprocess.STDOUT)
+    try:
+        proc.wait_log("listening on unix:")
+        assert "tlsgate-policyd ready" not in proc.log()  # still in its first load
+        proc.signal(signal.SIGHUP)
+        proc.wait_log("tlsgate-policyd ready", timeout=30)
+        proc.wait_log("SIGHUP: reloading rules")
+        assert proc.proc.poll() is None
+        # without rules, a temporary failure, never a pass
+        assert PolicyClient(sock).ask(request()).startswith("DEFER 4.3.5")
+    finally:
+        assert proc.stop() == 0, proc.log()
+        silent.close()
