@@ -1,6 +1,7 @@
 """The decision: session facts and a rule snapshot in, a verdict out, no I/O.
 
-Every front-end (policy daemon, milter, ``tlsgate explain``) calls :func:`decide`. The steps:
+Every front-end (policy daemon, milter, ``tlsgate explain``) calls :func:`decide`; the milter
+also calls :func:`decide_header_from` at end of message. The steps:
 
 1. find the enabled connectors whose every declared scope matches the session (sender
    domain, recipient domain, header From domain, client range);
@@ -488,7 +489,25 @@ def decide(snapshot: Snapshot, facts: SessionFacts, now: datetime) -> Decision:
     ):
         if (undecidable := _undecidable(snapshot, facts)) is not None:
             return undecidable
-    candidates = find_candidates(snapshot, facts)
+    return _verdict(find_candidates(snapshot, facts), facts, now)
+
+
+def decide_header_from(snapshot: Snapshot, facts: SessionFacts, now: datetime) -> Decision:
+    """The verdict of the connectors scoped by the header From alone, ranked and judged as
+    :func:`decide` ranks and judges (at ``Stage.DATA``; no such connector applies earlier).
+
+    :func:`decide` lets the best connector of all decide, and a sender scope ranks first: a
+    sender connector, even one for ``*``, would hide every header-From connector. The milter
+    therefore judges each author with this at end of message, on top of the RCPT verdict, so
+    that a header-From connector is always enforced whatever else also matches. A connector
+    without a header From scope was judged at RCPT already.
+    """
+    candidates = [c for c in find_candidates(snapshot, facts) if c.connector.header_from_domains]
+    return _verdict(candidates, facts, now)
+
+
+def _verdict(candidates: list[Candidate], facts: SessionFacts, now: datetime) -> Decision:
+    """The verdict of the best of ``candidates`` (ranked best first), monitor mode applied."""
     if not candidates:
         return Decision(Outcome.PASS, None, None, candidates=())
     winner = candidates[0].connector

@@ -2,9 +2,10 @@
 
 Postfix (or Sendmail) tells the milter the client address at connect and the TLS state in
 macros; each recipient is judged at RCPT (a refusal refuses that recipient only), and
-connectors scoped by the RFC 5322 header From domain are judged at end of message, where
-the strictest verdict refuses the whole message. The verdict is recorded in a trace header
-after every incoming header of that name was removed. The engine and the rules are reached
+connectors scoped by the RFC 5322 header From domain are judged at end of message, on top of
+the RCPT verdict whatever sender or recipient connector decided there; the strictest verdict
+refuses the whole message. The verdict is recorded in a trace header after every incoming
+header of that name was removed. The engine and the rules are reached
 through a :class:`Judge` handed to each handler by the factory; nothing is module-global
 except what pymilter itself requires (``Milter.factory``). Any exception in a callback
 answers TEMPFAIL: the milter never accepts by accident.
@@ -30,7 +31,7 @@ import Milter
 from tlsgate import logsetup
 from tlsgate.config import Config, resolve_myorigin
 from tlsgate.decisionlog import log_decision
-from tlsgate.engine import decide, with_myorigin
+from tlsgate.engine import decide, decide_header_from, with_myorigin
 from tlsgate.metrics import Metrics
 from tlsgate.model import (
     CertRequirement,
@@ -76,6 +77,8 @@ TEMPFAIL: int = Milter.TEMPFAIL
 
 NAME = "tlsgate-milter"
 MAX_QUEUE_ID = 32
+# What the trace header needs: adding ours, deleting incoming copies.
+TRACE_ACTIONS: int = Milter.ADDHDRS | Milter.CHGHDRS
 
 # The requirements a connector that pins certificates checks against the registered
 # certificate; a milter under Postfix never learns the fingerprint, so these cannot pass.
@@ -149,14 +152,19 @@ class Judge:
     activity: Activity = field(default_factory=Activity)
     metrics: Metrics | None = None
 
-    def decide(self, snapshot: Snapshot, facts: SessionFacts) -> Decision:
-        """The engine's verdict, with pinned-certificate connectors handled as configured."""
-        decision = decide(snapshot, facts, self.clock())
+    def decide(self, snapshot: Snapshot, facts: SessionFacts, *, header_from: bool = False) -> Decision:
+        """The engine's verdict, with pinned-certificate connectors handled as configured;
+        with ``header_from``, the verdict of the header-From connectors alone
+        (:func:`tlsgate.engine.decide_header_from`)."""
+        engine_decide = decide_header_from if header_from else decide
+        decision = engine_decide(snapshot, facts, self.clock())
         if not _unverifiable_pin(decision) or decision.action is None:
             return decision
         assert decision.connector is not None
         name = decision.connector.name
-        if self.settings.pinned_action == "policyd":
+        # The policy daemon never sees the header From: a connector scoped by it would be
+        # checked by no one, so it is refused here as with pinned_action = tempfail.
+        if self.settings.pinned_action == "policyd" and not decision.connector.header_from_domains:
             return replace(
                 decision,
                 outcome=Outcome.PASS,
@@ -251,14 +259,19 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         self._host: str | None = None
         self._mta: str | None = None  # the v macro: whether Postfix vouches for cert names
         self._names_ignored = False  # logged once per session
+        self._undecodable_warned = False  # a macro that is not UTF-8, logged once per session
         self._queue_id: str | None = None
         self._busy = False  # counted in Activity from MAIL FROM until abort or close
         self._session_failure: str | None = None  # connect or HELO failed, unanswered
+        self._held: list[tuple[SessionFacts, Decision]] = []
         self._reset_message()
 
     # --------------------------------------------------------------- per message state
 
     def _reset_message(self) -> None:
+        """Forget the message. Decision lines still held (the message ended before its end of
+        data: RSET, a lost connection, a refusal of every recipient) are written first."""
+        self._write_held()
         self._sender: str | None = None
         self._sender_too_long: AddressTooLong | None = None
         self._accepted: list[tuple[str, Decision]] = []
@@ -275,9 +288,16 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
             self._judge.activity.end()
 
     def _macro(self, name: str) -> str | None:
-        value = self.getsymval(name)
-        if isinstance(value, bytes):
-            value = value.decode("utf-8", "replace")
+        try:
+            value = self.getsymval(name)
+        except UnicodeDecodeError:
+            # pymilter decodes every macro as UTF-8 and raises on any other byte. Such a macro
+            # is taken as absent, which fails closed: no TLS, no certificate name, no queue id.
+            if not self._undecodable_warned:
+                self._undecodable_warned = True
+                log.warning("%s: macro %s is not UTF-8: taken as absent (logged once per session)",
+                            self._queue_id or "NOQUEUE", name)
+            return None
         return value if isinstance(value, str) and value else None
 
     def _refresh(self) -> None:
@@ -325,10 +345,10 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         )
         return with_myorigin(facts, self._judge.settings.myorigin)
 
-    def _decide(self, snapshot: Snapshot, facts: SessionFacts) -> tuple[Decision, float]:
+    def _decide(self, snapshot: Snapshot, facts: SessionFacts, *, header_from: bool = False) -> tuple[Decision, float]:
         """The decision, and the seconds it took (for the metrics)."""
         started = time.perf_counter()
-        decision = self._judge.decide(snapshot, facts)
+        decision = self._judge.decide(snapshot, facts, header_from=header_from)
         return decision, time.perf_counter() - started
 
     def _log(self, facts: SessionFacts, decision: Decision, seconds: float) -> None:
@@ -336,6 +356,22 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         if self._judge.metrics is not None:
             self._judge.metrics.record(decision, seconds)
         log_decision(log, facts, decision, stage=facts.stage.value)
+
+    def _hold(self, facts: SessionFacts, decision: Decision, seconds: float) -> None:
+        """Count an accepted recipient's decision now and write its line once the queue id is
+        known: Postfix opens the queue file only after the first recipient it accepts (with
+        its default smtpd_delay_open_until_valid_rcpt = yes), so the first RCPT has no ``i``."""
+        if self._judge.metrics is not None:
+            self._judge.metrics.record(decision, seconds)
+        self._held.append((facts, decision))
+
+    def _write_held(self) -> None:
+        """Write the held decision lines, with the queue id if Postfix assigned one by now."""
+        held, self._held = self._held, []
+        for facts, decision in held:
+            if self._queue_id is not None:
+                facts = replace(facts, queue_id=self._queue_id)
+            log_decision(log, facts, decision, stage=facts.stage.value)
 
     def _refuse(self, decision: Decision) -> int:
         code = str(decision.smtp_code or 450)
@@ -439,7 +475,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         rc: int = super().negotiate(opts)
         if rc != CONTINUE:
             return rc
-        wanted = Milter.ADDHDRS | Milter.CHGHDRS if self._judge.settings.trace_header else 0
+        wanted = TRACE_ACTIONS if self._judge.settings.trace_header else 0
         if opts[0] & wanted != wanted:
             log.warning("the MTA does not offer header changes: the trace header cannot be written")
         opts[0] = self._actions = opts[0] & wanted
@@ -486,9 +522,10 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
             return self._refuse_long_address("sender", self._sender_too_long, recipient)
         facts = self._facts(Stage.RCPT, recipient)
         decision, seconds = self._decide(snapshot, facts)
-        self._log(facts, decision, seconds)
         if decision.action is not None:
+            self._log(facts, decision, seconds)  # NOQUEUE for the first recipient, as Postfix logs it
             return self._refuse(decision)
+        self._hold(facts, decision, seconds)
         self._accepted.append((recipient, decision))
         return CONTINUE
 
@@ -517,6 +554,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         if self._session_failure or self._message_failure:
             return self._earlier_failure()
         self._refresh()
+        self._write_held()  # the RCPT lines, now with the queue id
         snapshot = self._judge.snapshot()
         if snapshot is None:
             return self._refuse_unknown_rules()
@@ -540,29 +578,28 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
                 return self._refuse_malformed_from(problem, enforcing)
             monitored = self._monitor_malformed_from(problem, guarding)
             authors = authors[:MAX_PROTECTED_DOMAINS]  # judged for the log only, within bounds
-        standing: list[Decision] = []
+        # The RCPT verdicts stand; the header-From connectors are judged on top of them, by
+        # themselves: ranked with the sender and recipient connectors, a sender connector
+        # (even one for *) would win and hide them. The strictest refusal refuses the message.
+        standing = [at_rcpt for _, at_rcpt in self._accepted] + monitored
         refusal: Decision | None = None
-        for recipient, at_rcpt in self._accepted:
-            verdict = at_rcpt
+        for recipient, _ in self._accepted:
             for author in authors:
                 facts = self._facts(Stage.DATA, recipient, author)
-                decision, seconds = self._decide(snapshot, facts)
-                connector = decision.connector
-                if connector is None or not connector.header_from_domains:
-                    continue  # judged at RCPT already
+                decision, seconds = self._decide(snapshot, facts, header_from=True)
+                if decision.connector is None:
+                    continue  # no header-From connector protects this author's domain
                 self._log(facts, decision, seconds)
-                if decision.outcome is Outcome.FAIL or verdict.connector is None:
-                    verdict = decision
+                standing.append(decision)
                 if decision.action is not None and (
                     refusal is None or _severity(decision) > _severity(refusal)
                 ):
                     refusal = decision
-            standing.append(verdict)
-        standing.extend(monitored)
         if refusal is not None:
             return self._refuse(refusal)
         settings = self._judge.settings
-        if settings.trace_header:
+        # Without the actions (logged at negotiation) the message goes on without the header.
+        if settings.trace_header and self._actions & TRACE_ACTIONS == TRACE_ACTIONS:
             # Delete from the last occurrence up, so earlier indexes stay valid whether or
             # not the MTA renumbers after a deletion.
             for index_ in range(self._trace_count, 0, -1):

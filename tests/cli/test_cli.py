@@ -40,6 +40,33 @@ def test_explain_shows_candidates_checks_and_verdict(db: str) -> None:
     assert out.rstrip().endswith("verdict: REJECT 5.7.10 cipher AES256-GCM-SHA384 lacks forward secrecy")
 
 
+def test_explain_judges_the_header_from_as_the_milter_does(db: str) -> None:
+    """A sender connector for ``*`` wins at RCPT; the header-From connector is judged at end of
+    message all the same, and its refusal is the verdict."""
+    path = db.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as con:
+        con.executescript("""
+            INSERT INTO inbound_connector (name, require_tls, on_failure) VALUES ('all-tls', 1, 'defer');
+            INSERT INTO inbound_domain VALUES ('all-tls', 'sender', '*');
+            INSERT INTO inbound_connector (name, require_tls, certificate, on_failure)
+                VALUES ('bank-hdr', 1, 'trusted', 'reject');
+            INSERT INTO inbound_domain VALUES ('bank-hdr', 'header_from', 'bank.test');
+            INSERT INTO inbound_cert_name VALUES ('bank-hdr', 'subject', 'mx.bank.test');
+        """)
+    con.close()
+    session = ["--database-url", db, "explain", "--client", "203.0.113.5", "--sender", "x@spoofer.test",
+               "--recipient", "b@example.org", "--tls-protocol", "TLSv1.3"]
+    r = tlsgate(*session, "--header-from", "ceo@bank.test")
+    assert r.returncode == 0, r.stderr
+    rcpt, end = r.stdout.split("at end of message")
+    assert "* all-tls: matched sender domain spoofer.test" in rcpt and "verdict: PASS" in rcpt
+    assert "bank-hdr" not in rcpt
+    assert "* bank-hdr: matched header From domain bank.test" in end
+    assert r.stdout.rstrip().splitlines()[-1].startswith("verdict: REJECT 5.7.")
+    other = tlsgate(*session, "--header-from", "ceo@else.test")
+    assert other.stdout.rstrip().splitlines()[-1] == "verdict: PASS"
+
+
 def test_explain_no_connector_is_opportunistic(db: str) -> None:
     r = tlsgate("--database-url", db, "explain", "--client", "203.0.113.5", "--sender", "a@else.test",
                 "--recipient", "b@example.org")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.message
 import email.parser
 import email.utils
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -211,6 +212,29 @@ def test_monitor_mode_delivers_and_records_what_would_have_happened(
     trace = headers(postfix.wait_delivered("watch@tlsgate.test")[0])["X-TLSgate"]
     assert "verdict=monitor-reject; connector=watch-in; status=5.7.10; tls=none" in trace
     assert "monitor-reject connector=watch-in stage=rcpt" in milter.wait_log("monitor-reject")
+
+
+def test_the_decision_of_a_single_recipient_message_carries_its_queue_id(
+    stack: tuple[PrivatePostfix, MilterProcess],
+) -> None:
+    # Postfix opens the queue file after the first recipient it accepts
+    # (smtpd_delay_open_until_valid_rcpt = yes): that RCPT has no i macro. The milter writes
+    # the decision line at end of message, when i is known; a refusal at RCPT stays NOQUEUE.
+    postfix, milter = stack
+    assert postfix.postconf("smtpd_delay_open_until_valid_rcpt") == "yes"
+    result = send(postfix.port, "a@watch.test", ["qid@tlsgate.test"])
+    assert result.delivered and result.data is not None, result
+    found = re.search(r"queued as (\w+)", result.data.text)
+    assert found is not None, result.data
+    queue_id = found.group(1)
+    log = milter.wait_log(f"{queue_id}: monitor-reject connector=watch-in stage=rcpt")
+    lines = [line for line in log.splitlines() if "to=<qid@tlsgate.test>" in line]
+    assert len(lines) == 1 and f"{queue_id}: monitor-reject connector=watch-in stage=rcpt" in lines[0], lines
+    refused = send(postfix.port, "a@contoso.test", ["qid-refused@tlsgate.test"])
+    assert refused.rcpt["qid-refused@tlsgate.test"].code == 550
+    log = milter.wait_log("to=<qid-refused@tlsgate.test>")
+    lines = [line for line in log.splitlines() if "to=<qid-refused@tlsgate.test>" in line]
+    assert len(lines) == 1 and "NOQUEUE: reject connector=contoso-in stage=rcpt" in lines[0], lines
 
 
 def test_client_skipping_the_second_ehlo_is_judged_on_tls(stack: tuple[PrivatePostfix, MilterProcess]) -> None:

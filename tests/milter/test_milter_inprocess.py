@@ -63,6 +63,7 @@ class FixedCtx(testctx.TestCtx):  # type: ignore[misc]
     """
 
     offer = 0x1FFFFF & ~NO_REPLY_STEPS
+    actions = Milter.CURR_ACTS  # the actions the MTA grants
 
     def getsymval(self, name: str) -> str | None:
         if getattr(self, "_stage", None) is None:
@@ -72,7 +73,7 @@ class FixedCtx(testctx.TestCtx):  # type: ignore[misc]
         return result
 
     def _negotiate(self) -> int:
-        testctx.TestCtx.default_opts = [Milter.CURR_ACTS, self.offer, 0, 0]
+        testctx.TestCtx.default_opts = [self.actions, self.offer, 0, 0]
         rc: int = super()._negotiate()
         return rc
 
@@ -93,9 +94,12 @@ class Session:
         sender: str,
         recipients: list[str],
         headers: list[tuple[str, str]] | None = None,
+        queue_id: str | None = None,
     ) -> tuple[int | None, email.message.Message]:
         """MAIL, RCPT each, then DATA to end of message for the accepted ones.
 
+        ``queue_id`` is sent in the ``i`` macro as Postfix sends it by default: from the first
+        accepted recipient on (the queue file is opened after it), so not at that RCPT.
         Returns the end-of-message answer (None when no recipient was accepted) and the
         message as the milter left it.
         """
@@ -109,6 +113,8 @@ class Session:
             self.replies[rcpt] = (rc, ctx._reply)
             if rc == Milter.CONTINUE:
                 accepted.append(rcpt)
+                if queue_id is not None:
+                    ctx._setsymval("i", queue_id)
         msg = email.message.Message()
         for name, value in headers if headers is not None else [("From", sender)]:
             msg[name] = value
@@ -122,7 +128,10 @@ class Session:
         for name, value in msg.items():
             assert ctx._header(name, value) == Milter.CONTINUE
         ctx._eoh()
-        return ctx._eom(), msg
+        rc = ctx._eom()
+        if queue_id is not None:
+            ctx._macros.pop("i", None)  # the next message gets its own
+        return rc, msg
 
 
 def load_rules(path: Path, sql: str) -> Snapshot:
@@ -148,10 +157,12 @@ def connect(snapshot: Snapshot) -> Iterator[Callable[..., Session]]:
         settings: MilterSettings | None = None,
         snap: Snapshot | None = snapshot,
         mta: str | None = POSTFIX,
+        actions: int = Milter.CURR_ACTS,
     ) -> Session:
         judge = Judge(snapshot=lambda: snap, settings=settings or MilterSettings())
         Milter.factory = lambda: TlsgateMilter(judge)
         ctx = FixedCtx()
+        ctx.actions = actions
         session = Session(ctx)
         session.macros({"j": "mx.example.test"})
         if mta is not None:
@@ -294,6 +305,66 @@ def test_strictest_header_from_verdict_wins(connect: Callable[..., Session]) -> 
     rc, _ = soft.message("x@mailer.test", ["b@example.test"], [("From", "a@soft.test")])
     assert rc == Milter.TEMPFAIL
     assert soft.ctx._reply[:2] == ("450", "4.7.10")
+
+
+# A sender connector ranks before a header-From one; both must be enforced.
+SENDER_AND_HEADER_FROM = """
+INSERT INTO inbound_connector (name, require_tls, on_failure) VALUES ('all-tls', 1, 'defer');
+INSERT INTO inbound_domain VALUES ('all-tls', 'sender', '{sender}');
+INSERT INTO inbound_connector (name, require_tls, certificate, on_failure) VALUES ('bank-hdr', 1, 'trusted', 'reject');
+INSERT INTO inbound_domain VALUES ('bank-hdr', 'header_from', 'bank.test');
+INSERT INTO inbound_cert_name VALUES ('bank-hdr', 'subject', 'mx.bank.test');
+INSERT INTO inbound_connector (name, require_tls, mode, on_failure) VALUES ('watch-hdr', 1, 'monitor', 'reject');
+INSERT INTO inbound_domain VALUES ('watch-hdr', 'header_from', 'watch.test');
+"""
+
+
+@pytest.mark.parametrize("sender_pattern", ["*", "mailer.test"], ids=["catch-all", "partner"])
+def test_a_header_from_connector_is_judged_whatever_sender_connector_matches(
+    connect: Callable[..., Session], tmp_path: Path, sender_pattern: str
+) -> None:
+    snap = load_rules(tmp_path / "r.sqlite", SENDER_AND_HEADER_FROM.format(sender=sender_pattern))
+    no_cert = connect(tls=TLS13, snap=snap)  # all-tls passes at RCPT; bank-hdr wants a certificate
+    rc, _ = no_cert.message("x@mailer.test", ["b@example.test"], [("From", "CEO <ceo@bank.test>")])
+    assert no_cert.replies["b@example.test"] == (Milter.CONTINUE, None)
+    assert rc == Milter.REJECT
+    assert no_cert.ctx._reply[:2] == ("550", "5.7.1")
+    cert = connect(tls={**TLS13, "{cert_subject}": "mx.bank.test", "{cert_issuer}": "Lab Test CA"}, snap=snap)
+    rc, msg = cert.message("x@mailer.test", ["b@example.test"], [("From", "CEO <ceo@bank.test>")])
+    assert rc == Milter.CONTINUE
+    assert "verdict=pass; connector=all-tls,bank-hdr; tls=TLSv1.3" in msg["X-TLSgate"]
+    other = connect(tls=TLS13, snap=snap)
+    rc, msg = other.message("x@mailer.test", ["b@example.test"], [("From", "x@mailer.test")])
+    assert rc == Milter.CONTINUE
+    assert "verdict=pass; connector=all-tls; tls=TLSv1.3" in msg["X-TLSgate"]
+    plain = connect(snap=snap)  # the sender connector's refusal at RCPT stands
+    rc, _ = plain.message("x@mailer.test", ["b@example.test"], [("From", "ceo@bank.test")])
+    assert rc is None
+    assert plain.replies["b@example.test"] == (Milter.TEMPFAIL, ("450", "4.7.10", "TLS required by connector all-tls"))
+
+
+def test_a_monitored_header_from_failure_is_recorded_beside_the_rcpt_verdict(
+    connect: Callable[..., Session], tmp_path: Path
+) -> None:
+    snap = load_rules(tmp_path / "r.sqlite", SENDER_AND_HEADER_FROM.format(sender="*"))
+    tls = connect(tls=TLS13, snap=snap)
+    rc, msg = tls.message("x@mailer.test", ["b@example.test"], [("From", "a@watch.test")])
+    assert rc == Milter.CONTINUE
+    assert "verdict=pass; connector=all-tls,watch-hdr" in msg["X-TLSgate"]
+    no_tls_needed = load_rules(tmp_path / "m.sqlite", SENDER_AND_HEADER_FROM.format(sender="*").replace(
+        "('all-tls', 1, 'defer')", "('all-tls', 0, 'defer')"))
+    plain = connect(snap=no_tls_needed)  # all-tls passes plaintext, watch-hdr would reject it
+    rc, msg = plain.message("x@mailer.test", ["b@example.test"], [("From", "a@watch.test")])
+    assert rc == Milter.CONTINUE
+    assert "verdict=monitor-reject; connector=all-tls,watch-hdr; status=5.7.10; tls=none" in msg["X-TLSgate"]
+
+
+def test_a_header_from_refusal_stands_over_a_monitored_sender_connector(connect: Callable[..., Session]) -> None:
+    session = connect()  # watch-in (sender, monitor) passes the recipient; bank-hdr enforces
+    rc, _ = session.message("a@watch.test", ["b@example.test"], [("From", "alerts@bank.test")])
+    assert session.replies["b@example.test"] == (Milter.CONTINUE, None)
+    assert rc == Milter.REJECT
+    assert session.ctx._reply == ("550", "5.7.10", "TLS required by connector bank-hdr")
 
 
 TOO_BIG_FROM = pytest.mark.parametrize(
@@ -494,6 +565,26 @@ def test_pinned_connector_still_refuses_what_the_milter_can_see(connect: Callabl
     )
 
 
+PINNED_HDR = """
+INSERT INTO inbound_connector (name, require_tls, certificate, on_failure) VALUES ('bank-pin', 1, 'pinned', 'reject');
+INSERT INTO inbound_domain VALUES ('bank-pin', 'header_from', 'bank.test');
+"""
+
+
+@pytest.mark.parametrize("pinned_action", ["policyd", "tempfail"])
+def test_a_pinned_header_from_connector_is_never_left_to_the_policy_daemon(
+    connect: Callable[..., Session], tmp_path: Path, pinned_action: str
+) -> None:
+    # The policy daemon never sees the header From: nobody else could check the pin.
+    snap = load_rules(tmp_path / "r.sqlite", PINNED_HDR)
+    session = connect(tls=TLS13, snap=snap, settings=MilterSettings(pinned_action=pinned_action))
+    rc, _ = session.message("x@mailer.test", ["b@example.test"], [("From", "ceo@bank.test")])
+    assert rc == Milter.TEMPFAIL
+    assert session.ctx._reply == (
+        "450", "4.3.5", "TLS policy of connector bank-pin cannot be checked here, try again later"
+    )
+
+
 def test_no_rules_yet_is_a_temporary_failure(connect: Callable[..., Session]) -> None:
     session = connect(snap=None)
     session.message("a@else.test", ["b@example.test"])
@@ -513,6 +604,123 @@ def test_ipv6_client_and_queue_id_reach_the_log(
         "4F2A1C3B: reject connector=contoso-in stage=rcpt client=client.example[2001:db8::25] "
         "from=<a@contoso.test> to=<b@example.test> tls=none status=5.7.10"
     ) in caplog.text
+
+
+def test_an_accepted_recipient_is_logged_once_with_the_queue_id_known_at_end_of_message(
+    connect: Callable[..., Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Postfix opens the queue file after the first recipient it accepts: no i at that RCPT.
+    caplog.set_level(logging.INFO, logger="tlsgate.milter")
+    session = connect()
+    rc, _ = session.message("a@watch.test", ["x@hr.example.test", "b@example.test"],
+                            [("From", "alerts@bank.test")], queue_id="4F2A1C3B")
+    assert rc == Milter.REJECT
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        # a refusal at RCPT is logged at once, as Postfix logs it: NOQUEUE
+        'NOQUEUE: defer connector=hr-in stage=rcpt client=client.example[192.0.2.7] from=<a@watch.test> '
+        'to=<x@hr.example.test> tls=none status=4.7.10 reason="TLS required by connector hr-in"',
+        '4F2A1C3B: monitor-reject connector=watch-in stage=rcpt client=client.example[192.0.2.7] '
+        'from=<a@watch.test> to=<b@example.test> tls=none status=5.7.10 reason="TLS required by connector watch-in"',
+        '4F2A1C3B: reject connector=bank-hdr stage=data client=client.example[192.0.2.7] from=<a@watch.test> '
+        'to=<b@example.test> header_from="alerts@bank.test" tls=none status=5.7.10 '
+        'reason="TLS required by connector bank-hdr"',
+    ]
+
+
+@pytest.mark.parametrize("end", ["abort", "close"])
+def test_a_message_that_ends_before_its_data_still_logs_each_decision_once(
+    connect: Callable[..., Session], caplog: pytest.LogCaptureFixture, end: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="tlsgate.milter")
+    session = connect()
+    ctx = session.ctx
+    assert ctx._envfrom("<a@watch.test>") == Milter.CONTINUE
+    assert ctx._envrcpt("<b@example.test>") == Milter.CONTINUE
+    assert "monitor-reject" not in caplog.text  # held until the queue id is known
+    if end == "abort":
+        ctx.getpriv().abort()
+    else:
+        ctx._close()
+    assert [r.getMessage()[:61] for r in caplog.records] == [
+        "NOQUEUE: monitor-reject connector=watch-in stage=rcpt client="
+    ]
+    if end == "abort":
+        rc, _ = session.message("a@else.test", ["b@example.test"], queue_id="5A6B7C8D")
+        assert rc == Milter.CONTINUE
+        assert len(caplog.records) == 1  # nothing from the aborted message is written again
+
+
+def test_no_state_leaks_between_transactions(connect: Callable[..., Session]) -> None:
+    session = connect()
+    rc, _ = session.message("x@mailer.test", ["b@example.test"], [("From", "alerts@bank.test")])
+    assert rc == Milter.REJECT
+    ctx = session.ctx  # a transaction aborted after its headers were seen
+    assert ctx._envfrom("<x@mailer.test>") == Milter.CONTINUE
+    assert ctx._envrcpt("<b@example.test>") == Milter.CONTINUE
+    ctx._header("From", "alerts@bank.test")
+    ctx.getpriv().abort()
+    milter = ctx.getpriv()
+    assert (milter._from_values, milter._accepted, milter._held, milter._sender) == ([], [], [], None)
+    rc, msg = session.message("y@mailer.test", ["c@example.test"], [("From", "y@mailer.test")])
+    assert rc == Milter.CONTINUE and "connector=none" in msg["X-TLSgate"]
+
+
+@pytest.mark.parametrize("actions", [0, Milter.ADDHDRS], ids=["none", "add-only"])
+def test_an_mta_that_grants_no_header_changes_gets_no_trace_header(
+    connect: Callable[..., Session], caplog: pytest.LogCaptureFixture, actions: int
+) -> None:
+    # Deleting forged copies needs CHGHDRS, adding ours ADDHDRS: without both, no header,
+    # and the mail goes on; the decisions are enforced all the same.
+    session = connect(tls=TLS13, actions=actions)
+    rc, msg = session.message("a@contoso.test", ["b@example.test"], [("From", "a@contoso.test"), ("X-TLSgate", "kept")])
+    assert rc == Milter.CONTINUE, session.ctx._reply
+    assert msg.get_all("X-TLSgate") == ["kept"]
+    assert caplog.text.count("the MTA does not offer header changes: the trace header cannot be written") == 1
+    rc, _ = session.message("x@mailer.test", ["b@example.test"], [("From", "alerts@bank.test")])
+    assert rc == Milter.CONTINUE  # over TLS: bank-hdr passes
+    plain = connect(actions=actions)
+    rc, _ = plain.message("x@mailer.test", ["b@example.test"], [("From", "alerts@bank.test")])
+    assert rc == Milter.REJECT
+
+
+class UndecodableCtx(FixedCtx):
+    """pymilter decodes macros as UTF-8 and raises on other bytes: so does this context, for
+    the macros named in ``undecodable``."""
+
+    undecodable: frozenset[str] = frozenset()
+
+    def getsymval(self, name: str) -> str | None:
+        if name in self.undecodable:
+            raise UnicodeDecodeError("utf-8", b"caf\xe9.example", 3, 4, "invalid continuation byte")
+        return super().getsymval(name)
+
+
+@pytest.mark.parametrize(
+    ("undecodable", "sender", "expected"),
+    [
+        ({"{cert_subject}"}, "a@contoso.test", Milter.CONTINUE),  # TLS is still known
+        ({"{cert_subject}"}, "a@fabrikam.test", Milter.REJECT),  # the name does not count
+        ({"{tls_version}", "i"}, "a@contoso.test", Milter.REJECT),  # no TLS known: plaintext
+    ],
+    ids=["tls-ok", "name-absent", "tls-absent"],
+)
+def test_a_macro_that_is_not_utf8_is_taken_as_absent(
+    snapshot: Snapshot, caplog: pytest.LogCaptureFixture, undecodable: set[str], sender: str, expected: int
+) -> None:
+    judge = Judge(snapshot=lambda: snapshot)
+    Milter.factory = lambda: TlsgateMilter(judge)
+    ctx = UndecodableCtx()
+    ctx.undecodable = frozenset(undecodable)
+    session = Session(ctx)
+    session.macros({"j": "mx.example.test", "v": POSTFIX, **TLS13, "{cert_subject}": "mx.fabrikam.test",
+                    "{cert_issuer}": "Lab Test CA"})
+    assert ctx._connect(host="client.example", helo="client.example", ip="192.0.2.7") == Milter.CONTINUE
+    for _ in range(2):
+        rc, _ = session.message(sender, ["b@example.test"])
+        assert (rc if rc is not None else session.replies["b@example.test"][0]) == expected
+    assert caplog.text.count("is not UTF-8: taken as absent") == 1  # once per session
+    ctx._close()
 
 
 def test_an_exception_answers_tempfail_and_is_logged_with_the_queue_id(

@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,6 +124,31 @@ mt.disconnect(tls)
 """)
 
 
+def test_a_macro_that_is_not_utf8_is_taken_as_absent(milter: MilterProcess, workdir: Path) -> None:
+    # pymilter raises UnicodeDecodeError for such a macro; the session goes on without it.
+    out = miltertest(workdir, f"""
+conn = session("{milter.sock}", "192.0.2.7", false)
+mt.macro(conn, SMFIC_HELO, "{{tls_version}}", "TLSv1.3", "{{cipher}}", "TLS_AES_256_GCM_SHA384",
+         "{{cipher_bits}}", "256", "{{cert_subject}}", "caf\\233.example", "{{verify}}", "OK")
+if mt.helo(conn, "client.example") ~= nil then fail("helo") end
+for i = 1, 2 do
+  mail(conn, "<a@contoso.test>")
+  if mt.rcptto(conn, "<b@example.test>") ~= nil then fail("rcpt") end
+  if mt.getreply(conn) ~= SMFIR_CONTINUE then fail("refused") end
+  if mt.eom(conn) ~= nil then fail("eom") end
+  if mt.getreply(conn) ~= SMFIR_CONTINUE then fail("message refused") end
+  print("TRACE " .. mt.getheader(conn, "X-TLSgate", 0))
+  mt.abort(conn)
+end
+mt.disconnect(conn)
+""")
+    assert "TRACE mx.example.test; verdict=pass; connector=contoso-in; tls=TLSv1.3; " \
+        "cipher=TLS_AES_256_GCM_SHA384; bits=256; verified=no" in out
+    log = milter.wait_log("is not UTF-8")
+    assert log.count("macro {cert_subject} is not UTF-8: taken as absent (logged once per session)") == 1
+    assert "callback failed" not in log
+
+
 def test_header_from_refused_at_end_of_message(milter: MilterProcess, workdir: Path) -> None:
     miltertest(workdir, f"""
 conn = session("{milter.sock}", "192.0.2.7", false)
@@ -232,11 +258,14 @@ mt.disconnect(conn)
 
 def test_sigterm_lets_a_message_in_progress_finish(milter: MilterProcess, workdir: Path) -> None:
     flag = workdir / "go"
+    judged = workdir / "judged"  # the recipient's line is written at end of message, with the queue id
     script = workdir / "inflight.lua"
     script.write_text(PRELUDE + f"""
 conn = session("{milter.sock}", "192.0.2.7", true)
 mail(conn, "<a@contoso.test>")
 if mt.rcptto(conn, "<b@example.test>") ~= nil then fail("rcpt") end
+if mt.getreply(conn) ~= SMFIR_CONTINUE then fail("recipient refused") end
+io.open("{judged}", "w"):close()
 -- wait until the test has sent SIGTERM and says go
 while io.open("{flag}") == nil do mt.sleep(0.02) end
 mt.header(conn, "From", "a@contoso.test")
@@ -248,7 +277,10 @@ mt.disconnect(conn)
     assert MILTERTEST is not None
     client = subprocess.Popen([MILTERTEST, "-s", str(script)], stdout=subprocess.PIPE, text=True)
     try:
-        milter.wait_log("to=<b@example.test>")
+        deadline = time.monotonic() + 10
+        while not judged.exists():
+            assert time.monotonic() < deadline and client.poll() is None, "the recipient was not judged"
+            time.sleep(0.02)
         milter.signal(signal.SIGTERM)
         milter.wait_log("SIGTERM: stopping, 1 sessions with messages in progress")
         assert not milter.sock.exists()  # no new connections from here on
@@ -261,6 +293,8 @@ mt.disconnect(conn)
     assert client.returncode == 0 and "FINISHED" in out, milter.log()
     assert milter.stop() == 0
     assert "still open" not in milter.log()
+    assert "4F2A1C3B: pass connector=contoso-in stage=rcpt client=client.example[192.0.2.7] " \
+        "from=<a@contoso.test> to=<b@example.test>" in milter.log()
 
 
 def test_metrics_count_the_milter_decisions(workdir: Path) -> None:

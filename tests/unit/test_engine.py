@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from tests.support.indexes import index_answers
-from tlsgate.engine import decide, find_candidates, has_forward_secrecy, version_key, with_myorigin
+from tlsgate.engine import (
+    decide,
+    decide_header_from,
+    find_candidates,
+    has_forward_secrecy,
+    version_key,
+    with_myorigin,
+)
 from tlsgate.model import (
     CertRequirement,
     FailAction,
@@ -207,6 +214,47 @@ def test_candidates_show_the_override() -> None:
     snap = Snapshot(inbound=(conn("broad", sender=["*.com"]), conn("exact", sender=["contoso.com"])))
     cands = find_candidates(snap, facts())
     assert [c.connector.name for c in cands] == ["exact", "broad"]
+
+
+BANK = {"sender": "x@mailer.test", "header_from": "ceo@bank.test", "stage": Stage.DATA}
+
+# decide_header_from: the header-From connectors alone, ranked and judged as decide does
+# (id, connectors, session, expected verdict, winner, reason part)
+HEADER_FROM_CASES: list[tuple[str, list[InboundConnector], dict[str, Any], str, str | None, str]] = [
+    ("a sender connector for * does not hide it", [conn("all", sender=["*"]), conn("bank", hfrom=["bank.test"], on_failure=FailAction.REJECT)], {**BANK, **TLS13, "sender": "x@mailer.test"}, "pass", "bank", ""),
+    ("judged though a sender connector ranks first", [conn("all", sender=["*"], require_tls=False), conn("bank", hfrom=["bank.test"], on_failure=FailAction.REJECT)], BANK, "reject", "bank", "TLS required by connector bank"),
+    ("a partner's sender connector does not hide it", [conn("partner", sender=["mailer.test"], require_tls=False), conn("bank", hfrom=["bank.test"])], BANK, "defer", "bank", ""),
+    ("no header-From connector: nothing to say", [conn("all", sender=["*"])], BANK, "pass", None, ""),
+    ("another author's domain", [conn("bank", hfrom=["bank.test"])], {**BANK, "header_from": "a@else.test"}, "pass", None, ""),
+    ("never at RCPT", [conn("bank", hfrom=["bank.test"])], {**BANK, "stage": Stage.RCPT}, "pass", None, ""),
+    ("the most specific header-From connector decides", [conn("wide", hfrom=["*.test"]), conn("bank", hfrom=["bank.test"], require_tls=False)], BANK, "pass", "bank", ""),
+    ("a sender scope ranks first among them too", [conn("bank", hfrom=["bank.test"], require_tls=False), conn("both", sender=["mailer.test"], hfrom=["*.test"])], BANK, "defer", "both", ""),
+    ("monitor does not lift an enforcing one", [conn("watch", hfrom=["bank.test"], mode=Mode.MONITOR, require_tls=False), conn("wide", hfrom=["*.test"], on_failure=FailAction.REJECT)], BANK, "reject", "wide", ""),
+    ("monitor's view once the enforcing ones pass", [conn("watch", hfrom=["bank.test"], mode=Mode.MONITOR, min_tls_version="TLSv1.3"), conn("wide", hfrom=["*.test"]), conn("all", sender=["*"], on_failure=FailAction.REJECT)], {**BANK, **TLS12}, "monitor-defer", "watch", "below the minimum"),
+    ("misconfigured: defers", [conn("bank", hfrom=["bank.test"], on_failure=FailAction.REJECT, problems=("bad",))], {**BANK, **TLS13}, "defer", "bank", "misconfigured"),
+]
+
+
+@pytest.mark.parametrize(("connectors", "session", "verdict", "winner", "reason"),
+                         [c[1:] for c in HEADER_FROM_CASES], ids=[c[0] for c in HEADER_FROM_CASES])
+def test_header_from_table(connectors: list[InboundConnector], session: dict[str, Any], verdict: str,
+                           winner: str | None, reason: str) -> None:
+    from tlsgate.decisionlog import verdict_word
+
+    decision = decide_header_from(Snapshot(inbound=tuple(connectors)), facts(**session), NOW)
+    assert verdict_word(decision) == verdict
+    assert (decision.connector.name if decision.connector else None) == winner
+    assert all(c.connector.header_from_domains for c in decision.candidates)
+    if reason:
+        assert decision.reason is not None and reason in decision.reason
+
+
+def test_decide_still_lets_the_best_connector_of_all_decide() -> None:
+    # What the policy daemon asks: unchanged, the sender connector ranks first.
+    snap = Snapshot(inbound=(conn("all", sender=["*"], require_tls=False), conn("bank", hfrom=["bank.test"])))
+    decision = decide(snap, facts(**BANK), NOW)
+    assert decision.connector is not None and decision.connector.name == "all"
+    assert [c.connector.name for c in decision.candidates] == ["all", "bank"]
 
 
 def _pin(**kw: Any) -> Pin:

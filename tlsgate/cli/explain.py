@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -11,8 +12,8 @@ from tlsgate.cli import CommandError
 from tlsgate.config import resolve_myorigin
 from tlsgate.decisionlog import verdict_word
 from tlsgate.dnsranges import DnsCache, apply_dns, dns_entries
-from tlsgate.engine import decide, with_myorigin
-from tlsgate.model import Decision, SessionFacts, Stage
+from tlsgate.engine import decide, decide_header_from, with_myorigin
+from tlsgate.model import Decision, FailAction, SessionFacts, Stage
 from tlsgate.patterns import parse_address
 from tlsgate.rules import resolver_settings
 from tlsgate.snapshot import Snapshot
@@ -130,13 +131,13 @@ def render(facts: SessionFacts, decision: Decision) -> list[str]:
             lines.append("requirements:")
             for check in decision.checks:
                 lines.append(f"  [{'pass' if check.ok else 'FAIL'}] {check.requirement}: {check.detail}")
-    word = verdict_word(decision)
-    if decision.status:
-        verdict = f"{word.upper()} {decision.status} {decision.reason}"
-    else:
-        verdict = word.upper()
-    lines.append(f"verdict: {verdict}")
+    lines.append(f"verdict: {_verdict_text(decision)}")
     return lines
+
+
+def _verdict_text(decision: Decision) -> str:
+    word = verdict_word(decision).upper()
+    return f"{word} {decision.status} {decision.reason}" if decision.status else word
 
 
 def cmd_explain(args: argparse.Namespace, ctx: Context) -> int:
@@ -161,7 +162,27 @@ def cmd_explain(args: argparse.Namespace, ctx: Context) -> int:
                 lines.append(f"  {entry}: {nets} (resolved {age:.0f}s ago, ttl {got.ttl}s)")
     if any(a and "@" not in a and a.strip("<> ") for a in (facts.sender, facts.recipient)):
         facts = with_myorigin(facts, resolve_myorigin(ctx.config.engine))
-    decision = decide(snap, facts, datetime.now(UTC))
-    rendered = render(facts, decision)
-    print("\n".join([*rendered[:2], *lines, *rendered[2:]]))
+    now = datetime.now(UTC)
+    if not facts.header_from:
+        rendered = render(facts, decide(snap, facts, now))
+        print("\n".join([*rendered[:2], *lines, *rendered[2:]]))
+        return 0
+    # As the milter judges a message: each recipient at RCPT, where no header From is known,
+    # then the author by the header-From connectors alone; the stronger refusal stands.
+    at_rcpt = decide(snap, replace(facts, header_from=None, stage=Stage.RCPT), now)
+    at_end = decide_header_from(snap, facts, now)
+    rendered = render(facts, at_rcpt)
+    print("\n".join([*rendered[:2], *lines, "at RCPT (every connector but those scoped by the header From):",
+                     *_indented(rendered[2:]), "at end of message (the connectors scoped by the header From):",
+                     *_indented(render(facts, at_end)[2:])]))
+    final = at_end if _severity(at_end) > _severity(at_rcpt) else at_rcpt
+    print(f"verdict: {_verdict_text(final)}")
     return 0
+
+
+def _indented(lines: list[str]) -> list[str]:
+    return [f"  {line}" for line in lines]
+
+
+def _severity(decision: Decision) -> int:
+    return {FailAction.REJECT: 2, FailAction.DEFER: 1}.get(decision.action, 0)  # type: ignore[arg-type]
