@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from tlsgate.model import InboundConnector, OutboundConnector, TlsLevel
+from tlsgate.model import InboundConnector, OutboundConnector, TlsLevel, tls_version_rank
 from tlsgate.patterns import DomainKind, normalise_domain, parse_address
 from tlsgate.snapshot import Snapshot
 from tlsgate.socketmap import Reply, Status
@@ -134,46 +134,103 @@ def _policy_settings(connector: OutboundConnector, partners: Mapping[str, Inboun
     return (level, names, connector.min_tls_version, prints)
 
 
+@dataclass(frozen=True, slots=True)
+class HopClash:
+    """Connectors whose different TLS policies one smart host key would have to answer for."""
+
+    routed: tuple[str, ...]  # the connectors with this smart host, by name
+    shared: bool  # whether their own policies differ
+    domain: str | None = None  # the connector covering the key as a recipient domain, if it clashes
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.routed + ((self.domain,) if self.domain is not None else ())
+
+
+def _connectors(names: tuple[str, ...]) -> str:
+    return f"outbound connector{'s' if len(names) > 1 else ''} {', '.join(names)}"
+
+
 def hop_clashes(
-    connectors: Iterable[OutboundConnector], partners: Mapping[str, InboundConnector]
-) -> dict[str, tuple[str, ...]]:
-    """Smart hosts shared by enabled connectors whose TLS policies differ: key -> names.
+    connectors: Iterable[OutboundConnector],
+    partners: Mapping[str, InboundConnector],
+    domains: _Domains | None = None,
+) -> dict[str, HopClash]:
+    """Smart host keys that must answer for enabled connectors whose TLS policies differ.
 
     Postfix asks for the TLS policy of a smart host by its name alone, so one answer must
     serve every connector routed there. No answer is "the strictest" in general (two match
     lists, or encrypt with TLS 1.3 against verify with TLS 1.2, do not compare), so such a
     hop answers TEMP until the connectors agree. ``partners`` are the inbound connectors by
     name, whose registered certificates ``fingerprint`` policies pin.
+
+    A smart host ``contoso.com`` (MX lookup, port 25) has the very key Postfix sends for mail
+    to the recipient domain contoso.com, so the connector covering that domain (with the
+    domain lookup's precedence) has to agree too; a misconfigured one never does, since its
+    domains answer TEMP. A ``*`` connector is a floor: it agrees with any smart host whose
+    connectors all ask at least what it asks (see :func:`_asks_at_least`).
+    ``domains``: the table of ``connectors``, when the caller has built it.
     """
+    live = sorted((c for c in connectors if c.enabled), key=lambda c: c.name)
     by_key: dict[str, dict[str, OutboundConnector]] = {}
-    for conn in sorted((c for c in connectors if c.enabled), key=lambda c: c.name):
+    bare: set[str] = set()
+    for conn in live:
         for h in conn.smart_hosts:
             for key in _hop_keys(h.host, h.port, h.mx_lookup):
                 by_key.setdefault(key, {})[conn.name] = conn
-    return {
-        key: tuple(group)
-        for key, group in by_key.items()
-        if len({_policy_settings(c, partners) for c in group.values()}) > 1
-    }
+                # Only a host name with MX lookup on port 25 has a key without brackets or a
+                # port, as a domain has. "[address]" is an address-literal recipient's next hop
+                # too, but no connector covers those as a domain.
+                if not key.startswith("[") and ":" not in key:
+                    bare.add(key)
+    # The loader has no index: it gets a domain table only when a bare key needs one.
+    owners = domains if domains is not None or not bare else _Domains(live)
+    clashes: dict[str, HopClash] = {}
+    for key, group in by_key.items():
+        settings = {_policy_settings(c, partners) for c in group.values()}
+        # A bare key is also a domain's key (hosts are A-labels, as domains are): the connector
+        # the domain lookup picks must agree.
+        owner = owners.for_domain(key) if owners is not None and key in bare else None
+        rival: str | None = None
+        if owner is not None and owner.name not in group and (
+            owner.problems or settings != {_policy_settings(owner, partners)}
+        ) and not (
+            # "*" is a floor: a smart host's connector may ask more than it, never less.
+            not owner.problems and owners is not None and owners.specific(key) is None
+            and all(_asks_at_least(c, owner) for c in group.values())
+        ):
+            rival = owner.name
+        if rival is not None or len(settings) > 1:
+            clashes[key] = HopClash(tuple(group), len(settings) > 1, rival)
+    return clashes
 
 
-class OutboundIndex:
-    """The enabled outbound connectors of one snapshot, by recipient domain and by smart host.
+def _asks_at_least(conn: OutboundConnector, floor: OutboundConnector) -> bool:
+    """Whether ``conn``'s policy asks all that an ``encrypt`` floor asks: TLS at least as
+    recent, and a level that never goes out in the clear (``dane`` falls back to ``may``
+    where no TLSA records are published). Other floors compare with nothing but themselves."""
+    if floor.tls_level is not TlsLevel.ENCRYPT or conn.tls_level is TlsLevel.DANE:
+        return False
+    return _version_rank(conn.min_tls_version) >= _version_rank(floor.min_tls_version)
+
+
+def _version_rank(version: str | None) -> int:
+    return (tls_version_rank(version) or 0) if version else 0
+
+
+class _Domains:
+    """The enabled connectors by recipient domain pattern.
 
     Among connectors covering a domain the most specific pattern wins (exact, then the longest
     ``*.`` parent, then ``*``); equal patterns go to a misconfigured connector first (its mail
     waits until it is fixed), then to the first connector by name.
     """
 
-    def __init__(self, snapshot: Snapshot, service: str = "smtp") -> None:
-        """``service``: the master.cf service the transport answers name (``[socketmap] transport``)."""
-        self.snapshot = snapshot
-        self.generation = snapshot.generation
-        live = sorted((c for c in snapshot.outbound if c.enabled), key=lambda c: c.name)
+    def __init__(self, live: Iterable[OutboundConnector]) -> None:
+        """``live``: enabled connectors, sorted by name."""
         exact: dict[str, OutboundConnector] = {}
         sub: dict[str, OutboundConnector] = {}
         anyone: OutboundConnector | None = None
-        hops: dict[str, OutboundConnector] = {}
         for conn in live:
             for pattern in conn.recipient_domains:
                 if pattern.kind is DomainKind.EXACT:
@@ -182,24 +239,9 @@ class OutboundIndex:
                     _claim(sub, pattern.domain, conn)
                 elif anyone is None or (conn.problems and not anyone.problems):
                     anyone = conn
-            for h in conn.smart_hosts:
-                for key in _hop_keys(h.host, h.port, h.mx_lookup):
-                    hops.setdefault(key, conn)
         self._exact = exact
         self._sub = sub
         self._any = anyone
-        self._hops = hops
-        self._policies = {c.name: tls_policy(c, snapshot) for c in live}
-        self._transports = {c.name: transport(c, service) for c in live}
-        self._hop_answers: dict[str, Answer] = {}
-        for key, names in hop_clashes(live, snapshot.by_name).items():
-            broken = next((n for n in names if self._policies[n].status is Status.TEMP), None)
-            reply = self._policies[broken] if broken is not None else Reply(
-                Status.TEMP,
-                f"outbound connectors {', '.join(names)} share the smart host {key} with different TLS policies",
-            )
-            self._hop_answers[key] = Answer(reply, broken or names[0])
-        self.connector_count = len(live)
 
     def for_domain(self, domain: str) -> OutboundConnector | None:
         """The connector for a recipient domain (normalised), or None."""
@@ -207,6 +249,11 @@ class OutboundIndex:
         if found is not None:
             return found
         return self._parents(domain)
+
+    def specific(self, domain: str) -> OutboundConnector | None:
+        """The connector for a domain by an exact or ``*.`` pattern, leaving ``*`` out."""
+        found = self._exact.get(domain)
+        return found if found is not None else self._parents(domain, anyone=False)
 
     def _parents(self, domain: str, *, anyone: bool = True) -> OutboundConnector | None:
         # "*.parent" patterns, walking from the longest proper parent up.
@@ -219,6 +266,41 @@ class OutboundIndex:
             found = self._sub.get(rest)
             if found is not None:
                 return found
+
+
+class OutboundIndex(_Domains):
+    """The enabled outbound connectors of one snapshot, by recipient domain (as
+    :class:`_Domains` ranks them) and by smart host."""
+
+    def __init__(self, snapshot: Snapshot, service: str = "smtp") -> None:
+        """``service``: the master.cf service the transport answers name (``[socketmap] transport``)."""
+        self.snapshot = snapshot
+        self.generation = snapshot.generation
+        live = sorted((c for c in snapshot.outbound if c.enabled), key=lambda c: c.name)
+        super().__init__(live)
+        hops: dict[str, OutboundConnector] = {}
+        for conn in live:
+            for h in conn.smart_hosts:
+                for key in _hop_keys(h.host, h.port, h.mx_lookup):
+                    hops.setdefault(key, conn)
+        self._hops = hops
+        self._policies = {c.name: tls_policy(c, snapshot) for c in live}
+        self._transports = {c.name: transport(c, service) for c in live}
+        self._hop_answers: dict[str, Answer] = {}
+        for key, clash in hop_clashes(live, snapshot.by_name, self).items():
+            names = clash.names
+            broken = next((n for n in names if self._policies[n].status is Status.TEMP), None)
+            if broken is not None:
+                reply = self._policies[broken]
+            elif clash.domain is not None:
+                reply = Reply(Status.TEMP, (
+                    f"the smart host {key} of {_connectors(clash.routed)} is a recipient domain "
+                    f"of outbound connector {clash.domain}, with a different TLS policy"))
+            else:
+                reply = Reply(Status.TEMP, (
+                    f"outbound connectors {', '.join(names)} share the smart host {key} with different TLS policies"))
+            self._hop_answers[key] = Answer(reply, broken or names[0])
+        self.connector_count = len(live)
 
     def connector_for_policy_key(self, key: str) -> OutboundConnector | None:
         """The connector for a smtp_tls_policy_maps key, in any form Postfix sends."""

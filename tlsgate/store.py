@@ -741,13 +741,23 @@ def _load_outbound(
         out.append(OutboundConnector(**kw))
     # One line per smart host, under the spelling tlsgate's transport answer gives it.
     written = {next_hop(h.host, h.port, h.mx_lookup) for c in out for h in c.smart_hosts}
-    for key, sharing in hop_clashes(out, {c.name: c for c in inbound}).items():
+    misconfigured = {c.name for c in out if c.problems}
+    for key, clash in hop_clashes(out, {c.name: c for c in inbound}).items():
         if key not in written:
             continue
-        problems.append(RowProblem(
-            "error", "outbound_smart_host", (key,), "host",
-            f"outbound connectors {', '.join(sharing)} share this smart host with different TLS policies: "
-            "mail through it is deferred until they agree", sharing[0]))
+        if clash.shared:
+            problems.append(RowProblem(
+                "error", "outbound_smart_host", (key,), "host",
+                f"outbound connectors {', '.join(clash.routed)} share this smart host with different TLS policies: "
+                "mail through it is deferred until they agree", clash.routed[0]))
+        # A misconfigured domain connector has its own error; a clash left after the fix shows then.
+        if clash.domain is not None and clash.domain not in misconfigured:
+            routed = f"outbound connector{'s' if len(clash.routed) > 1 else ''} {', '.join(clash.routed)}"
+            problems.append(RowProblem(
+                "error", "outbound_smart_host", (key,), "host",
+                f"is also a recipient domain of outbound connector {clash.domain}, whose TLS policy differs "
+                f"from that of {routed}: Postfix asks for both by this one name, so mail to it and through "
+                "it is deferred until they agree", clash.routed[0]))
     return out
 
 

@@ -104,3 +104,49 @@ def test_any_domain_connector_with_smart_hosts_is_told_to_use_relayhost(tmp_path
     assert [p.message for p in result.problems] == [
         "covers '*' and has smart hosts: tlsgate never routes '*' (local mail would go too), so its smart "
         "hosts only get its TLS policy; set relayhost to them in main.cf"]
+
+
+def test_mx_smart_host_named_like_another_connectors_domain_must_agree(tmp_path: Path) -> None:
+    # Postfix asks for mail to contoso.com and for mail through the smart host contoso.com
+    # (MX lookup, port 25) with the same key.
+    result = loaded(
+        tmp_path,
+        *connector("contoso", "secure", "contoso.com"),
+        "INSERT INTO outbound_match_name (connector, name) VALUES ('contoso', 'mail.contoso.com')",
+        *connector("subsidiary", "encrypt", "subsidiary.example", hosts=(("contoso.com", 25, 1),)),
+        *connector("contoso-subs", "secure", "*.contoso.com"),
+        *connector("fabrikam", "encrypt", "fabrikam.com", hosts=(("relay.contoso.com", 25, 1),)),
+        *connector("same", "secure", "same.example", hosts=(("relay.same.example", 25, 1),)),
+        *connector("same-subs", "secure", "*.same.example"),
+    )
+    assert [str(p) for p in result.errors] == [
+        "error: outbound_smart_host ('relay.contoso.com') column host: is also a recipient domain of outbound "
+        "connector contoso-subs, whose TLS policy differs from that of outbound connector fabrikam: Postfix asks "
+        "for both by this one name, so mail to it and through it is deferred until they agree",
+        "error: outbound_smart_host ('contoso.com') column host: is also a recipient domain of outbound "
+        "connector contoso, whose TLS policy differs from that of outbound connector subsidiary: Postfix asks "
+        "for both by this one name, so mail to it and through it is deferred until they agree"]
+    index = OutboundIndex(result.snapshot)
+    assert index.tls_policy("contoso.com").reply.status is Status.TEMP
+    assert index.tls_policy("relay.contoso.com").reply.status is Status.TEMP
+    assert index.tls_policy("relay.same.example").reply == Reply(Status.OK, "secure")
+
+
+def test_mx_smart_host_under_a_misconfigured_any_domain_connector_waits_without_a_second_error(tmp_path: Path) -> None:
+    # The unreadable row widens delta to "*": the smart host's name is one of the domains that
+    # wait, and delta's own error is the one to fix.
+    result = loaded(tmp_path, *connector("delta", "secure", "delta..test"),
+                    *connector("partner", "encrypt", "partner.test", hosts=(("hub.partner.test", 25, 1),)))
+    assert [p.connector for p in result.errors] == ["delta"]
+    answer = OutboundIndex(result.snapshot).tls_policy("hub.partner.test")
+    assert answer.reply.status is Status.TEMP and answer.connector == "delta"
+    # Connectors that share the smart host and disagree are still told so.
+    (tmp_path / "shared").mkdir()
+    result = loaded(tmp_path / "shared", *connector("delta", "secure", "delta..test"),
+                    *connector("a", "encrypt", "a.test", hosts=(("hub.partner.test", 25, 1),)),
+                    *connector("b", "verify", "b.test", hosts=(("hub.partner.test", 25, 1),)))
+    assert [str(p) for p in result.errors][1:] == [
+        "error: outbound_smart_host ('hub.partner.test') column host: outbound connectors a, b share this smart "
+        "host with different TLS policies: mail through it is deferred until they agree"]
+    answer = OutboundIndex(result.snapshot).tls_policy("hub.partner.test")
+    assert answer.reply.status is Status.TEMP and answer.connector == "delta"

@@ -274,3 +274,98 @@ def test_transport_answers_name_the_configured_service() -> None:
     index = OutboundIndex(snap, "smtp-out")
     assert index.transport("x@a.example").reply == Reply(Status.OK, "smtp-out:")
     assert index.transport("x@b.example").reply == Reply(Status.OK, "smtp-out:[relay.b.example]:25")
+
+
+# A smart host with MX lookup on port 25 has the key Postfix sends for mail to the recipient
+# domain of that name: the connector covering that domain must agree with it.
+STRICT = conn("contoso", "contoso.com", match_names=("mail.contoso.com",))
+
+
+def via(name: str, host: str, port: int = 25, mx: bool = True, **kw: object) -> OutboundConnector:
+    kw.setdefault("tls_level", TlsLevel.ENCRYPT)
+    return conn(name, f"{name}.example", smart_hosts=(SmartHost(host, port, mx),), **kw)
+
+
+def test_mx_smart_host_named_like_another_connectors_domain_is_a_temporary_failure() -> None:
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(STRICT, via("subsidiary", "contoso.com"))))
+    assert index.transport("user@contoso.com").reply == Reply(Status.OK, "smtp:")
+    for key in ("contoso.com", "CONTOSO.com"):
+        assert index.tls_policy(key) == Answer(Reply(Status.TEMP, (
+            "the smart host contoso.com of outbound connector subsidiary is a recipient domain of "
+            "outbound connector contoso, with a different TLS policy")), "subsidiary")
+    # Only the bare name is shared: the other spelling and the domains' own keys keep theirs.
+    assert index.tls_policy("contoso.com:25") == Answer(Reply(Status.OK, "encrypt"), "subsidiary")
+    assert index.tls_policy("subsidiary.example").reply == Reply(Status.OK, "encrypt")
+    assert index.tls_policy("mail.contoso.com") == NOT_FOUND
+    assert index.transport("user@subsidiary.example").reply == Reply(Status.OK, "smtp:contoso.com")
+    # Every other spelling of the smart host has a port or brackets, which no domain key has.
+    for port, mx, hop in ((587, True, "contoso.com:587"), (25, False, "[contoso.com]:25"), (25, False, "[contoso.com]")):
+        index = OutboundIndex(Snapshot(inbound=(), outbound=(STRICT, via("subsidiary", "contoso.com", port, mx))))
+        assert index.tls_policy("contoso.com") == Answer(Reply(Status.OK, "secure match=mail.contoso.com"), "contoso")
+        assert index.tls_policy(hop) == Answer(Reply(Status.OK, "encrypt"), "subsidiary")
+
+
+def test_mx_smart_host_inside_another_connectors_wildcard_is_a_temporary_failure() -> None:
+    subs = conn("contoso-subs", "*.contoso.com", match_names=("*.contoso.com",))
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(subs, via("fabrikam", "relay.contoso.com"))))
+    answer = index.tls_policy("relay.contoso.com")
+    assert answer.reply.status is Status.TEMP
+    assert "recipient domain of outbound connector contoso-subs" in answer.reply.data
+    assert index.tls_policy("other.contoso.com").reply == Reply(Status.OK, "secure match=.contoso.com")
+
+
+def test_mx_smart_host_must_agree_with_the_connector_the_domain_lookup_picks() -> None:
+    same = via("subsidiary", "contoso.com", tls_level=TlsLevel.SECURE, match_names=("mail.contoso.com",))
+    wide = conn("all-com", "*.com", tls_level=TlsLevel.ENCRYPT)
+    # The exact pattern agrees and wins over "*.com": answered.
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(STRICT, same, wide)))
+    assert index.tls_policy("contoso.com").reply == Reply(Status.OK, "secure match=mail.contoso.com")
+    # Without it, "*.com" covers contoso.com and does not agree.
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(same, wide)))
+    answer = index.tls_policy("contoso.com")
+    assert answer.reply.status is Status.TEMP
+    assert "recipient domain of outbound connector all-com" in answer.reply.data
+
+
+def test_any_domain_connector_must_agree_with_mx_smart_hosts() -> None:
+    # "*" is a floor for every domain no other connector covers, hub.partner.test included.
+    floor = conn("all", "*", tls_level=TlsLevel.VERIFY)
+    partner = via("partner", "hub.partner.test")
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(floor, partner)))
+    answer = index.tls_policy("hub.partner.test")
+    assert answer.reply.status is Status.TEMP
+    assert "recipient domain of outbound connector all" in answer.reply.data
+    # Fixed by covering the smart host's name with its own connector (or one that agrees).
+    covered = conn("partner", "partner.example", "hub.partner.test", tls_level=TlsLevel.ENCRYPT,
+                   smart_hosts=(SmartHost("hub.partner.test", 25, True),))
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(floor, covered)))
+    assert index.tls_policy("hub.partner.test") == Answer(Reply(Status.OK, "encrypt"), "partner")
+    # A "*" connector's own smart host agrees with it.
+    gateway = conn("all", "*", tls_level=TlsLevel.VERIFY, smart_hosts=(SmartHost("gw.example", 25, True),))
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(gateway,)))
+    assert index.tls_policy("gw.example") == Answer(Reply(Status.OK, "verify"), "all")
+
+
+def test_mx_smart_host_named_like_a_misconfigured_connectors_domain_gives_its_reason() -> None:
+    # Equal settings, but the domain's connector is misconfigured: its mail must wait.
+    broken = conn("contoso", "contoso.com", tls_level=TlsLevel.ENCRYPT, problems=("bad row",))
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(broken, via("subsidiary", "contoso.com"))))
+    assert index.tls_policy("contoso.com") == Answer(
+        Reply(Status.TEMP, "outbound connector contoso is misconfigured: bad row"), "contoso")
+
+
+def test_an_encrypt_floor_is_raised_by_a_stricter_mx_smart_host_never_lowered() -> None:
+    """A partner's MX smart host under an "encrypt everything" floor keeps its own stricter
+    policy; one that would answer less than the floor (dane: opportunistic without TLSA
+    records; an older TLS version) waits."""
+    floor = conn("all", "*", tls_level=TlsLevel.ENCRYPT, min_tls_version="TLSv1.2")
+    secure = conn("partner", "partner.example", tls_level=TlsLevel.SECURE, match_names=("hub.partner.test",),
+                  min_tls_version="TLSv1.3", smart_hosts=(SmartHost("hub.partner.test", 25, True),))
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(floor, secure)))
+    assert index.tls_policy("hub.partner.test") == index.tls_policy("partner.example")
+    assert index.tls_policy("hub.partner.test").reply.status is Status.OK
+    for weaker in ({"tls_level": TlsLevel.DANE}, {"tls_level": TlsLevel.SECURE, "min_tls_version": "TLSv1"}):
+        partner = conn("partner", "partner.example", **{"match_names": ("hub.partner.test",), **weaker},
+                       smart_hosts=(SmartHost("hub.partner.test", 25, True),))
+        index = OutboundIndex(Snapshot(inbound=(), outbound=(floor, partner)))
+        assert index.tls_policy("hub.partner.test").reply.status is Status.TEMP, weaker
