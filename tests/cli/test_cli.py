@@ -141,6 +141,21 @@ def test_lint_clean_and_with_errors(db: str, tmp_path: pathlib.Path) -> None:
     assert lines[-1].endswith("2 errors, 1 warnings")
 
 
+@pytest.mark.parametrize("pinned_action", ["tempfail", "policyd"])
+def test_lint_warns_that_a_pinned_header_from_connector_is_deferred(db: str, tmp_path: pathlib.Path,
+                                                                     pinned_action: str) -> None:
+    with sqlite3.connect(f"{tmp_path}/rules.sqlite") as con:
+        con.executescript("INSERT INTO inbound_connector (name, certificate) VALUES ('bank', 'pinned');"
+                          "INSERT INTO inbound_domain VALUES ('bank', 'header_from', 'bank.test');")
+    con.close()
+    config = tmp_path / "tlsgate.conf"
+    config.write_text(f"[database]\nurl = {db}\n[milter]\npinned_action = {pinned_action}\n")
+    r = tlsgate("-c", str(config), "lint")
+    bank = [line for line in r.stdout.splitlines()
+            if line.startswith("warning: inbound_connector ('bank')") and "defers this connector's mail" in line]
+    assert len(bank) == 1, r.stdout + r.stderr
+
+
 def test_connector_list_and_show(db: str) -> None:
     r = tlsgate("--database-url", db, "connector", "list")
     assert r.returncode == 0

@@ -429,3 +429,185 @@ def test_doctor_per_milter_default_action(setup: dict[str, pathlib.Path]) -> Non
         r = doctor(setup, main_cf.replace("default_action=tempfail", "default_action=accept"))
     assert r.returncode == 1, r.stdout
     assert "error: default_action=accept in smtpd_milters: mail passes unjudged" in r.stdout
+
+
+def add_outbound(setup: dict[str, pathlib.Path], name: str, level: str) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(str(setup["conf"].parent / "rules.sqlite"))
+    db.execute("INSERT INTO outbound_connector (name, tls_level) VALUES (?, ?)", (name, level))
+    db.execute("INSERT INTO outbound_domain (connector, pattern) VALUES (?, ?)", (name, f"{name}.example"))
+    db.commit()
+    db.close()
+
+
+# postconf as Postfix 3.10 answers: mail_version 3.10.x and tls_required_enable (default yes),
+# which the installed, older postconf does not know.
+FAKE_POSTCONF = """\
+#!{python}
+import re, subprocess, sys
+args = sys.argv[1:]
+real = subprocess.run([{postconf!r}, *args], capture_output=True, text=True)
+out = re.sub(r"^mail_version = .*$", "mail_version = 3.10.5", real.stdout, flags=re.M)
+names = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] != "-c")]
+if not {{"-P", "-M", "-n"}} & set(args) and (not names or "tls_required_enable" in names):
+    main_cf = open(args[args.index("-c") + 1] + "/main.cf").read() if "-c" in args else ""
+    value = re.findall(r"^tls_required_enable\\s*=\\s*(\\S*)", main_cf, flags=re.M)
+    out += "tls_required_enable = " + (value[-1] if value else "yes") + "\\n"
+sys.stdout.write(out)
+sys.stderr.write("".join(l for l in real.stderr.splitlines(True) if "tls_required_enable" not in l))
+sys.exit(real.returncode)
+"""
+
+
+@pytest.fixture
+def postfix_3_10(tmp_path: pathlib.Path) -> dict[str, str]:
+    """The environment in which tlsgate finds a postconf that answers as Postfix 3.10."""
+    bindir = tmp_path / "fake-bin"
+    bindir.mkdir()
+    fake = bindir / "postconf"
+    fake.write_text(FAKE_POSTCONF.format(python=sys.executable, postconf=shutil.which("postconf")))
+    fake.chmod(0o755)
+    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
+def run_doctor(setup: dict[str, pathlib.Path], main_cf: str, master_cf: str = "",
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    (setup["pfdir"] / "master.cf").write_text(master_cf)
+    (setup["pfdir"] / "main.cf").write_text(main_cf.format(queue=setup["queue"]))
+    for name in ALL_SOCKETS:  # left by an earlier run: closed, not removed
+        (setup["sockdir"] / name).unlink(missing_ok=True)
+    with listening(setup, *ALL_SOCKETS):
+        return subprocess.run([BIN / "tlsgate", "-c", setup["conf"], "doctor", "--postfix-dir", setup["pfdir"]],
+                              capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize(("main_extra", "master_cf", "fault"), [
+    ("", "", "error: main.cf smtp_dns_support_level = '' for the smtp service, by which connector mail leaves: "
+     "Postfix uses no DANE then (it logs \"dane configured with dnssec lookups disabled\"): outbound connectors "
+     "at tls_level dane (partner-dane) get opportunistic TLS instead, and their mail leaves in plaintext where "
+     "the partner offers no STARTTLS; those at dane-only (partner-strict) get all their mail deferred"),
+    ("smtp_dns_support_level = dnssec\n", "", None),
+    ("smtp_dns_support_level = dnssec\n", SMTP_SERVICE + "  -o smtp_dns_support_level=enabled\n",
+     "error: master.cf smtp -o smtp_dns_support_level = 'enabled' for the smtp service"),
+    ("smtp_dns_support_level = dnssec\nsmtp_host_lookup = native\n", "",
+     "error: main.cf smtp_host_lookup = 'native' for the smtp service"),
+])
+def test_doctor_dane_connectors_need_dnssec_lookups(setup: dict[str, pathlib.Path], main_extra: str,
+                                                    master_cf: str, fault: str | None) -> None:
+    # Postfix's dane_init() (smtp_tls_policy.c): without DNSSEC lookups "dane" becomes "may".
+    add_outbound(setup, "partner-dane", "dane")
+    add_outbound(setup, "partner-strict", "dane-only")
+    r = run_doctor(setup, OUTBOUND_MAIN_CF + main_extra, master_cf)
+    if fault is None:
+        assert r.returncode == 0, r.stdout
+        return
+    assert r.returncode == 1, r.stdout
+    assert fault in r.stdout
+    assert "    fix: " in r.stdout.split(fault, 1)[1].split("\n")[1]
+
+
+def test_doctor_fingerprint_connectors_need_sha256(setup: dict[str, pathlib.Path]) -> None:
+    add_outbound(setup, "partner-pinned", "fingerprint")
+    # Postfix's default digest is md5 below compatibility_level 3.6.
+    r = run_doctor(setup, OUTBOUND_MAIN_CF.replace("compatibility_level = 3.6", "compatibility_level = 2"))
+    assert r.returncode == 1, r.stdout
+    assert "error: main.cf smtp_tls_fingerprint_digest = 'md5' for the smtp service: outbound connectors at " \
+        "tls_level fingerprint (partner-pinned) pin sha256 fingerprints" in r.stdout
+    assert "fix: smtp_tls_fingerprint_digest = sha256" in r.stdout
+    r = run_doctor(setup, OUTBOUND_MAIN_CF, SMTP_SERVICE + "  -o smtp_tls_fingerprint_digest=sha1\n")
+    assert "error: master.cf smtp -o smtp_tls_fingerprint_digest = 'sha1'" in r.stdout
+    assert "fix: -o smtp_tls_fingerprint_digest=sha256 on the smtp service in master.cf" in r.stdout
+    assert run_doctor(setup, OUTBOUND_MAIN_CF).returncode == 0  # sha256 from compatibility_level 3.6
+
+
+def test_doctor_tls_required_header(setup: dict[str, pathlib.Path], postfix_3_10: dict[str, str]) -> None:
+    # Postfix >= 3.10: a "TLS-Required: no" header skips smtp_tls_policy_maps (tls_required_enable = yes).
+    r = run_doctor(setup, OUTBOUND_MAIN_CF, env=postfix_3_10)
+    assert r.returncode == 1, r.stdout
+    assert "error: main.cf tls_required_enable = yes for the smtp service: Postfix 3.10.5 obeys a " \
+        "\"TLS-Required: no\" message header (RFC 8689)" in r.stdout
+    assert "every outbound connector (contoso-out)" in r.stdout and "fix: tls_required_enable = no" in r.stdout
+    r = run_doctor(setup, OUTBOUND_MAIN_CF + "tls_required_enable = no\n", env=postfix_3_10)
+    assert r.returncode == 0, r.stdout
+    r = run_doctor(setup, OUTBOUND_MAIN_CF + "tls_required_enable = no\n",
+                   SMTP_SERVICE + "  -o tls_required_enable=yes\n", env=postfix_3_10)
+    assert "error: master.cf smtp -o tls_required_enable = yes" in r.stdout
+    # Postfix 3.7 has no such header support: nothing to report, whatever master.cf says.
+    r = run_doctor(setup, OUTBOUND_MAIN_CF, SMTP_SERVICE + "  -o tls_required_enable=yes\n")
+    assert r.returncode == 0 and "tls_required" not in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize(("main_cf", "master_cf", "transport", "fault"), [
+    (OUTBOUND_MAIN_CF, SMTP_SERVICE + "  -o smtp_tls_policy_maps=\n", None,
+     "error: master.cf smtp -o smtp_tls_policy_maps = (empty): it replaces main.cf's smtp_tls_policy_maps for the "
+     "smtp service, by which connector mail leaves ([socketmap] transport), and does not ask tlsgate"),
+    (OUTBOUND_MAIN_CF, SMTP_SERVICE + "  -o smtp_tls_policy_maps=texthash:/etc/postfix/tls_policy\n", None,
+     "fix: remove that -o from the smtp service in master.cf, or put tlsgate's table first in it: "
+     "-o smtp_tls_policy_maps=socketmap:unix:tlsgate/socketmap.sock:tls_policy,texthash:/etc/postfix/tls_policy"),
+    (OUTBOUND_MAIN_CF, SMTP_SERVICE + "  -o smtp_tls_policy_maps=socketmap:unix:tlsgate/socketmap.sock:tls_policy\n",
+     None, None),
+    # Connector mail leaves by tlsgate-smtp: an override there counts, one on smtp does not.
+    (OUTBOUND_MAIN_CF, SMTP_SERVICE + "  -o smtp_tls_policy_maps=\n" + SMTP_SERVICE.replace("smtp ", "tlsgate-smtp ", 1),
+     "tlsgate-smtp", None),
+    (OUTBOUND_MAIN_CF, SMTP_SERVICE + SMTP_SERVICE.replace("smtp ", "tlsgate-smtp ", 1) + "  -o smtp_tls_policy_maps=\n",
+     "tlsgate-smtp", "error: master.cf tlsgate-smtp -o smtp_tls_policy_maps = (empty)"),
+    (OUTBOUND_MAIN_CF.replace("smtp_tls_policy_maps = socketmap:unix:tlsgate/socketmap.sock:tls_policy\n", ""), "",
+     None, "error: transport_maps asks tlsgate but smtp_tls_policy_maps does not: for the smtp service, by which "
+     "connector mail leaves, no outbound connector's TLS level applies to the mail it delivers"),
+])
+def test_doctor_policy_maps_on_the_connector_service(setup: dict[str, pathlib.Path], main_cf: str, master_cf: str,
+                                                     transport: str | None, fault: str | None) -> None:
+    if transport:
+        with setup["conf"].open("a") as fh:
+            fh.write(f"transport = {transport}\n")  # the last section is [socketmap]
+    r = run_doctor(setup, main_cf, master_cf)
+    if fault is None:
+        assert r.returncode == 0, r.stdout
+        return
+    assert r.returncode == 1, r.stdout
+    assert fault in r.stdout
+
+
+def test_postfix_config_client_settings(setup: dict[str, pathlib.Path], postfix_3_10: dict[str, str]) -> None:
+    main_cf = "queue_directory = {queue}\ncompatibility_level = 2\n"
+    r = postfix_config(setup, main_cf=main_cf, master_cf=SMTP_SERVICE + "  -o smtp_tls_policy_maps=\n")
+    assert "# master.cf smtp -o smtp_tls_policy_maps= replaces main.cf's smtp_tls_policy_maps for connector mail" \
+        in r.stdout
+    # Always with outbound: the socketmap answers sha256 fingerprints (md5 here, by compatibility_level).
+    assert "# smtp_tls_fingerprint_digest was md5: " in r.stdout
+    assert "\nsmtp_tls_fingerprint_digest = sha256\n" in r.stdout
+    # No dane connector in the rules: DNSSEC is left alone. Postfix 3.7: no tls_required_enable.
+    assert "smtp_dns_support_level" not in r.stdout and "tls_required_enable" not in r.stdout
+    add_outbound(setup, "partner-dane", "dane")
+    r = postfix_config(setup, main_cf=main_cf + "smtp_host_lookup = native\n")
+    assert "\nsmtp_dns_support_level = dnssec\n" in r.stdout and "\nsmtp_host_lookup = dns\n" in r.stdout
+    # Pasted, doctor finds nothing more to say about DANE or the digest.
+    paste(setup, r.stdout)
+    with listening(setup, *ALL_SOCKETS):
+        d = subprocess.run([BIN / "tlsgate", "-c", setup["conf"], "doctor", "--postfix-dir", setup["pfdir"]],
+                           capture_output=True, text=True)
+    assert "smtp_dns_support_level" not in d.stdout and "smtp_host_lookup" not in d.stdout, d.stdout
+    assert "fingerprint_digest" not in d.stdout, d.stdout
+    assert "# smtp_dns_support_level = dnssec: kept" in postfix_config(setup).stdout
+    # Postfix 3.10: tls_required_enable = no, unless main.cf has it already.
+    (setup["pfdir"] / "main.cf").write_text(main_cf.format(queue=setup["queue"]))
+    r = subprocess.run([BIN / "tlsgate", "-c", setup["conf"], "postfix-config", "--postfix-dir", setup["pfdir"]],
+                       capture_output=True, text=True, env=postfix_3_10)
+    assert "\ntls_required_enable = no\n" in r.stdout, r.stdout
+    (setup["pfdir"] / "main.cf").write_text(main_cf.format(queue=setup["queue"]) + "tls_required_enable = no\n")
+    r = subprocess.run([BIN / "tlsgate", "-c", setup["conf"], "postfix-config", "--postfix-dir", setup["pfdir"]],
+                       capture_output=True, text=True, env=postfix_3_10)
+    assert "# tls_required_enable = no: kept" in r.stdout, r.stdout
+
+
+def test_lint_warns_that_dane_is_opportunistic(setup: dict[str, pathlib.Path]) -> None:
+    add_outbound(setup, "partner-dane", "dane")
+    add_outbound(setup, "partner-strict", "dane-only")
+    r = subprocess.run([BIN / "tlsgate", "-c", setup["conf"], "lint"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    warnings = [line for line in r.stdout.splitlines() if "opportunistic" in line]
+    assert warnings == ["warning: outbound_connector ('partner-dane') column tls_level: is 'dane', which Postfix "
+                        "treats as opportunistic TLS wherever the partner publishes no TLSA records (or its MX "
+                        "records are not DNSSEC-signed): mail then leaves in plaintext when the partner's STARTTLS "
+                        "is missing or fails; use 'dane-only' to have it deferred instead"]

@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from tlsgate.cli.dns import lint_dns
-from tlsgate.model import CertRequirement
+from tlsgate.model import CertRequirement, TlsLevel
 from tlsgate.store import RowProblem, load
 
 if TYPE_CHECKING:
@@ -49,6 +49,27 @@ def cmd_lint(args: argparse.Namespace, ctx: Context) -> int:
             for c in result.snapshot.inbound
             if c.enabled and c.certificate is CertRequirement.PINNED
         )
+    else:
+        # The policy daemon never sees the header From: the milter defers these whatever
+        # pinned_action says.
+        result.problems.extend(
+            RowProblem("warning", "inbound_connector", (c.name,), "certificate",
+                       "is 'pinned' and scoped by the header From, which only tlsgate-milter sees and which "
+                       "it cannot check against pinned certificates: it defers this connector's mail; "
+                       "use certificate 'trusted' with names for it", c.name)
+            for c in result.snapshot.inbound
+            if c.enabled and c.certificate is CertRequirement.PINNED and c.header_from_domains
+        )
+    # Postfix's "dane" falls back to "may" where DANE cannot apply (smtp_tls_policy.c, dane_init):
+    # no TLSA records, an MX not signed with DNSSEC, or DNSSEC lookups off (which doctor checks).
+    result.problems.extend(
+        RowProblem("warning", "outbound_connector", (c.name,), "tls_level",
+                   "is 'dane', which Postfix treats as opportunistic TLS wherever the partner publishes no TLSA "
+                   "records (or its MX records are not DNSSEC-signed): mail then leaves in plaintext when the "
+                   "partner's STARTTLS is missing or fails; use 'dane-only' to have it deferred instead", c.name)
+        for c in result.snapshot.outbound
+        if c.enabled and c.tls_level is TlsLevel.DANE
+    )
     for problem in result.problems:
         print(problem)
     dns_warnings = lint_dns(ctx) if args.dns else []

@@ -22,12 +22,13 @@ import re
 import socket
 import stat
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tlsgate.cli import CommandError
 from tlsgate.config import Config, postconf_command
-from tlsgate.model import CertRequirement
+from tlsgate.model import CertRequirement, TlsLevel
 from tlsgate.outbound import TLS_POLICY_MAP, TRANSPORT_MAP, OutboundIndex
 from tlsgate.snapshot import Snapshot
 from tlsgate.socketmap import Status
@@ -118,7 +119,10 @@ _MERGED = (
     "smtpd_tls_security_level", "smtpd_use_tls", "smtpd_enforce_tls", "smtpd_tls_ask_ccert",
     "smtpd_tls_CAfile", "smtpd_tls_CApath", "smtpd_tls_fingerprint_digest", "smtpd_tls_received_header",
     *_CERT_PARAMS, "smtp_tls_policy_maps", "transport_maps", "smtp_tls_CAfile", "smtp_tls_CApath",
-    "smtp_fallback_relay", "default_transport",
+    "smtp_fallback_relay", "default_transport", "mail_version", "smtp_tls_fingerprint_digest",
+    "smtp_dns_support_level", "smtp_host_lookup", "ignore_mx_lookup_error",
+    # Postfix >= 3.10 only: older ones warn (on stderr) and print nothing for it.
+    "tls_required_enable",
 )
 #: The master.cf service postfix-config proposes for connector mail when a fallback relay is set.
 DEDICATED_SERVICE = "tlsgate-smtp"
@@ -183,13 +187,50 @@ def read_current(postfix_dir: str | None) -> Current:
                    services=services, where=postfix_dir or "postconf's default configuration")
 
 
-def fallback_relay(params: dict[str, str], service: str) -> tuple[str, str]:
-    """(where it is set, value) of smtp_fallback_relay for the ``service`` of master.cf, given
-    main.cf's expanded parameters and master.cf's ``service/type/name`` ones; value '' if none."""
-    key = f"{service}/unix/smtp_fallback_relay"
+def service_param(params: dict[str, str], service: str, name: str, default: str = "") -> tuple[str, str]:
+    """(where it is set, value) of parameter ``name`` for the ``service`` (type unix) of master.cf,
+    given main.cf's expanded parameters and master.cf's ``service/type/name`` ones: the
+    service's ``-o`` when it has one, else main.cf's value, else ``default``."""
+    key = f"{service}/unix/{name}"
     if key in params:
-        return f"master.cf {service} -o smtp_fallback_relay", params[key]
-    return "main.cf smtp_fallback_relay", params.get("smtp_fallback_relay", "")
+        return f"master.cf {service} -o {name}", params[key]
+    return f"main.cf {name}", params.get(name, default)
+
+
+def fallback_relay(params: dict[str, str], service: str) -> tuple[str, str]:
+    """(where it is set, value) of smtp_fallback_relay for the ``service`` of master.cf; value '' if none."""
+    return service_param(params, service, "smtp_fallback_relay")
+
+
+def postfix_version(params: dict[str, str]) -> tuple[int, int] | None:
+    """(major, minor) of postconf's mail_version (``3.10.2``, ``3.11-20250601``), None if unknown."""
+    found = re.match(r"(\d+)\.(\d+)", params.get("mail_version", ""))
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def honours_tls_required(params: dict[str, str]) -> bool:
+    """Whether this Postfix obeys a ``TLS-Required: no`` message header (RFC 8689): 3.10 and
+    later, where the SMTP client then skips smtp_tls_policy_maps and caps the TLS level at may
+    (smtp_tls_policy.c, STATE_TLS_NOT_REQUIRED) unless tls_required_enable = no."""
+    version = postfix_version(params)
+    if version is None:
+        return "tls_required_enable" in params  # postconf -x lists only the parameters it knows
+    return version >= (3, 10)
+
+
+#: What Postfix's dane_init() (smtp_tls_policy.c) needs before it uses DANE at all; without it
+#: a "dane" policy falls back to "may" (opportunistic: plaintext when STARTTLS is not offered)
+#: and a "dane-only" one defers every message. (parameter, its default, value to set, is the
+#: value fine, what Postfix logs)
+_DANE_NEEDS: tuple[tuple[str, str, str, Callable[[str], bool], str], ...] = (
+    ("smtp_dns_support_level", "", "dnssec", lambda v: v.lower() == "dnssec",
+     "dane configured with dnssec lookups disabled"),
+    ("smtp_host_lookup", "dns", "dns", lambda v: "dns" in _items(v.lower()),
+     "dane configured with dnssec lookups disabled"),
+    ("ignore_mx_lookup_error", "no", "no", lambda v: v.lower() != "yes",
+     "dane configured with MX lookup errors ignored"),
+)
+_DANE_LEVELS = (TlsLevel.DANE, TlsLevel.DANE_ONLY)
 
 
 def recipient_restrictions(current: str, check: str) -> list[str]:
@@ -232,9 +273,11 @@ def _kept(name: str, value: str, why: str) -> str:
 
 
 def main_cf_lines(config: Config, queue_dir: str, current: Current | None = None, *,
-                  milter: bool = True, outbound: bool = True) -> list[str]:
+                  milter: bool = True, outbound: bool = True,
+                  outbound_levels: frozenset[TlsLevel] | None = None) -> list[str]:
     """tlsgate's main.cf lines, merged with ``current`` (lists extended, settings that already
-    suit tlsgate kept); without it, tlsgate's parts alone with comments to merge them by hand."""
+    suit tlsgate kept); without it, tlsgate's parts alone with comments to merge them by hand.
+    ``outbound_levels``: the TLS levels of the enabled outbound connectors, None when unknown."""
     raw = current.raw if current else {}
     now = current.expanded if current else {}
     policy = postfix_endpoint(_first_unix(config.policyd.listen), queue_dir)
@@ -318,6 +361,50 @@ def main_cf_lines(config: Config, queue_dir: str, current: Current | None = None
             lines.append(_kept("smtp_tls_CAfile", raw.get("smtp_tls_CAfile") or "", ""))
         else:
             lines.append("smtp_tls_CAfile = /etc/ssl/certs/ca-certificates.crt")
+        lines += _client_lines(current, outbound_levels)
+    return lines
+
+
+def _client_lines(current: Current | None, levels: frozenset[TlsLevel] | None) -> list[str]:
+    """The SMTP client settings the socketmap's answers rely on (see _client_findings)."""
+    now = current.expanded if current else {}
+    lines: list[str] = []
+    # Printed whatever the connectors are today: a fingerprint connector is one SQL row away,
+    # nobody runs postfix-config again for it, and a digest other than sha256 then defers all
+    # its mail. sha256 is also Postfix's own default from compatibility_level 3.6.
+    digest = now.get("smtp_tls_fingerprint_digest", "").lower()
+    if digest == "sha256":
+        lines.append(_kept("smtp_tls_fingerprint_digest", digest, "the fingerprints tlsgate answers are sha256"))
+    else:
+        if digest:
+            lines.append(f"# smtp_tls_fingerprint_digest was {digest}: fingerprint connectors pin sha256; fingerprints "
+                         "in your own TLS policy tables must become sha256 ones too")
+        lines.append("smtp_tls_fingerprint_digest = sha256")
+    if levels is None:
+        lines += ["# The outbound connectors could not be read. If any is at tls_level dane or dane-only, also set",
+                  "# smtp_dns_support_level = dnssec (with a DNSSEC-validating resolver): without it Postfix",
+                  "# treats dane as opportunistic (plaintext possible) and defers all dane-only mail."]
+    elif levels & set(_DANE_LEVELS):
+        lines += ["# Connectors at tls_level dane or dane-only: Postfix uses DANE only with DNSSEC lookups, which",
+                  "# need a DNSSEC-validating resolver in /etc/resolv.conf. Without them dane is opportunistic",
+                  "# (plaintext possible) and dane-only mail is all deferred."]
+        for name, default, needed, fine, _ in _DANE_NEEDS:
+            value = now.get(name, default)
+            if not fine(value):
+                lines.append(f"{name} = {needed}")
+            elif value != default:  # set by the administrator, and suits DANE
+                lines.append(_kept(name, value, ""))
+    if current is None:
+        lines += ["# Postfix 3.10 or later only (older ones warn about an unknown parameter): a \"TLS-Required: no\"",
+                  "# header would make Postfix skip tlsgate's TLS policy for that message.",
+                  "# tls_required_enable = no"]
+    elif honours_tls_required(now):
+        if now.get("tls_required_enable", "yes").lower() == "no":
+            lines.append(_kept("tls_required_enable", "no", "a TLS-Required: no header cannot bypass the connectors"))
+        else:
+            lines += ["# Postfix >= 3.10 obeys a \"TLS-Required: no\" message header (RFC 8689) by skipping",
+                      "# smtp_tls_policy_maps: any sender could bypass every outbound connector with it.",
+                      "tls_required_enable = no"]
     return lines
 
 
@@ -378,9 +465,15 @@ def master_cf_lines(config: Config, current: Current | None, *, outbound: bool =
         return [*lines, f"# If smtp_fallback_relay is set, add -o smtp_fallback_relay= to the {service} service",
                 "# tlsgate's transport answers name, or give connector mail a service of its own",
                 "# ([socketmap] transport): see docs/outbound.md."]
+    where, policy = service_param({**current.expanded, **current.service_params}, service, "smtp_tls_policy_maps")
+    if where.startswith("master.cf") and not any(t.startswith("socketmap:") and t.endswith(":" + TLS_POLICY_MAP)
+                                                 for t in _table_names(policy)):
+        # The -o replaces main.cf's list for connector mail: the main.cf line above would not apply.
+        lines += [f"# {where}={policy} replaces main.cf's smtp_tls_policy_maps for connector mail",
+                  "# and does not ask tlsgate: remove that -o, or put tlsgate's table first in it."]
     where, relay = fallback_relay({**current.expanded, **current.service_params}, service)
     if not relay:
-        return [*lines, "# Nothing to add there: no smtp_fallback_relay applies to connector mail."]
+        return [*lines, "# No smtp_fallback_relay applies to connector mail."]
     default_service = current.expanded.get("default_transport", "smtp").split(":", 1)[0].strip() or "smtp"
     template = current.services.get(f"{service}/unix") or current.services.get("smtp/unix") or \
         f"{service} unix - - y - - smtp"
@@ -424,8 +517,14 @@ def cmd_postfix_config(args: argparse.Namespace, ctx: Context) -> int:
         print(f"# main.cf lines for tlsgate. postconf could not read the Postfix configuration ({why}),")
         print("# so these are tlsgate's parts alone: each REPLACES a line of the same name you may have.")
         print("# Merge them by hand where marked, then `postfix reload` and run `tlsgate doctor`.")
+    levels: frozenset[TlsLevel] | None = None
+    if not args.no_outbound:
+        try:
+            levels = frozenset(c.tls_level for c in load(ctx.engine).snapshot.outbound if c.enabled)
+        except StoreError:
+            pass  # postfix-config works before the database does: the lines then say what to check
     print("\n".join(main_cf_lines(ctx.config, queue_dir, current, milter=not args.no_milter,
-                                  outbound=not args.no_outbound)))
+                                  outbound=not args.no_outbound, outbound_levels=levels)))
     print()
     print("\n".join(master_cf_lines(ctx.config, current, outbound=not args.no_outbound)))
     return 0
@@ -653,9 +752,10 @@ def _table_names(value: str) -> list[str]:
 
 
 def _outbound_findings(config: Config, params: dict[str, str], snap: Snapshot | None) -> list[Finding]:
-    """The socketmap's place in main.cf: routes that could bypass it, domains it must not route."""
+    """The socketmap's place in main.cf and on the master.cf service connector mail leaves by:
+    routes and settings that could bypass or weaken it, domains it must not route."""
     queue_dir = params.get("queue_directory", DEFAULT_QUEUE)
-    policy_tables = _table_names(params.get("smtp_tls_policy_maps", ""))
+    service = config.socketmap.transport
     transport_tables = _table_names(params.get("transport_maps", ""))
 
     def tlsgate_table(tables: list[str], map_name: str) -> str | None:
@@ -663,13 +763,17 @@ def _outbound_findings(config: Config, params: dict[str, str], snap: Snapshot | 
         return next((t for t in tables if t.startswith("socketmap:") and t.endswith(":" + map_name)), None)
 
     ours = tlsgate_table(transport_tables, TRANSPORT_MAP)
-    ours_policy = tlsgate_table(policy_tables, TLS_POLICY_MAP)
-    if ours_policy is None and ours is None:
+    main_policy = tlsgate_table(_table_names(params.get("smtp_tls_policy_maps", "")), TLS_POLICY_MAP)
+    # The SMTP client that delivers connector mail reads smtp_tls_policy_maps for its own service:
+    # a master.cf -o there replaces main.cf's list.
+    policy_where, policy_value = service_param(params, service, "smtp_tls_policy_maps")
+    ours_policy = tlsgate_table(_table_names(policy_value), TLS_POLICY_MAP)
+    if ours_policy is None and main_policy is None and ours is None:
         return []
     found: list[Finding] = []
     # A transport_maps table that cannot answer makes smtpd answer 451 4.3.0 "Temporary lookup
     # failure" for every recipient, local ones too; a policy table, every delivery deferred.
-    endpoints = {t[len("socketmap:"):t.rindex(":")] for t in (ours, ours_policy) if t is not None}
+    endpoints = {t[len("socketmap:"):t.rindex(":")] for t in (ours, main_policy, ours_policy) if t is not None}
     for endpoint in sorted(endpoints):
         why = _listening(endpoint, queue_dir)
         if why:
@@ -679,7 +783,25 @@ def _outbound_findings(config: Config, params: dict[str, str], snap: Snapshot | 
                                  "systemctl enable --now tlsgate-socketmap.socket tlsgate-socketmap.service; the "
                                  "socket must be group postfix, mode 0660, in a directory postfix can search"))
     in_use = snap is None or any(c.enabled for c in snap.outbound)
-    where, relay = fallback_relay(params, config.socketmap.transport)
+    if ours_policy is None:
+        table = main_policy or f"socketmap:{postfix_endpoint(socketmap_listen(config), queue_dir)}:{TLS_POLICY_MAP}"
+        level = service_param(params, service, "smtp_tls_security_level")[1] or "none"
+        harm = ("no outbound connector's TLS level applies to the mail it delivers, which leaves under "
+                f"smtp_tls_security_level = {level}" + (", possibly in plaintext" if level in ("none", "may") else ""))
+        if policy_where.startswith("master.cf"):
+            rest = [t for t in _table_names(policy_value) if t != table]
+            found.append(Finding("error", f"{policy_where} = {policy_value or '(empty)'}: it replaces main.cf's "
+                                 f"smtp_tls_policy_maps for the {service} service, by which connector mail leaves "
+                                 f"([socketmap] transport), and does not ask tlsgate: {harm}",
+                                 f"remove that -o from the {service} service in master.cf, or put tlsgate's table "
+                                 f"first in it: -o smtp_tls_policy_maps={','.join([table, *rest])}"))
+        else:
+            found.append(Finding("error", "transport_maps asks tlsgate but smtp_tls_policy_maps does not: for the "
+                                 f"{service} service, by which connector mail leaves, {harm}",
+                                 f"smtp_tls_policy_maps = {table}"
+                                 + "".join(", " + t for t in _table_names(policy_value))))
+    found += _client_findings(params, service, snap, in_use)
+    where, relay = fallback_relay(params, service)
     if in_use and relay:
         found.append(Finding("error", f"{where} = {relay}: Postfix adds the fallback relay after every next hop of "
                              f"the {config.socketmap.transport} service, which tlsgate's transport answers name "
@@ -741,6 +863,61 @@ def _outbound_findings(config: Config, params: dict[str, str], snap: Snapshot | 
                                      "any other route; if this server is that MX, the mail loops back here",
                                      f"remove {domain} from the outbound_domain rows of {answer.connector}, or "
                                      "give the connector the inside host as its smart host"))
+    return found
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:6])
+    return shown + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+
+def _set_it(where: str, service: str, name: str, value: str) -> str:
+    """The fix for a parameter ``where`` sets: on the master.cf service when an -o sets it there."""
+    if where.startswith("master.cf"):
+        return f"-o {name}={value} on the {service} service in master.cf (or remove that -o and set it in main.cf)"
+    return f"{name} = {value}"
+
+
+def _client_findings(params: dict[str, str], service: str, snap: Snapshot | None, in_use: bool) -> list[Finding]:
+    """The SMTP client settings, on the ``service`` connector mail leaves by, that silently
+    weaken or block what the socketmap answers: DNSSEC for dane, the fingerprint digest, and
+    the TLS-Required header."""
+    found: list[Finding] = []
+    enabled = [c for c in snap.outbound if c.enabled] if snap is not None else []
+    dane = [c.name for c in enabled if c.tls_level is TlsLevel.DANE]
+    dane_only = [c.name for c in enabled if c.tls_level is TlsLevel.DANE_ONLY]
+    if dane or dane_only:
+        harm = "; ".join(part for part in (
+            f"outbound connectors at tls_level dane ({_names(dane)}) get opportunistic TLS instead, and their "
+            "mail leaves in plaintext where the partner offers no STARTTLS" if dane else "",
+            f"those at dane-only ({_names(dane_only)}) get all their mail deferred" if dane_only else "") if part)
+        for name, default, needed, fine, logged in _DANE_NEEDS:
+            where, value = service_param(params, service, name, default)
+            if not fine(value):
+                found.append(Finding("error", f"{where} = {value!r} for the {service} service, by which connector "
+                                     f"mail leaves: Postfix uses no DANE then (it logs \"{logged}\"): {harm}",
+                                     _set_it(where, service, name, needed)
+                                     + ("; DANE also needs a DNSSEC-validating resolver in /etc/resolv.conf "
+                                        "(Postfix trusts its AD bit; glibc 2.31 and later pass it on only with "
+                                        "options trust-ad)" if needed == "dnssec" else "")))
+    pinned = [c.name for c in enabled if c.tls_level is TlsLevel.FINGERPRINT]
+    where, digest = service_param(params, service, "smtp_tls_fingerprint_digest")
+    if pinned and digest.lower() != "sha256":
+        found.append(Finding("error", f"{where} = {digest!r} for the {service} service: outbound connectors at "
+                             f"tls_level fingerprint ({_names(pinned)}) pin sha256 fingerprints, which no "
+                             f"{digest or 'other'} digest of a certificate matches: all their mail is deferred",
+                             _set_it(where, service, "smtp_tls_fingerprint_digest", "sha256")))
+    if in_use and honours_tls_required(params):
+        where, value = service_param(params, service, "tls_required_enable", "yes")
+        if value.lower() != "no":
+            connectors = f"outbound connector ({_names([c.name for c in enabled])})" if enabled else \
+                "outbound connector"
+            found.append(Finding("error", f"{where} = {value} for the {service} service: Postfix "
+                                 f"{params.get('mail_version', '3.10 or later')} obeys a \"TLS-Required: no\" "
+                                 "message header (RFC 8689) by skipping smtp_tls_policy_maps and capping TLS at may, "
+                                 f"so any sender who adds that header gets past every {connectors}, possibly in "
+                                 "plaintext",
+                                 _set_it(where, service, "tls_required_enable", "no")))
     return found
 
 
