@@ -198,6 +198,21 @@ def init_schema(engine: Engine) -> bool:
 MIGRATIONS: dict[int, Mapping[str, Sequence[str]]] = {}
 
 
+def _check_version(version: object) -> None:
+    """Rows of another schema version are not read as if they were this one's: a newer schema
+    may hold requirements this code would silently ignore (several MX hosts sharing one
+    database are upgraded one by one)."""
+    if version == schema.SCHEMA_VERSION:
+        return
+    if version is None:
+        raise StoreError("the table schema_version is empty: run `tlsgate db init` on an empty database")
+    if int(str(version)) > schema.SCHEMA_VERSION:
+        raise StoreError(f"the database schema is version {version}, newer than this tlsgate "
+                         f"({schema.SCHEMA_VERSION}): upgrade tlsgate")
+    raise StoreError(f"the database schema is version {version}, older than this tlsgate "
+                     f"({schema.SCHEMA_VERSION}): run `tlsgate db upgrade`")
+
+
 def upgrade_schema(engine: Engine) -> tuple[int, int]:
     """Apply every migration step above the database's version; (from, to)."""
     with engine.begin() as conn:
@@ -827,6 +842,7 @@ def load(
                     generation = conn.execute(
                         text("SELECT generation FROM rules_generation WHERE id = 1")
                     ).scalar()
+                    _check_version(conn.execute(text("SELECT max(version) FROM schema_version")).scalar())
                     inbound = _load_inbound(conn, problems, moment, expiry_days, cache)
                     outbound = _load_outbound(conn, problems, inbound)
         except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:

@@ -259,6 +259,40 @@ def test_upgrade_is_a_no_op_at_the_current_version(db_url: str) -> None:
         engine.dispose()
 
 
+@pytest.mark.parametrize(("version", "says"), [(2, "newer than this tlsgate (1): upgrade tlsgate"),
+                                               (0, "older than this tlsgate (1): run `tlsgate db upgrade`")])
+def test_rows_of_another_schema_version_are_not_loaded(db_url: str, caplog: pytest.LogCaptureFixture,
+                                                        version: int, says: str) -> None:
+    """A host of a fleet not yet upgraded keeps its last rules rather than read a newer
+    schema's rows as its own (ignoring the requirements it adds), and says why, once."""
+    from tlsgate.config import DatabaseConfig
+    from tlsgate.rules import RuleHolder
+    from tlsgate.store import StoreError
+
+    engine = _init(db_url)
+    holder = RuleHolder(DatabaseConfig(url=db_url))
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO inbound_connector (name) VALUES ('old')"))
+        assert holder.refresh() and holder.snapshot is not None
+        loaded = holder.snapshot.generation
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE schema_version SET version = :v"), {"v": version})
+            conn.execute(text("INSERT INTO inbound_connector (name) VALUES ('new')"))
+        with pytest.raises(StoreError, match=says.replace("(", r"\(").replace(")", r"\)")):
+            load(engine)
+        with caplog.at_level("ERROR", "tlsgate.rules"):
+            for _ in range(3):
+                holder.refresh()
+        names = {c.name for c in holder.snapshot.inbound}
+        assert "old" in names and "new" not in names
+        assert holder.snapshot.generation == loaded and not holder.healthy
+        assert [r.getMessage().count(says) for r in caplog.records] == [1], caplog.text
+    finally:
+        holder.stop()
+        engine.dispose()
+
+
 def test_invalid_value_without_check_fails_closed_in_scope(db_url: str) -> None:
     """Values that no CHECK can catch (a bad domain, a bad range) make that connector defer."""
     engine = _init(db_url)
