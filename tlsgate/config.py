@@ -39,6 +39,9 @@ class DatabaseConfig:
     url: str = DEFAULT_DATABASE_URL
     poll_interval: float = 2.0
     connect_timeout: float = 5.0
+    #: seconds any one statement may take, lock waits included; a daemon whose poll has had no
+    #: answer for connect_timeout + 1.5 x this long reports the database unreachable
+    query_timeout: float = 30.0
 
 
 @dataclass(frozen=True)

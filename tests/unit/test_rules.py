@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sqlite3
+import sys
+import threading
 import weakref
 from pathlib import Path
+from types import FrameType
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -258,3 +262,207 @@ def test_garbage_left_before_a_load_is_collected_not_frozen(sqlite_url: str, tmp
         holder.stop()
         broken.stop()
         gc.unfreeze()
+
+
+class _Lines(logging.Handler):
+    """The messages of tlsgate.rules, and an event for the first one containing ``wanted``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+        self.waiting: dict[str, threading.Event] = {}
+        self._logger = logging.getLogger("tlsgate.rules")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.messages.append(message)
+        for wanted, event in self.waiting.items():
+            if wanted in message:
+                event.set()
+
+    def wait(self, wanted: str, timeout: float = 10) -> bool:
+        event = self.waiting.setdefault(wanted, threading.Event())
+        if any(wanted in m for m in self.messages):
+            event.set()
+        return event.wait(timeout)
+
+    def __enter__(self) -> _Lines:
+        self._level = self._logger.level
+        self._logger.setLevel(logging.DEBUG)
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
+
+
+def test_a_poll_that_never_returns_is_reported_once_and_the_rules_keep_deciding(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database that keeps the connection and never answers: the poll stays in the driver,
+    and the watch reports the outage after connect_timeout + 1.5 x query_timeout, once."""
+    import tlsgate.rules
+
+    _seed(sqlite_url)
+    cfg = DatabaseConfig(url=sqlite_url, poll_interval=0.05, connect_timeout=0.2, query_timeout=0.2)
+    holder = RuleHolder(cfg)
+    assert holder.refresh()
+    good = holder.snapshot
+    entered, answer = threading.Event(), threading.Event()
+    real = tlsgate.rules.read_generation
+
+    def silent_database(engine: object) -> int:
+        entered.set()
+        answer.wait(30)
+        return real(engine)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tlsgate.rules, "read_generation", silent_database)
+    with _Lines() as lines:
+        holder.start()
+        try:
+            assert entered.wait(10)
+            assert lines.wait("cannot reach the rule database"), lines.messages
+            assert not holder.healthy and holder.alive and holder.snapshot is good
+            assert holder.db_errors == 1
+            [outage] = [m for m in lines.messages if "cannot reach" in m]
+            assert "no answer in 0.5 s (query_timeout 0.2 s)" in outage and "still deciding with rules" in outage
+            # Another caller (policyd's SIGHUP reload) waits no longer than the watch did.
+            assert holder.refresh(force=True) is False
+            answer.set()  # the database answers at last
+            assert lines.wait("is reachable again"), lines.messages
+            assert holder.healthy and holder.db_errors == 1
+            assert lines.wait("loaded rules generation"), lines.messages  # the forced load left pending
+        finally:
+            answer.set()
+            holder.stop()
+    assert sum("cannot reach" in m for m in lines.messages) == 1
+
+
+def test_one_row_that_is_not_utf8_is_that_row_s_error_not_an_outage(tmp_path: Path) -> None:
+    """An sqlite3 shell on a Latin-1 terminal writes 'bücher.test' as the byte 0xFC: that row's
+    connector fails closed, named by the error, and every other change is still loaded."""
+    path = tmp_path / "rules.sqlite"
+    url = f"sqlite:///{path}"
+    _seed(url)
+    holder = RuleHolder(DatabaseConfig(url=url))
+    try:
+        assert holder.refresh()
+        con = sqlite3.connect(path)
+        con.executescript(
+            "INSERT INTO inbound_connector (name) VALUES ('books');"
+            "INSERT INTO inbound_domain VALUES ('books', 'sender', CAST(x'62fc636865722e74657374' AS TEXT));"
+            "INSERT INTO inbound_connector (name) VALUES ('later');"
+            "INSERT INTO inbound_domain VALUES ('later', 'sender', 'later.test');")
+        con.close()
+        assert holder.refresh() is True and holder.healthy
+        snap = holder.snapshot
+        assert snap is not None
+        by_name = {c.name: c for c in snap.inbound}
+        assert set(by_name) == {"a", "books", "later"}
+        assert not by_name["later"].problems and not by_name["a"].problems
+        [problem] = by_name["books"].problems  # misconfigured: its mail gets a temporary failure
+        assert problem.startswith("inbound_domain ('books', 'sender', 'b\\udcfccher.test') column pattern: ")
+        assert any("inbound_domain ('books'" in e for e in snap.errors)
+    finally:
+        holder.stop()
+
+
+def test_a_sqlite_file_renamed_into_place_is_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A backup restored over the live file (with os.replace, as `cp` to a temp name and `mv`
+    do): the pool's connection still reads the old file, until the poll sees another inode."""
+    live = tmp_path / "rules.sqlite"
+    _seed(f"sqlite:///{live}")
+    holder = RuleHolder(DatabaseConfig(url=f"sqlite:///{live}"))
+    try:
+        assert holder.refresh()
+        first = holder.snapshot
+        assert first is not None
+        aside = tmp_path / "restored.sqlite"
+        _seed(f"sqlite:///{aside}")
+        # The same counter as the rules in force (a backup of the same day): read all the same.
+        _sql(f"sqlite:///{aside}", "UPDATE inbound_domain SET pattern = 'restored.test'")
+        _sql(f"sqlite:///{aside}", f"UPDATE rules_generation SET generation = {first.generation}")
+        os.replace(aside, live)
+        with caplog.at_level(logging.INFO, logger="tlsgate.rules"):
+            assert holder.refresh() is True
+            assert holder.refresh() is False  # read once, then polled as usual
+        snap = holder.snapshot
+        assert snap is not None and str(snap.inbound[0].sender_domains[0]) == "restored.test"
+        replaced = [r.getMessage() for r in caplog.records if "replaced" in r.getMessage()]
+        assert replaced == [f"rule database file {live} was replaced: reading the new file"]
+    finally:
+        holder.stop()
+
+
+def test_an_unforeseen_failure_is_logged_once_per_outage(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import tlsgate.rules
+
+    _seed(sqlite_url)
+    holder = RuleHolder(DatabaseConfig(url=sqlite_url))
+    assert holder.refresh()
+    fault = ["a value of a type nobody expected"]
+
+    def failing_load(*args: object, **kwargs: object) -> object:
+        raise AttributeError(fault[0])
+
+    monkeypatch.setattr(tlsgate.rules, "load", failing_load)
+    monkeypatch.setattr(logsetup, "_tracebacks_shown", {})
+    monkeypatch.setattr(logsetup, "_clock", lambda: 0.0)  # every poll within the traceback interval
+    with caplog.at_level(logging.ERROR, logger="tlsgate.rules"):
+        for _ in range(5):
+            holder.refresh(force=True)
+        fault[0] = "another fault"
+        for _ in range(5):
+            holder.refresh(force=True)
+    holder.stop()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert lines[0] == "loading rules failed" and caplog.records[0].exc_info is not None
+    assert lines[1].startswith("cannot reach the rule database: loading rules failed: AttributeError: a value")
+    # A new fault is logged once too (its traceback only if none of its kind was shown lately).
+    assert lines[2].startswith("loading rules failed (AttributeError: another fault;")
+    assert holder.db_errors == 10
+
+
+@pytest.mark.parametrize("landing", range(1, 13))
+def test_a_reload_request_is_never_lost_wherever_it_lands(sqlite_url: str, landing: int) -> None:
+    """request_reload (SIGHUP) at every line of the poll loop in turn, as a signal or another
+    thread can: a forced load always follows it."""
+    _seed(sqlite_url)
+    forced_after: list[bool] = []
+    sent = threading.Event()
+
+    class Holder(RuleHolder):
+        def refresh(self, force: bool = False) -> bool:
+            if sent.is_set():
+                forced_after.append(force)
+                if force or len(forced_after) >= 3:
+                    self._stop.set()
+            return super().refresh(force)
+
+    holder = Holder(DatabaseConfig(url=sqlite_url, poll_interval=0.01))
+    assert holder.refresh()
+    code = RuleHolder._run.__code__
+    lines = [0]
+
+    def local(frame: FrameType, event: str, arg: object) -> object:
+        if event == "line" and not sent.is_set():
+            lines[0] += 1
+            if lines[0] == landing:
+                sent.set()
+                holder.request_reload()
+        return local
+
+    def trace(frame: FrameType, event: str, arg: object) -> object:
+        return local if frame.f_code is code else None
+
+    sys.settrace(trace)
+    try:
+        holder._run()
+    finally:
+        sys.settrace(None)
+        holder.stop()
+    assert sent.is_set() and True in forced_after, f"a reload requested at line event {landing} was lost"
