@@ -110,6 +110,18 @@ class RuleHolder:
     def healthy(self) -> bool:
         return self._outage is None
 
+    @property
+    def status(self) -> str:
+        """What the daemons tell systemd (``STATUS=``, shown by ``systemctl status``)."""
+        snap = self._snapshot
+        if snap is None:
+            rules = "no rules loaded yet: answering temporary failures"
+        else:
+            rules = (f"rules generation {snap.generation}: {len(snap.inbound)} inbound, "
+                     f"{len(snap.outbound)} outbound connectors")
+        outage = self._outage
+        return rules if outage is None else f"{rules}; rule database unreachable: {outage}"
+
     def _db(self) -> Engine:
         if self._engine is None:
             self._engine = open_engine(self._cfg.url, connect_timeout=self._cfg.connect_timeout,

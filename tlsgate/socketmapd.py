@@ -369,7 +369,7 @@ async def _watchdog(interval: float, rules: RuleHolder) -> None:
     # Pings stop, and systemd restarts the daemon, when the loop or the rules' polling stops.
     while True:
         if rules.alive:
-            sdnotify.notify("WATCHDOG=1")
+            sdnotify.notify("WATCHDOG=1", f"STATUS={rules.status}")
         await asyncio.sleep(interval)
 
 

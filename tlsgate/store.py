@@ -380,6 +380,20 @@ def _str(value: object) -> str | None:
     return str(value)
 
 
+def _undecodable(value: str) -> bool:
+    """Whether ``value`` holds bytes that were not UTF-8 (kept as lone surrogates by the SQLite
+    text factory): text that cannot be compared, logged or sent to Postfix as it stands."""
+    return not value.isascii() and any("\udc80" <= ch <= "\udcff" for ch in value)
+
+
+NOT_UTF8 = "is not valid UTF-8 text (written with another encoding?)"
+
+
+def _readable(value: str) -> str:
+    """``value`` with each byte that was not UTF-8 shown as U+FFFD, for a comment."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if _undecodable(value) else value
+
+
 class _RowReader:
     """Collects problems while turning one connector's raw columns into typed values."""
 
@@ -416,6 +430,22 @@ class _RowReader:
             self.error(column, f"{raw!r} is not a whole number >= {minimum}")
             return default
         return value
+
+    def text(self, row: Mapping[str, object], column: str) -> str | None:
+        value = _str(row.get(column))
+        if value is not None and _undecodable(value):
+            self.error(column, NOT_UTF8)
+            return None
+        return value
+
+    def comment(self, value: object) -> str:
+        """A comment never fails its connector: one that is not UTF-8 is a warning, shown with
+        U+FFFD in place of its bad bytes."""
+        text = _str(value) or ""
+        if _undecodable(text):
+            self.warn("comment", NOT_UTF8)
+            return _readable(text)
+        return text
 
     def choice(self, row: Mapping[str, object], column: str, allowed: tuple[str, ...], default: str) -> str:
         raw = row.get(column)
@@ -516,8 +546,8 @@ def _inbound_settings(row: Mapping[str, object], r: _RowReader) -> dict[str, Any
     known = len(r.problems)
     kw["certificate"] = CertRequirement(r.choice(row, "certificate", schema.CERT_REQUIREMENTS, "trusted"))
     certificate_read = len(r.problems) == known
-    kw["require_organization"] = _str(row.get("require_organization"))
-    kw["require_unit"] = _str(row.get("require_unit"))
+    kw["require_organization"] = r.text(row, "require_organization")
+    kw["require_unit"] = r.text(row, "require_unit")
     kw["min_key_bits"] = r.integer(row, "min_key_bits", None, 1)
     if certificate_read and kw["certificate"] is not CertRequirement.PINNED:
         # Postfix reports no organization, unit or key size of a client certificate: only a
@@ -530,7 +560,7 @@ def _inbound_settings(row: Mapping[str, object], r: _RowReader) -> dict[str, Any
                                 "register the partner's certificate, or clear it")
     kw["restrict_to_ranges"] = r.boolean(row, "restrict_to_addresses", False)
     kw["on_failure"] = FailAction(r.choice(row, "on_failure", schema.FAIL_ACTIONS, "defer"))
-    kw["reply_text"] = _str(row.get("reply_text"))
+    kw["reply_text"] = r.text(row, "reply_text")
     return kw
 
 
@@ -596,7 +626,7 @@ def _load_inbound(
             settings = _inbound_settings(dict(zip(_INBOUND_SETTINGS, values, strict=True)), r)
             if settings_key is not None and len(problems) == known:
                 settings_seen[settings_key] = settings
-        kw: dict[str, Any] = {"name": name, "comment": _str(parent[1]) or "", **settings}
+        kw: dict[str, Any] = {"name": name, "comment": r.comment(parent[1]), **settings}
 
         # A row that cannot be read leaves the connector's scope wider than meant, never
         # narrower: the connector is misconfigured, so the mail it matches gets a temporary
@@ -656,6 +686,8 @@ def _load_inbound(
             pattern = _str(raw_pattern) or ""
             key = (name, fld, pattern)
             try:
+                if _undecodable(pattern):
+                    raise PatternError(NOT_UTF8)
                 if fld == "subject":
                     cert_names.append(CertNamePattern.parse(pattern))
                 elif fld == "issuer":
@@ -738,7 +770,9 @@ def _load_outbound(
             r.failed = True
         kw: dict[str, Any] = {"name": name}
         kw["enabled"] = r.boolean(row, "enabled", True)
-        kw["comment"] = _str(row.get("comment")) or ""
+        if _undecodable(name):
+            r.error("name", NOT_UTF8)
+        kw["comment"] = r.comment(row.get("comment"))
         kw["tls_level"] = TlsLevel(r.choice(row, "tls_level", schema.TLS_LEVELS, "secure"))
         version = row.get("min_tls_version")
         kw["min_tls_version"] = (
@@ -905,7 +939,17 @@ def load(
 
 
 def describe_db_error(engine: Engine, exc: Exception) -> str:
-    """One line about a database failure, without the password or the SQL text."""
+    """One line about a database failure, without the password or the SQL text.
+
+    The first database error of the chain is the one told: a driver error raised while handling
+    another (PyMySQL's rollback on a connection its read timeout broke says only "(0, '')")
+    hides the cause."""
+    errors = (SQLAlchemyError, engine.dialect.loaded_dbapi.Error)
+    context, hops = exc.__context__, 0
+    while context is not None and hops < 8:
+        if isinstance(context, errors):
+            exc = context
+        context, hops = context.__context__, hops + 1
     orig = getattr(exc, "orig", None)
     detail = str(orig if orig is not None else exc).strip().splitlines()[0] if str(orig or exc).strip() else type(exc).__name__
     return f"database {safe_url(engine.url)}: {detail}"

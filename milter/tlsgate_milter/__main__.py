@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             received = pending.get(timeout=ping)
         except queue.Empty:
             if holder.alive:  # the rules are still polled; otherwise systemd restarts us
-                sdnotify.notify("WATCHDOG=1")
+                sdnotify.notify("WATCHDOG=1", f"STATUS={holder.status}")
             continue
         if received == signal.SIGHUP:
             sdnotify.notify("RELOADING=1")

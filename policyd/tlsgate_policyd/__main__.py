@@ -101,10 +101,7 @@ async def serve(config: Config, holder: RuleHolder) -> int:
 
 
 def _status(holder: RuleHolder) -> str:
-    snap = holder.snapshot
-    if snap is None:
-        return "STATUS=no rules loaded yet: answering temporary failures"
-    return f"STATUS=rules generation {snap.generation}: {len(snap.inbound)} inbound connectors"
+    return f"STATUS={holder.status}"
 
 
 async def _watchdog(interval: float, holder: RuleHolder) -> None:

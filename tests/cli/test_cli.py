@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sqlite3
 import subprocess
@@ -154,6 +155,19 @@ def test_lint_warns_that_a_pinned_header_from_connector_is_deferred(db: str, tmp
     bank = [line for line in r.stdout.splitlines()
             if line.startswith("warning: inbound_connector ('bank')") and "defers this connector's mail" in line]
     assert len(bank) == 1, r.stdout + r.stderr
+
+
+def test_a_row_that_is_not_utf8_is_named_whatever_the_terminal(db: str, tmp_path: pathlib.Path) -> None:
+    with sqlite3.connect(f"{tmp_path}/rules.sqlite") as con:  # "Caé" in Latin-1
+        con.execute("INSERT INTO inbound_cert_name VALUES ('contoso-in', 'issuer', CAST(x'4361e9' AS TEXT))")
+    con.close()
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    r = tlsgate("--database-url", db, "lint", env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert ("error: inbound_cert_name ('contoso-in', 'issuer', 'Ca\\udce9') column pattern: is not valid UTF-8 text"
+            in r.stdout), r.stdout
+    shown = tlsgate("--database-url", db, "connector", "show", "contoso-in", env=env)
+    assert "Traceback" not in shown.stderr, shown.stderr
 
 
 def test_connector_list_and_show(db: str) -> None:

@@ -70,6 +70,21 @@ CASES = [
         "INSERT INTO inbound_connector (name, certificate, min_key_bits) VALUES ('bad', 'none', 4096)",
         "INSERT INTO inbound_domain VALUES ('bad', 'sender', 'bad.test')"],
      "column min_key_bits: is checked only against a pinned certificate"),
+    # x'e9': "é" in Latin-1, as an sqlite3 shell on a Latin-1 terminal writes it
+    ("reply text not UTF-8", [
+        "INSERT INTO inbound_connector (name, reply_text) VALUES ('bad', CAST(x'5472e973' AS TEXT))",
+        "INSERT INTO inbound_domain VALUES ('bad', 'sender', 'bad.test')"],
+     "inbound_connector ('bad') column reply_text: is not valid UTF-8 text"),
+    ("organization not UTF-8", [
+        "INSERT INTO inbound_connector (name, certificate, require_organization) "
+        "VALUES ('bad', 'pinned', CAST(x'42616e71e9' AS TEXT))",
+        "INSERT INTO inbound_domain VALUES ('bad', 'sender', 'bad.test')"],
+     "column require_organization: is not valid UTF-8 text"),
+    ("issuer not UTF-8", [
+        "INSERT INTO inbound_connector (name) VALUES ('bad')",
+        "INSERT INTO inbound_domain VALUES ('bad', 'sender', 'bad.test')",
+        "INSERT INTO inbound_cert_name VALUES ('bad', 'issuer', CAST(x'4361e9' AS TEXT))"],
+     "column pattern: is not valid UTF-8 text"),
     ("bad certificate PEM", ["INSERT INTO inbound_connector (name, certificate) VALUES ('bad', 'pinned')",
                              "INSERT INTO inbound_domain VALUES ('bad', 'sender', 'bad.test')",
                              "INSERT INTO inbound_certificate (connector, pem) VALUES ('bad', '-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n')"],
@@ -170,3 +185,19 @@ def test_a_nul_or_a_stray_character_in_any_column_never_stops_a_load(
                             (f"INSERT INTO {table} ({', '.join(row)}) VALUES ({placeholders})", tuple(row.values())))
     ok = decide(result.snapshot, SessionFacts(parse_address("192.0.2.1"), "a@good.test", "b@example.org", **TLS), NOW)
     assert ok.connector is not None and ok.connector.name == "good"
+
+
+def test_a_comment_that_is_not_utf8_is_a_warning_only(tmp_path: Path) -> None:
+    result = load_unchecked(tmp_path / "r.sqlite",
+                            "INSERT INTO inbound_connector (name, comment) VALUES ('good', CAST(x'4361e9' AS TEXT))",
+                            "INSERT INTO inbound_domain VALUES ('good', 'sender', 'good.test')",
+                            "INSERT INTO outbound_connector (name, comment) VALUES ('out', CAST(x'4361e9' AS TEXT))",
+                            "INSERT INTO outbound_domain VALUES ('out', 'good.test')")
+    assert not result.errors
+    assert [str(p) for p in result.problems if "comment" in str(p)] == [
+        "warning: inbound_connector ('good') column comment: is not valid UTF-8 text (written with another encoding?)",
+        "warning: outbound_connector ('out') column comment: is not valid UTF-8 text (written with another encoding?)",
+    ]
+    (inbound,) = result.snapshot.inbound
+    assert inbound.comment == "Ca\ufffd" and not inbound.problems
+    assert result.snapshot.outbound[0].comment == "Ca\ufffd"

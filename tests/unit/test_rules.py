@@ -53,6 +53,27 @@ def test_reload_only_when_generation_moves(sqlite_url: str) -> None:
     holder.stop()
 
 
+def test_the_status_systemd_shows_tells_of_an_outage(sqlite_url: str, tmp_path: object) -> None:
+    missing = RuleHolder(DatabaseConfig(url=f"sqlite:///{tmp_path}/missing.sqlite"))
+    missing.refresh()
+    assert missing.status.startswith("no rules loaded yet: answering temporary failures; "
+                                     "rule database unreachable: database sqlite:///"), missing.status
+    _seed(sqlite_url)
+    holder = RuleHolder(DatabaseConfig(url=sqlite_url))
+    assert holder.refresh()
+    generation = holder.snapshot.generation  # type: ignore[union-attr]
+    assert holder.status == f"rules generation {generation}: 1 inbound, 0 outbound connectors"
+    engine = open_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE schema_version"))
+        conn.execute(text("UPDATE inbound_connector SET mode = 'monitor'"))
+    engine.dispose()
+    assert not holder.refresh()
+    assert holder.status.startswith(f"rules generation {generation}: 1 inbound, 0 outbound connectors; "
+                                    "rule database unreachable: "), holder.status
+    holder.stop()
+
+
 def test_never_loaded_stays_none_and_logs_once(tmp_path: object, caplog: pytest.LogCaptureFixture) -> None:
     holder = RuleHolder(DatabaseConfig(url=f"sqlite:///{tmp_path}/missing.sqlite"))
     with caplog.at_level(logging.ERROR, logger="tlsgate.rules"):
