@@ -197,7 +197,7 @@ def hop_clashes(
         ) and not (
             # "*" is a floor: a smart host's connector may ask more than it, never less.
             not owner.problems and owners is not None and owners.specific(key) is None
-            and all(_asks_at_least(c, owner) for c in group.values())
+            and all(_asks_at_least(c, owner, partners) for c in group.values())
         ):
             rival = owner.name
         if rival is not None or len(settings) > 1:
@@ -205,13 +205,25 @@ def hop_clashes(
     return clashes
 
 
-def _asks_at_least(conn: OutboundConnector, floor: OutboundConnector) -> bool:
-    """Whether ``conn``'s policy asks all that an ``encrypt`` floor asks: TLS at least as
-    recent, and a level that never goes out in the clear (``dane`` falls back to ``may``
-    where no TLSA records are published). Other floors compare with nothing but themselves."""
-    if floor.tls_level is not TlsLevel.ENCRYPT or conn.tls_level is TlsLevel.DANE:
+def _asks_at_least(conn: OutboundConnector, floor: OutboundConnector,
+                   partners: Mapping[str, InboundConnector]) -> bool:
+    """Whether ``conn``'s policy asks all that ``floor``'s asks, with TLS at least as recent:
+    an ``encrypt`` floor, TLS whatever the level (``dane`` falls back to ``may``, plaintext
+    possible, where no TLSA records are published); a ``dane`` floor, ``dane`` or a level that
+    always authenticates the server (any but ``encrypt``); any other floor, the very same
+    certificate check."""
+    if _version_rank(conn.min_tls_version) < _version_rank(floor.min_tls_version):
         return False
-    return _version_rank(conn.min_tls_version) >= _version_rank(floor.min_tls_version)
+    if floor.tls_level is TlsLevel.ENCRYPT:
+        return conn.tls_level is not TlsLevel.DANE
+    if floor.tls_level is TlsLevel.DANE:
+        return conn.tls_level is not TlsLevel.ENCRYPT
+    return _certificate_check(conn, partners) == _certificate_check(floor, partners)
+
+
+def _certificate_check(conn: OutboundConnector, partners: Mapping[str, InboundConnector]) -> tuple[object, ...]:
+    level, names, _, prints = _policy_settings(conn, partners)
+    return (level, names, prints)
 
 
 def _version_rank(version: str | None) -> int:

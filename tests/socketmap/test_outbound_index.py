@@ -369,3 +369,26 @@ def test_an_encrypt_floor_is_raised_by_a_stricter_mx_smart_host_never_lowered() 
                        smart_hosts=(SmartHost("hub.partner.test", 25, True),))
         index = OutboundIndex(Snapshot(inbound=(), outbound=(floor, partner)))
         assert index.tls_policy("hub.partner.test").reply.status is Status.TEMP, weaker
+
+
+
+@pytest.mark.parametrize(("floor", "smart_host", "agrees"), [
+    ({"tls_level": TlsLevel.DANE}, {"tls_level": TlsLevel.DANE_ONLY}, True),
+    ({"tls_level": TlsLevel.DANE}, {"tls_level": TlsLevel.SECURE, "match_names": ("hub.partner.test",)}, True),
+    ({"tls_level": TlsLevel.DANE}, {"tls_level": TlsLevel.DANE, "min_tls_version": "TLSv1.3"}, True),
+    # encrypt authenticates no server: less than DANE where the partner publishes TLSA records
+    ({"tls_level": TlsLevel.DANE}, {"tls_level": TlsLevel.ENCRYPT}, False),
+    ({"tls_level": TlsLevel.VERIFY}, {"tls_level": TlsLevel.VERIFY, "min_tls_version": "TLSv1.3"}, True),
+    ({"tls_level": TlsLevel.VERIFY}, {"tls_level": TlsLevel.SECURE, "match_names": ("hub.partner.test",)}, False),
+])
+def test_floors_other_than_encrypt_agree_with_what_asks_at_least_as_much(
+    floor: dict[str, object], smart_host: dict[str, object], agrees: bool
+) -> None:
+    everyone = conn("all", "*", **floor)
+    partner = conn("partner", "partner.example", smart_hosts=(SmartHost("hub.partner.test", 25, True),), **smart_host)
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(everyone, partner)))
+    answer = index.tls_policy("hub.partner.test")
+    if agrees:
+        assert answer == index.tls_policy("partner.example") and answer.reply.status is Status.OK
+    else:
+        assert answer.reply.status is Status.TEMP, answer
