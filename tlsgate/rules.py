@@ -263,9 +263,9 @@ class RuleHolder:
         with self._state:
             if poll == 0 or poll != self._stalled:  # a stalled poll was counted when it stalled
                 self.db_errors += 1
-            if self._outage is not None:
+            known, self._outage = self._outage, message  # the status tells the latest cause
+            if known is not None:
                 return
-            self._outage = message
             current = self._snapshot
             if current is None:
                 log.error("cannot load rules: %s; answering temporary failures until it can", message)

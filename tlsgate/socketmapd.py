@@ -181,7 +181,8 @@ class SocketmapServer:
             gid = grp.getgrnam(self.cfg.socket_group).gr_gid
         except KeyError:
             raise StartupError(f"[socketmap] socket_group {self.cfg.socket_group!r} does not exist") from None
-        if os.geteuid() == 0 or gid in os.getgroups():
+        # In the setgid directory tmpfiles makes, the socket has the group already.
+        if os.stat(path).st_gid != gid and (os.geteuid() == 0 or gid in os.getgroups()):
             os.chown(path, -1, gid)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -293,6 +294,9 @@ class SocketmapServer:
         except TooLong:
             log.error("%s %s: answer of connector %s is too long for Postfix", name, key, answer.connector)
             return Reply(Status.TEMP, "answer too long").encode()
+        except UnicodeEncodeError:  # a value no check kept out of the rules: wait, never crash
+            log.error("%s %s: answer of connector %r cannot be encoded", name, key, answer.connector)
+            return Reply(Status.TEMP, "answer cannot be encoded").encode()
 
     async def close(self, grace: float = STOP_GRACE) -> None:
         """Stop accepting, let requests being answered finish, close idle connections."""
@@ -384,7 +388,7 @@ def check_config(path: str | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=IDENT, description="Serve outbound connectors to Postfix socketmap lookups.")
-    parser.add_argument("--config", help="configuration file (default /etc/tlsgate/tlsgate.conf)")
+    parser.add_argument("-c", "--config", help="configuration file (default /etc/tlsgate/tlsgate.conf)")
     parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     args = parser.parse_args(argv)
     try:

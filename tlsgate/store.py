@@ -626,7 +626,8 @@ def _load_inbound(
             settings = _inbound_settings(dict(zip(_INBOUND_SETTINGS, values, strict=True)), r)
             if settings_key is not None and len(problems) == known:
                 settings_seen[settings_key] = settings
-        kw: dict[str, Any] = {"name": name, "comment": r.comment(parent[1]), **settings}
+        # A name refused above still names its connector in answers and log lines: readable.
+        kw: dict[str, Any] = {"name": _readable(name), "comment": r.comment(parent[1]), **settings}
 
         # A row that cannot be read leaves the connector's scope wider than meant, never
         # narrower: the connector is misconfigured, so the mail it matches gets a temporary
@@ -768,7 +769,7 @@ def _load_outbound(
             row = dict(zip(_OUTBOUND_COLUMNS, parent, strict=True))
         if name in case_dupes:
             r.failed = True
-        kw: dict[str, Any] = {"name": name}
+        kw: dict[str, Any] = {"name": _readable(name)}  # in answers and log lines: readable
         kw["enabled"] = r.boolean(row, "enabled", True)
         if _undecodable(name):
             r.error("name", NOT_UTF8)

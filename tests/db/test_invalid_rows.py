@@ -201,3 +201,25 @@ def test_a_comment_that_is_not_utf8_is_a_warning_only(tmp_path: Path) -> None:
     (inbound,) = result.snapshot.inbound
     assert inbound.comment == "Ca\ufffd" and not inbound.problems
     assert result.snapshot.outbound[0].comment == "Ca\ufffd"
+
+
+def test_a_connector_name_that_is_not_utf8_fails_closed_and_can_still_be_answered(tmp_path: Path) -> None:
+    """Its errors name it, its domains wait (TEMP, 4.3.5), and the answers that name it can be
+    encoded for Postfix and the log."""
+    from tlsgate.outbound import OutboundIndex
+    from tlsgate.socketmap import Status
+
+    name = "CAST(x'62fc63686572' AS TEXT)"  # "bücher" in Latin-1
+    result = load_unchecked(tmp_path / "r.sqlite",
+                            f"INSERT INTO outbound_connector (name, tls_level) VALUES ({name}, 'encrypt')",
+                            f"INSERT INTO outbound_domain VALUES ({name}, 'books.test')",
+                            f"INSERT INTO inbound_connector (name) VALUES ({name})",
+                            f"INSERT INTO inbound_domain VALUES ({name}, 'sender', 'books.test')")
+    assert any("outbound_connector ('b\\udcfccher') column name: is not valid UTF-8 text" in str(p)
+               for p in result.errors), result.errors
+    answer = OutboundIndex(result.snapshot).tls_policy("books.test")
+    assert answer.reply.status is Status.TEMP and answer.connector == "b\ufffdcher"
+    answer.reply.encode()
+    d = decide(result.snapshot, SessionFacts(parse_address("192.0.2.1"), "a@books.test", "b@example.org", **TLS), NOW)
+    assert d.status == "4.3.5" and d.connector is not None and d.connector.name == "b\ufffdcher"
+    (d.reason or "").encode()

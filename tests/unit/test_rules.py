@@ -71,6 +71,16 @@ def test_the_status_systemd_shows_tells_of_an_outage(sqlite_url: str, tmp_path: 
     assert not holder.refresh()
     assert holder.status.startswith(f"rules generation {generation}: 1 inbound, 0 outbound connectors; "
                                     "rule database unreachable: "), holder.status
+    assert "schema_version" in holder.status
+    # the latest cause, not the first one of the outage
+    engine = open_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE schema_version (version INTEGER)"))
+        conn.execute(text("INSERT INTO schema_version VALUES (1)"))
+        conn.execute(text("DROP TABLE inbound_domain"))
+    engine.dispose()
+    assert not holder.refresh()
+    assert "inbound_domain" in holder.status and "schema_version" not in holder.status, holder.status
     holder.stop()
 
 
