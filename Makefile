@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 VAR ?= $(CURDIR)/var
-DEB_PACKAGES := postfix libmilter-dev swaks miltertest postfwd sqlite3 systemd
+DEB_PACKAGES := python3-venv python3-dev gcc postfix libmilter-dev swaks miltertest postfwd sqlite3 systemd
 PYTEST_ARGS ?=
 
 .PHONY: all deps debs venv run demo test lint typecheck pytest sql man clean bench

@@ -148,7 +148,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("log", "target"): ("auto", "syslog", "stderr"),
 }
 
-_LISTEN = re.compile(r"^(unix:/.+|inet:(\[[0-9a-fA-F:.]+\]|[0-9.]+|localhost):\d{1,5})$")
+_LISTEN = re.compile(r"^(unix:/\S+|inet:(\[[0-9a-fA-F:.]+\]|[0-9.]+|localhost):\d{1,5})$")
 _METRICS = re.compile(r"^(127\.\d{1,3}\.\d{1,3}\.\d{1,3}|\[::1\]):\d{1,5}$")
 _HEADER = re.compile(r"^[!-9;-~]{1,64}$")
 _SERVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -238,12 +238,18 @@ def resolve_myorigin(cfg: EngineConfig) -> str | None:
         done = subprocess.run([postconf_command(), "-xh", "myorigin"], capture_output=True, text=True, timeout=30,
                               check=False)
         if done.returncode == 0:
-            return to_a_label(done.stdout.strip())
+            value = done.stdout.strip()
+            if value.startswith("/"):
+                # Debian's Postfix takes a file here, and the first line of it: its default
+                # main.cf has myorigin = /etc/mailname.
+                with open(value, encoding="utf-8", errors="replace") as named:
+                    value = named.readline().strip()
+            return to_a_label(value)
         why = (done.stderr.strip().splitlines() or ["no answer"])[-1]
     except (OSError, subprocess.TimeoutExpired) as exc:
         why = str(exc)
     except PatternError as exc:
-        why = f"{done.stdout.strip()!r}: {exc}"
+        why = f"{value!r}: {exc}"
     log.warning("cannot learn myorigin from postconf (%s): set [engine] myorigin; addresses without a domain "
                 "get a temporary failure where a connector could apply", why)
     return None

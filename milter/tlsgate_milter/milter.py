@@ -684,7 +684,11 @@ def open_socket(judge: Judge, listen: str, mode: int, group: str | None, timeout
             os.umask(old_umask)
     if path:
         if group:
-            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            # Created in the setgid socket directory tmpfiles makes, the socket has its group
+            # already; the unit's system call filter lets chown through for any other group.
+            gid = grp.getgrnam(group).gr_gid
+            if os.stat(path).st_gid != gid:
+                os.chown(path, -1, gid)
         os.chmod(path, mode)
         if not stat.S_ISSOCK(os.stat(path).st_mode):
             raise OSError(f"{path} is not a socket after opening it")

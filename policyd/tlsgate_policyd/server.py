@@ -266,7 +266,8 @@ class PolicyServer:
         self._unix_paths.append(path)
         try:
             gid = grp.getgrnam(self.config.socket_group).gr_gid
-            os.chown(path, -1, gid)
+            if os.stat(path).st_gid != gid:  # in the setgid directory tmpfiles makes, it has it
+                os.chown(path, -1, gid)
         except KeyError:
             log.warning("group %s does not exist: %s keeps its default group", self.config.socket_group, path)
         except PermissionError:

@@ -143,6 +143,12 @@ smtpd_tls_chain_files = /etc/postfix/mx.pem
 """
 
 
+def test_postfix_config_keeps_debians_ca_path(setup: dict[str, pathlib.Path]) -> None:
+    r = postfix_config(setup, main_cf="queue_directory = {queue}\nsmtp_tls_CApath = /etc/ssl/certs\n")
+    assert "# smtp_tls_CApath = /etc/ssl/certs: kept" in r.stdout
+    assert "smtp_tls_CAfile" not in r.stdout, r.stdout
+
+
 def test_postfix_config_adds_to_what_the_admin_has(setup: dict[str, pathlib.Path]) -> None:
     r = postfix_config(setup, main_cf=ADMIN_MAIN_CF)
     assert "reject_unauth_destination" not in main_cf_part(r.stdout).replace(

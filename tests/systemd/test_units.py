@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pathlib
+import platform
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
+
+from tests.milter.milterhelp import MILTER, MilterProcess, make_rules_db, write_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
@@ -49,7 +53,8 @@ def test_sockets_are_inside_the_postfix_chroot_for_group_postfix_only() -> None:
         text = unit.read_text()
         assert re.search(r"^ListenStream=/var/spool/postfix/tlsgate/\w+\.sock$", text, re.M), unit.name
         assert "SocketGroup=postfix" in text and "SocketMode=0660" in text
-    assert "d /var/spool/postfix/tlsgate 0750 tlsgate postfix -" in (UNITS / "tlsgate.tmpfiles").read_text()
+    # setgid: the sockets made in it belong to group postfix without a chown (see below)
+    assert "d /var/spool/postfix/tlsgate 2750 tlsgate postfix -" in (UNITS / "tlsgate.tmpfiles").read_text()
 
 
 def test_the_state_directory_exists_before_any_service_starts() -> None:
@@ -58,3 +63,35 @@ def test_the_state_directory_exists_before_any_service_starts() -> None:
     assert "d /var/lib/tlsgate 0750 tlsgate tlsgate -" in (UNITS / "tlsgate.tmpfiles").read_text()
     for unit in UNITS.glob("*.service"):
         assert "StateDirectory=tlsgate" in unit.read_text(), unit.name
+
+
+def test_units_start_before_debians_postfix_instance_and_stop_on_a_configuration_error() -> None:
+    for unit in SERVICES:
+        text = (UNITS / unit).read_text()
+        assert re.search(r"^Before=.*\bpostfix@-\.service\b", text, re.M), unit
+        assert "\nRestartPreventExitStatus=78\n" in text, unit
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the seccomp filter uses x86_64 call numbers")
+def test_the_milter_starts_where_chown_is_refused() -> None:
+    """Under its unit the milter runs with chown(2) refused (@privileged), unless let through
+    again; in the setgid socket directory tmpfiles makes it needs none."""
+    text = (UNITS / "tlsgate-milter.service").read_text()
+    assert text.index("SystemCallFilter=@chown") > text.index("SystemCallFilter=~@privileged")
+    work = pathlib.Path(tempfile.mkdtemp(prefix="tgc-"))
+    try:
+        work.chmod(0o2755)
+        wrapper = work / "milter"
+        deny = ROOT / "tests" / "support" / "denychown.py"
+        wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {deny} {MILTER} \"$@\"\n")
+        wrapper.chmod(0o755)
+        sock = work / "milter.sock"
+        config = write_config(work, make_rules_db(work / "rules.sqlite", ""), f"unix:{sock}")
+        process = MilterProcess(config, sock, work / "milter.log", program=str(wrapper))
+        try:
+            process.start()
+            assert sock.stat().st_gid == work.stat().st_gid
+        finally:
+            process.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -48,6 +48,9 @@ def test_environment_overrides_url(tmp_path: pathlib.Path) -> None:
     ("[policyd]\nsocket_mode = 999\n", "[policyd] socket_mode = '999': must be an octal mode"),
     ("[policyd]\nmax_line = many\n", "[policyd] max_line = 'many': must be a positive whole number"),
     ("[policyd]\nlisten = /run/p.sock\n", "'/run/p.sock' is not unix:/PATH or inet:HOST:PORT"),
+    # configparser keeps an inline comment as part of the value: never a socket of that name
+    ("[milter]\nlisten = unix:/run/m.sock   ; or inet:127.0.0.1:8891\n",
+     "[milter] listen = 'unix:/run/m.sock   ; or inet:127.0.0.1:8891': not unix:/PATH or inet:HOST:PORT"),
     ("[policyd]\nmonitor_prepend = perhaps\n", "[policyd] monitor_prepend = 'perhaps': must be yes or no"),
     ("[engine]\nunknown_rules_action = dunno\n", "must be one of defer, reject"),
     ("[log]\nlevel = loud\n", "[log] level = 'loud': must be one of debug, info, warning, error"),
@@ -99,6 +102,24 @@ def test_myorigin_is_asked_from_postconf(tmp_path: pathlib.Path, monkeypatch: py
     assert resolve_myorigin(EngineConfig()) == "example.com"
     monkeypatch.setattr(config, "POSTCONF", str(tmp_path / "none" / "postconf"))
     assert resolve_myorigin(EngineConfig()) is None  # no postconf at all
+
+
+def test_myorigin_may_name_a_file_as_on_debian(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Debian's main.cf says myorigin = /etc/mailname, and its Postfix reads the first line."""
+    mailname = tmp_path / "mailname"
+    mailname.write_text("Mail.Example.ORG\nignored\n")
+    fake = tmp_path / "postconf"
+    fake.write_text(f"#!/bin/sh\necho {mailname}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert resolve_myorigin(EngineConfig()) == "mail.example.org"
+    mailname.write_text("not a domain!\n")
+    assert resolve_myorigin(EngineConfig()) is None
+    assert "'not a domain!'" in caplog.text and "set [engine] myorigin" in caplog.text
+    mailname.unlink()
+    assert resolve_myorigin(EngineConfig()) is None
+    assert "No such file or directory" in caplog.text
 
 
 def test_socketmap_transport_is_a_service_name(tmp_path: pathlib.Path) -> None:

@@ -358,7 +358,9 @@ def main_cf_lines(config: Config, queue_dir: str, current: Current | None = None
             else:
                 lines.append(_setting(name, [_tables_first(raw.get(name, ""), ours)]))
         if now.get("smtp_tls_CAfile") or now.get("smtp_tls_CApath"):
-            lines.append(_kept("smtp_tls_CAfile", raw.get("smtp_tls_CAfile") or "", ""))
+            # Debian's main.cf names a CApath (/etc/ssl/certs) and no CAfile.
+            ca = "smtp_tls_CAfile" if now.get("smtp_tls_CAfile") else "smtp_tls_CApath"
+            lines.append(_kept(ca, raw.get(ca) or now[ca], "the CAs verify and secure connectors check against"))
         else:
             lines.append("smtp_tls_CAfile = /etc/ssl/certs/ca-certificates.crt")
         lines += _client_lines(current, outbound_levels)
