@@ -119,10 +119,11 @@ def test_units_run_unprivileged(service: str) -> None:
 
 
 def test_socket_directory_and_group_membership() -> None:
-    """The socket directory is tlsgate:postfix 0750, so only Postfix (and tlsgate) get in;
-    tlsgate is a member of group postfix so that it can hand its sockets to that group."""
+    """The socket directory is tlsgate:postfix 0750 (setgid, so that its sockets are group
+    postfix from the start), so only Postfix (and tlsgate) get in; tlsgate is a member of group
+    postfix so that it can hand its sockets to that group."""
     tmpfiles = (ROOT / "systemd" / "tlsgate.tmpfiles").read_text()
-    assert re.search(r"^d /var/spool/postfix/tlsgate 0750 tlsgate postfix -$", tmpfiles, re.MULTILINE)
+    assert re.search(r"^d /var/spool/postfix/tlsgate 2750 tlsgate postfix -$", tmpfiles, re.MULTILINE)
     sysusers = (ROOT / "systemd" / "tlsgate.sysusers").read_text()
     assert re.search(r"^m tlsgate postfix$", sysusers, re.MULTILINE)
     for socket_unit in (ROOT / "systemd").glob("*.socket"):
