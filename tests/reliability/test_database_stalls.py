@@ -22,9 +22,10 @@ from sqlalchemy.engine import make_url
 
 from tests.reliability.freezeproxy import FreezableProxy
 from tests.reliability.results import record
+from tests.support.rulesdb import seed_one_connector
 from tlsgate.config import ConfigError, DatabaseConfig, load_config
 from tlsgate.rules import RuleHolder
-from tlsgate.store import init_schema, open_engine
+from tlsgate.store import open_engine
 
 BACKENDS = [pytest.param("postgresql", marks=pytest.mark.postgresql),
             pytest.param("mariadb", marks=pytest.mark.mariadb)]
@@ -79,15 +80,6 @@ def lines() -> Iterator[Lines]:
         logger.setLevel(level)
 
 
-def _seed(url: str) -> None:
-    engine = open_engine(url)
-    init_schema(engine)
-    with engine.begin() as conn:
-        conn.execute(text("INSERT INTO inbound_connector (name) VALUES ('a')"))
-        conn.execute(text("INSERT INTO inbound_domain VALUES ('a', 'sender', 'a.test')"))
-    engine.dispose()
-
-
 def _through(url: str, proxy: FreezableProxy) -> str:
     return make_url(url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
 
@@ -102,7 +94,7 @@ def test_a_partition_is_reported_and_the_last_rules_keep_deciding(
     backend: str, request: pytest.FixtureRequest, lines: Lines
 ) -> None:
     url = request.getfixturevalue("pg_url" if backend == "postgresql" else "mariadb_url")
-    _seed(url)
+    seed_one_connector(url)
     proxy = FreezableProxy(_server_port(url))
     holder = RuleHolder(DatabaseConfig(url=_through(url, proxy), **FAST))
     holder.start()
@@ -131,7 +123,7 @@ def test_a_partition_is_reported_and_the_last_rules_keep_deciding(
 def test_a_server_that_accepts_and_never_answers_at_start(mariadb_url: str, lines: Lines) -> None:
     """PyMySQL's connect_timeout covers the TCP connect only: the server's greeting was awaited
     for ever, the daemon answering temporary failures without a word in its log."""
-    _seed(mariadb_url)
+    seed_one_connector(mariadb_url)
     proxy = FreezableProxy(_server_port(mariadb_url))
     proxy.freeze()
     holder = RuleHolder(DatabaseConfig(url=_through(mariadb_url, proxy), **FAST))
@@ -161,7 +153,7 @@ def test_a_lock_held_in_an_open_transaction_is_reported(
     """An administrator's `BEGIN; ALTER TABLE inbound_domain ...` left open in psql (on MariaDB,
     LOCK TABLES ... WRITE): the load waits on the lock for at most query_timeout."""
     url = request.getfixturevalue("pg_url" if backend == "postgresql" else "mariadb_url")
-    _seed(url)
+    seed_one_connector(url)
     holder = RuleHolder(DatabaseConfig(url=url, **FAST))
     admin = open_engine(url)
     locker = admin.connect()

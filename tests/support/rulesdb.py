@@ -6,6 +6,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from sqlalchemy import text
+
 from tlsgate.store import LoadResult, init_schema, load, open_engine
 
 
@@ -23,6 +25,17 @@ def make_rules_db(path: Path, sql: str = "") -> str:
         finally:
             con.close()
     return url
+
+
+def seed_one_connector(url: str) -> None:
+    """The schema and connector ``a`` (sender domain a.test) in the database at ``url``, of
+    any dialect."""
+    engine = open_engine(url)
+    init_schema(engine)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO inbound_connector (name) VALUES ('a')"))
+        conn.execute(text("INSERT INTO inbound_domain VALUES ('a', 'sender', 'a.test')"))
+    engine.dispose()
 
 
 def load_unchecked(path: Path, *statements: str | tuple[str, tuple[object, ...]]) -> LoadResult:

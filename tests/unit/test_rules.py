@@ -15,6 +15,7 @@ from types import FrameType
 import pytest
 from sqlalchemy import create_engine, text
 
+from tests.support.rulesdb import seed_one_connector
 from tlsgate import logsetup
 from tlsgate.config import DatabaseConfig
 from tlsgate.rules import RuleHolder
@@ -22,17 +23,8 @@ from tlsgate.snapshot import Snapshot
 from tlsgate.store import init_schema, open_engine
 
 
-def _seed(url: str) -> None:
-    engine = open_engine(url)
-    init_schema(engine)
-    with engine.begin() as conn:
-        conn.execute(text("INSERT INTO inbound_connector (name) VALUES ('a')"))
-        conn.execute(text("INSERT INTO inbound_domain VALUES ('a', 'sender', 'a.test')"))
-    engine.dispose()
-
-
 def test_reload_only_when_generation_moves(sqlite_url: str) -> None:
-    _seed(sqlite_url)
+    seed_one_connector(sqlite_url)
     holder = RuleHolder(DatabaseConfig(url=sqlite_url))
     assert holder.snapshot is None
     assert holder.refresh() is True
@@ -58,7 +50,7 @@ def test_the_status_systemd_shows_tells_of_an_outage(sqlite_url: str, tmp_path: 
     missing.refresh()
     assert missing.status.startswith("no rules loaded yet: answering temporary failures; "
                                      "rule database unreachable: database sqlite:///"), missing.status
-    _seed(sqlite_url)
+    seed_one_connector(sqlite_url)
     holder = RuleHolder(DatabaseConfig(url=sqlite_url))
     assert holder.refresh()
     generation = holder.snapshot.generation  # type: ignore[union-attr]
@@ -97,7 +89,7 @@ def test_never_loaded_stays_none_and_logs_once(tmp_path: object, caplog: pytest.
 
 @pytest.mark.postgresql
 def test_outage_keeps_last_snapshot_and_is_logged_once(pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    _seed(pg_url)
+    seed_one_connector(pg_url)
     holder = RuleHolder(DatabaseConfig(url=pg_url, connect_timeout=2))
     assert holder.refresh() is True
     good = holder.snapshot
@@ -128,7 +120,7 @@ def test_outage_keeps_last_snapshot_and_is_logged_once(pg_url: str, caplog: pyte
 
 
 def test_background_thread_and_forced_reload(sqlite_url: str) -> None:
-    _seed(sqlite_url)
+    seed_one_connector(sqlite_url)
     swapped: list[int] = []
     import threading
 
@@ -158,7 +150,7 @@ def _sql(url: str, statement: str) -> None:
 
 
 def test_a_counter_that_is_no_number_is_an_outage_not_a_crash(sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    _seed(sqlite_url)
+    seed_one_connector(sqlite_url)
     holder = RuleHolder(DatabaseConfig(url=sqlite_url))
     assert holder.refresh() is True
     first = holder.snapshot
@@ -183,7 +175,7 @@ def test_an_unforeseen_failure_keeps_the_rules_and_the_thread(
 
     import tlsgate.rules
 
-    _seed(sqlite_url)
+    seed_one_connector(sqlite_url)
     loaded = threading.Event()
     holder = RuleHolder(DatabaseConfig(url=sqlite_url, poll_interval=0.05), on_swap=lambda _: loaded.set())
     real_load = tlsgate.rules.load
@@ -216,7 +208,7 @@ def test_an_unforeseen_failure_keeps_the_rules_and_the_thread(
 
 
 def test_alive_while_the_polling_thread_runs(sqlite_url: str) -> None:
-    _seed(sqlite_url)
+    seed_one_connector(sqlite_url)
     holder = RuleHolder(DatabaseConfig(url=sqlite_url, poll_interval=3600))
     assert holder.alive  # not started: loads are the caller's (a spawned policy daemon's first)
     holder.start()
@@ -264,7 +256,7 @@ def test_garbage_left_before_a_load_is_collected_not_frozen(sqlite_url: str, tmp
     """A freeze keeps what it takes forever: garbage cycles are collected first (before the
     process's first load, after each later one), and a load that fails (a database without the
     schema yet, polled again and again) freezes nothing."""
-    _seed(sqlite_url)
+    seed_one_connector(sqlite_url)
     holder = RuleHolder(DatabaseConfig(url=sqlite_url))
     sqlite3.connect(tmp_path / "empty.sqlite").close()
     broken = RuleHolder(DatabaseConfig(url=f"sqlite:///{tmp_path}/empty.sqlite"))
@@ -335,7 +327,7 @@ def test_a_poll_that_never_returns_is_reported_once_and_the_rules_keep_deciding(
     and the watch reports the outage after connect_timeout + 1.5 x query_timeout, once."""
     import tlsgate.rules
 
-    _seed(sqlite_url)
+    seed_one_connector(sqlite_url)
     cfg = DatabaseConfig(url=sqlite_url, poll_interval=0.05, connect_timeout=0.2, query_timeout=0.2)
     holder = RuleHolder(cfg)
     assert holder.refresh()
@@ -375,7 +367,7 @@ def test_one_row_that_is_not_utf8_is_that_row_s_error_not_an_outage(tmp_path: Pa
     connector fails closed, named by the error, and every other change is still loaded."""
     path = tmp_path / "rules.sqlite"
     url = f"sqlite:///{path}"
-    _seed(url)
+    seed_one_connector(url)
     holder = RuleHolder(DatabaseConfig(url=url))
     try:
         assert holder.refresh()
@@ -403,14 +395,14 @@ def test_a_sqlite_file_renamed_into_place_is_read(tmp_path: Path, caplog: pytest
     """A backup restored over the live file (with os.replace, as `cp` to a temp name and `mv`
     do): the pool's connection still reads the old file, until the poll sees another inode."""
     live = tmp_path / "rules.sqlite"
-    _seed(f"sqlite:///{live}")
+    seed_one_connector(f"sqlite:///{live}")
     holder = RuleHolder(DatabaseConfig(url=f"sqlite:///{live}"))
     try:
         assert holder.refresh()
         first = holder.snapshot
         assert first is not None
         aside = tmp_path / "restored.sqlite"
-        _seed(f"sqlite:///{aside}")
+        seed_one_connector(f"sqlite:///{aside}")
         # The same counter as the rules in force (a backup of the same day): read all the same.
         _sql(f"sqlite:///{aside}", "UPDATE inbound_domain SET pattern = 'restored.test'")
         _sql(f"sqlite:///{aside}", f"UPDATE rules_generation SET generation = {first.generation}")
@@ -431,7 +423,7 @@ def test_an_unforeseen_failure_is_logged_once_per_outage(
 ) -> None:
     import tlsgate.rules
 
-    _seed(sqlite_url)
+    seed_one_connector(sqlite_url)
     holder = RuleHolder(DatabaseConfig(url=sqlite_url))
     assert holder.refresh()
     fault = ["a value of a type nobody expected"]
@@ -462,7 +454,7 @@ def test_an_unforeseen_failure_is_logged_once_per_outage(
 def test_a_reload_request_is_never_lost_wherever_it_lands(sqlite_url: str, landing: int) -> None:
     """request_reload (SIGHUP) at every line of the poll loop in turn, as a signal or another
     thread can: a forced load always follows it."""
-    _seed(sqlite_url)
+    seed_one_connector(sqlite_url)
     forced_after: list[bool] = []
     sent = threading.Event()
 
