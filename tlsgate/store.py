@@ -390,7 +390,8 @@ NOT_UTF8 = "is not valid UTF-8 text (written with another encoding?)"
 
 
 def _readable(value: str) -> str:
-    """``value`` with each byte that was not UTF-8 shown as U+FFFD, for a comment."""
+    """``value`` with each byte that was not UTF-8 shown as U+FFFD: for a comment, and for a
+    refused name, which still names its connector in answers and log lines."""
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if _undecodable(value) else value
 
 
