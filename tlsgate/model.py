@@ -255,6 +255,16 @@ class Decision:
         return self.connector is not None and self.connector.mode is Mode.MONITOR
 
     @property
+    def severity(self) -> int:
+        """How strongly the mail is refused: 2 reject, 1 defer, 0 let go on. Where verdicts
+        add up (a message's recipients and its header From), the strongest refusal stands."""
+        if self.action is FailAction.REJECT:
+            return 2
+        if self.action is FailAction.DEFER:
+            return 1
+        return 0
+
+    @property
     def smtp_code(self) -> int | None:
         if self.action is FailAction.REJECT:
             return 550

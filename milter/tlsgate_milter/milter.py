@@ -196,14 +196,6 @@ def _unverifiable_pin(decision: Decision) -> bool:
     return failed is not None and failed.requirement in _PIN_REQUIREMENTS
 
 
-def _severity(decision: Decision) -> int:
-    if decision.action is FailAction.REJECT:
-        return 2
-    if decision.action is FailAction.DEFER:
-        return 1
-    return 0
-
-
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -592,7 +584,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
                 self._log(facts, decision, seconds)
                 standing.append(decision)
                 if decision.action is not None and (
-                    refusal is None or _severity(decision) > _severity(refusal)
+                    refusal is None or decision.severity > refusal.severity
                 ):
                     refusal = decision
         if refusal is not None:

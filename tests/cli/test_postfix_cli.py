@@ -75,6 +75,13 @@ def doctor(setup: dict[str, pathlib.Path], main_cf: str) -> subprocess.Completed
                           capture_output=True, text=True)
 
 
+def use_transport(setup: dict[str, pathlib.Path], transport: str | None) -> None:
+    """Have connector mail leave by the master.cf service ``transport`` ([socketmap] transport)."""
+    if transport:
+        with setup["conf"].open("a") as fh:
+            fh.write(f"transport = {transport}\n")  # the last section is [socketmap]
+
+
 def postfix_config(setup: dict[str, pathlib.Path], *args: str, main_cf: str | None = None,
                    master_cf: str = "", readable: bool = True) -> subprocess.CompletedProcess[str]:
     """`tlsgate postfix-config` against the private configuration (`main_cf`, `master_cf` when
@@ -385,9 +392,7 @@ def test_doctor_fallback_relay_for_connector_mail(setup: dict[str, pathlib.Path]
                                                   transport: str | None, fault: str | None) -> None:
     # Postfix appends the fallback relay after tlsgate's smtp:[hop], and tlsgate has no TLS policy
     # for the relay: a partner that fails its connector's TLS check would get the mail in plaintext.
-    if transport:
-        with setup["conf"].open("a") as fh:
-            fh.write(f"transport = {transport}\n")  # the last section is [socketmap]
+    use_transport(setup, transport)
     (setup["pfdir"] / "master.cf").write_text(master_cf)
     with listening(setup, *ALL_SOCKETS):
         r = doctor(setup, OUTBOUND_MAIN_CF + main_extra)
@@ -564,9 +569,7 @@ def test_doctor_tls_required_header(setup: dict[str, pathlib.Path], postfix_3_10
 ])
 def test_doctor_policy_maps_on_the_connector_service(setup: dict[str, pathlib.Path], main_cf: str, master_cf: str,
                                                      transport: str | None, fault: str | None) -> None:
-    if transport:
-        with setup["conf"].open("a") as fh:
-            fh.write(f"transport = {transport}\n")  # the last section is [socketmap]
+    use_transport(setup, transport)
     r = run_doctor(setup, main_cf, master_cf)
     if fault is None:
         assert r.returncode == 0, r.stdout

@@ -84,14 +84,20 @@ def test_myorigin_that_is_no_domain_is_an_error(tmp_path: pathlib.Path) -> None:
         load_config(path, environ={})
 
 
+def fake_postconf(directory: pathlib.Path, monkeypatch: pytest.MonkeyPatch, script: str) -> pathlib.Path:
+    """A postconf that runs the shell ``script``, first on PATH."""
+    fake = directory / "postconf"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(directory))
+    return fake
+
+
 def test_myorigin_is_asked_from_postconf(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
                                          caplog: pytest.LogCaptureFixture) -> None:
     assert resolve_myorigin(EngineConfig(myorigin="example.org")) == "example.org"
     assert resolve_myorigin(EngineConfig(myorigin="none")) is None
-    fake = tmp_path / "postconf"
-    fake.write_text('#!/bin/sh\n[ "$*" = "-xh myorigin" ] && echo Mail.Example.NET\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", str(tmp_path))
+    fake = fake_postconf(tmp_path, monkeypatch, '[ "$*" = "-xh myorigin" ] && echo Mail.Example.NET')
     assert resolve_myorigin(EngineConfig()) == "mail.example.net"
     fake.write_text("#!/bin/sh\necho 'postconf: fatal: open /etc/postfix/main.cf: No such file' >&2\nexit 1\n")
     assert resolve_myorigin(EngineConfig()) is None
@@ -109,10 +115,7 @@ def test_myorigin_may_name_a_file_as_on_debian(tmp_path: pathlib.Path, monkeypat
     """Debian's main.cf says myorigin = /etc/mailname, and its Postfix reads the first line."""
     mailname = tmp_path / "mailname"
     mailname.write_text("Mail.Example.ORG\nignored\n")
-    fake = tmp_path / "postconf"
-    fake.write_text(f"#!/bin/sh\necho {mailname}\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", str(tmp_path))
+    fake_postconf(tmp_path, monkeypatch, f"echo {mailname}")
     assert resolve_myorigin(EngineConfig()) == "mail.example.org"
     mailname.write_text("not a domain!\n")
     assert resolve_myorigin(EngineConfig()) is None

@@ -13,7 +13,7 @@ from tlsgate.config import resolve_myorigin
 from tlsgate.decisionlog import verdict_word
 from tlsgate.dnsranges import DnsCache, apply_dns, dns_entries
 from tlsgate.engine import decide, decide_header_from, with_myorigin
-from tlsgate.model import Decision, FailAction, SessionFacts, Stage
+from tlsgate.model import Decision, SessionFacts, Stage
 from tlsgate.patterns import parse_address
 from tlsgate.rules import resolver_settings
 from tlsgate.snapshot import Snapshot
@@ -175,7 +175,7 @@ def cmd_explain(args: argparse.Namespace, ctx: Context) -> int:
     print("\n".join([*rendered[:2], *lines, "at RCPT (every connector but those scoped by the header From):",
                      *_indented(rendered[2:]), "at end of message (the connectors scoped by the header From):",
                      *_indented(render(facts, at_end)[2:])]))
-    final = at_end if _severity(at_end) > _severity(at_rcpt) else at_rcpt
+    final = at_end if at_end.severity > at_rcpt.severity else at_rcpt
     print(f"verdict: {_verdict_text(final)}")
     return 0
 
@@ -184,5 +184,3 @@ def _indented(lines: list[str]) -> list[str]:
     return [f"  {line}" for line in lines]
 
 
-def _severity(decision: Decision) -> int:
-    return {FailAction.REJECT: 2, FailAction.DEFER: 1}.get(decision.action, 0)  # type: ignore[arg-type]
