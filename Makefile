@@ -38,6 +38,7 @@ $(VAR)/tlsgate.conf:
 	printf '%s\n' '[database]' 'url = sqlite:///$(VAR)/rules.sqlite' 'poll_interval = 1' '' \
 	  '[policyd]' 'listen = unix:$(VAR)/policy.sock inet:127.0.0.1:10040' 'socket_mode = 0666' '' \
 	  '[milter]' 'listen = unix:$(VAR)/milter.sock' 'socket_mode = 0666' '' \
+	  '[engine]' '# no Postfix is configured here to ask for its myorigin' 'myorigin = none' '' \
 	  '[log]' 'target = stderr' > $@
 
 $(VAR)/rules.sqlite: | $(VAR)/tlsgate.conf venv

@@ -40,6 +40,18 @@ def _under_systemd() -> bool:
     return bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
 
 
+def _stderr_is_journal() -> bool:
+    """True when standard error is a stream to systemd's journal: ``JOURNAL_STREAM`` names its
+    device and inode (systemd.exec(5)). The journal then reads a ``<N>`` prefix as the line's
+    syslog priority; anywhere else such a prefix would be written as it is."""
+    try:
+        device, inode = (int(part) for part in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
 def _handler(cfg: LogConfig, ident: str) -> logging.Handler:
     target = cfg.target
     if target == "auto":
@@ -57,29 +69,46 @@ def _handler(cfg: LogConfig, ident: str) -> logging.Handler:
             pass  # no syslog socket (a container): fall back to stderr below
     handler = logging.StreamHandler(sys.stderr)
     if _under_systemd():
-        handler.setFormatter(_LineFormatter("", timed=False, levelled=True))
+        handler.setFormatter(_LineFormatter("", timed=False, levelled=True, journal=_stderr_is_journal()))
     else:
         handler.setFormatter(_LineFormatter(f"{ident}[{os.getpid()}]: ", timed=True, levelled=True))
     return handler
 
 
+# syslog(3) priorities of logging's levels, for the journal's ``<N>`` prefix.
+_PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
+
+
 class _LineFormatter(logging.Formatter):
     """``[time ]prefix[LEVEL: ]message``, the time as logging's default (``2026-11-29 12:00:00,123``).
+
+    For the journal (``journal=True``), every line of a record also starts with its syslog
+    priority (``<3>`` for an error), so that ``journalctl -p`` and the syslog daemon the journal
+    forwards to see each line at its level, a traceback's lines included.
 
     One f-string per line, the time's text kept for the second it names: a daemon writes a
     line per decision, and the general formatter's record dictionary and ``strftime`` per line
     cost the writer more than the decision took.
     """
 
-    def __init__(self, prefix: str, *, timed: bool, levelled: bool) -> None:
+    def __init__(self, prefix: str, *, timed: bool, levelled: bool, journal: bool = False) -> None:
         super().__init__()
         self._prefix = prefix
         self._timed = timed
         self._levelled = levelled
+        self._journal = journal
         self._second = -1
         self._stamp = ""
 
     def line(self, created: float, levelname: str, message: str) -> str:
+        text = self._line(created, levelname, message)
+        return self._prioritised(levelname, text) if self._journal else text
+
+    def _prioritised(self, levelname: str, text: str) -> str:
+        priority = f"<{_PRIORITY.get(levelname, 6)}>"
+        return priority + text.replace("\n", "\n" + priority)
+
+    def _line(self, created: float, levelname: str, message: str) -> str:
         head = self._prefix
         if self._levelled:
             head = f"{head}{levelname}: "
@@ -93,7 +122,7 @@ class _LineFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """What ``logging.Formatter`` makes of a record, traceback and stack included."""
-        text = self.line(record.created, record.levelname, record.getMessage())
+        text = self._line(record.created, record.levelname, record.getMessage())
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         for extra in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
@@ -101,7 +130,7 @@ class _LineFormatter(logging.Formatter):
                 if not text.endswith("\n"):
                     text += "\n"
                 text += extra
-        return text
+        return self._prioritised(record.levelname, text) if self._journal else text
 
 
 # A line queued by line(): when it was logged, its level and its text.

@@ -65,6 +65,18 @@ def test_the_state_directory_exists_before_any_service_starts() -> None:
         assert "StateDirectory=tlsgate" in unit.read_text(), unit.name
 
 
+def test_units_log_to_the_mail_facility_and_name_installed_manuals() -> None:
+    """The journal forwards a unit's lines to syslog under its SyslogFacility=: mail, so that
+    the decision lines reach mail.log beside Postfix's; the manuals are what the package installs."""
+    installed = {"man:{}({})".format(*page.name.rsplit(".", 1)) for page in (ROOT / "docs" / "man").glob("*.[158]")}
+    for unit in UNITS.glob("tlsgate-*.s*"):
+        text = unit.read_text()
+        if unit.suffix == ".service":
+            assert "\nSyslogFacility=mail\n" in text, unit.name
+        docs = re.search(r"^Documentation=(.*)$", text, re.M)
+        assert docs and set(docs.group(1).split()) <= installed, (unit.name, installed)
+
+
 def test_units_start_before_debians_postfix_instance_and_stop_on_a_configuration_error() -> None:
     for unit in SERVICES:
         text = (UNITS / unit).read_text()

@@ -177,6 +177,42 @@ def test_a_line_under_systemd_carries_only_its_level(monkeypatch: pytest.MonkeyP
     assert out.getvalue() == "INFO: a decision\nWARNING: a warning\n"
 
 
+def test_a_line_to_the_journal_starts_with_its_priority(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Under systemd with standard error on the journal, every line carries its syslog priority,
+    a traceback's included: journalctl -p err shows the errors, and the syslog daemon the journal
+    forwards to files each line at its level."""
+    with (tmp_path / "journal").open("w") as stream:
+        st = os.fstat(stream.fileno())
+        monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        logsetup.configure(LogConfig(target="stderr", level="info"), "tlsgate-test")
+        log = logging.getLogger("tlsgate.test")
+        logsetup.line(log, logging.INFO, "a decision")
+        log.warning("a warning")
+        try:
+            raise ValueError("a bug")
+        except ValueError:
+            log.exception("deciding failed")
+        logsetup.stop()
+    lines = (tmp_path / "journal").read_text().splitlines()
+    assert lines[:3] == ["<6>INFO: a decision", "<4>WARNING: a warning", "<3>ERROR: deciding failed"]
+    assert lines[3] == "<3>Traceback (most recent call last):" and lines[-1] == "<3>ValueError: a bug", lines
+    assert all(line.startswith("<3>") for line in lines[2:]), lines
+
+
+def test_no_priority_where_standard_error_is_not_the_journal(monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    """A unit whose standard error goes to a file (StandardError=file:) keeps JOURNAL_STREAM
+    from its manager's environment: the prefix would be written as it is."""
+    with (tmp_path / "file").open("w") as stream:
+        monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+        logsetup.configure(LogConfig(target="stderr", level="info"), "tlsgate-test")
+        logsetup.line(logging.getLogger("tlsgate.test"), logging.INFO, "a decision")
+        logsetup.stop()
+    assert (tmp_path / "file").read_text() == "INFO: a decision\n"
+
+
 def test_a_line_to_syslog_is_one_datagram_at_its_level(tmp_path: Path) -> None:
     with logging_to_syslog(tmp_path, 0) as syslog:
         log = logging.getLogger("tlsgate.test")
