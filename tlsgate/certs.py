@@ -23,10 +23,15 @@ from cryptography.x509.oid import NameOID
 
 from tlsgate.model import Pin
 
+# The digests smtpd_tls_fingerprint_digest may name (any OpenSSL digest; these are the ones in
+# use): a pin holds its fingerprints in each, so that whichever Postfix is set to is recognised.
 DIGESTS: dict[str, type[hashes.HashAlgorithm]] = {
     "sha256": hashes.SHA256,
     "sha1": hashes.SHA1,
     "md5": hashes.MD5,
+    "sha224": hashes.SHA224,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
 }
 
 # A certificate chain is a few KiB; anything much larger is not what the administrator meant.

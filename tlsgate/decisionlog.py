@@ -40,8 +40,8 @@ def tls_summary(facts: SessionFacts) -> str:
     if not facts.tls_protocol:
         return "tls=none"
     parts = [f"tls={facts.tls_protocol}", f"cipher={facts.tls_cipher or '-'}"]
-    if facts.cert_subject:
-        parts.append(f"cert={_quote(facts.cert_subject)}")
+    if facts.cert_subject or facts.cert_issuer:
+        parts.append(f"cert={_quote(facts.cert_subject) if facts.cert_subject else 'no-cn'}")
         if facts.cert_issuer:
             parts.append(f"issuer={_quote(facts.cert_issuer)}")
     elif facts.cert_fingerprint:

@@ -36,7 +36,7 @@ from tlsgate.model import (
     SessionFacts,
     Stage,
 )
-from tlsgate.patterns import address_domain, raw_domain
+from tlsgate.patterns import address_domain, loose_domain, raw_domain
 from tlsgate.snapshot import DomainIndex, Snapshot, range_contains
 
 # RFC 3463 status details, per kind of unmet requirement.
@@ -117,12 +117,17 @@ def find_candidates(snapshot: Snapshot, facts: SessionFacts) -> list[Candidate]:
 
 def _hits(index: DomainIndex, domain: str | None, address: str | None) -> dict[int, tuple[int, int]]:
     """The connectors of one scope that ``address`` (its normalised ``domain``) meets. An
-    address whose domain is written but is no domain name (an address literal ``[192.0.2.1]``,
-    ``under_score.example``) meets no partner's domain, but every ``*`` pattern, which stands
-    for all mail."""
+    address whose domain is written but is no domain name meets every ``*`` pattern, which
+    stands for all mail, and the ``*.parent`` patterns of its parents when only its characters
+    are amiss (``mx_1.partner.test`` is under partner.test); an address literal
+    (``[192.0.2.1]``) meets ``*`` alone."""
     if domain:
         return index.lookup(domain)
-    return index.lookup_any() if address and raw_domain(address) else {}
+    raw = raw_domain(address) if address else ""
+    if not raw:
+        return {}
+    loose = loose_domain(raw)
+    return index.lookup(loose) if loose else index.lookup_any()
 
 
 def _needs_tls(c: InboundConnector) -> bool:
@@ -144,7 +149,8 @@ def _pin_checks(c: InboundConnector, facts: SessionFacts, now: datetime) -> list
     refused even when a renewal with the same key is registered too). Otherwise a registered
     public-key fingerprint identifies the partner's key (a renewal that was not registered
     yet): any registered certificate with that key that is fully acceptable passes. Pins hold
-    every digest, so either of Postfix's fingerprint digests (sha256, md5) is recognised.
+    every digest Postfix may be set to (sha256, sha1, md5, sha224, sha384, sha512), so each is
+    recognised.
     """
     cert_fp = facts.cert_fingerprint.strip().upper() if facts.cert_fingerprint else None
     key_fp = facts.pubkey_fingerprint.strip().upper() if facts.pubkey_fingerprint else None
@@ -361,15 +367,17 @@ def check_requirements(
         out.extend(_pin_checks(c, facts, now))
         return out
     if c.certificate is CertRequirement.TRUSTED or c.cert_names or c.issuer_names:
-        ok = facts.cert_subject is not None
+        # Postfix names the subject and the issuer of a verified certificate only, each by its
+        # CN (the issuer's O when it has none), and leaves out an empty one: a certificate
+        # without a subject CN is still verified when its issuer is named.
+        ok = facts.cert_subject is not None or facts.cert_issuer is not None
+        shown = facts.cert_subject or f"without a subject CN, issued by {facts.cert_issuer},"
         out.append(
             (
                 Check(
                     "trusted certificate",
                     ok,
-                    f"certificate {facts.cert_subject} verified"
-                    if ok
-                    else "no client certificate that chains to a trusted CA",
+                    f"certificate {shown} verified" if ok else "no client certificate that chains to a trusted CA",
                 ),
                 STATUS_POLICY,
             )
@@ -444,11 +452,39 @@ def with_myorigin(facts: SessionFacts, myorigin: str | None) -> SessionFacts:
 
 
 def _elsewhere(address: str) -> bool:
-    """Whether Postfix may deliver ``address`` to a domain other than the one it shows:
-    ``user%domain@host`` becomes user@domain when host is local (allow_percent_hack), and
-    ``site!user`` becomes user@site (swap_bangpath), after the restrictions."""
-    local = address.rpartition("@")[0] if "@" in address else address
-    return "%" in local or ("@" not in address and "!" in address)
+    """Whether Postfix will give ``address``, which has no @, a domain it does not show:
+    ``site!user`` becomes user@site (swap_bangpath) and ``user%domain`` user@domain
+    (allow_percent_hack) when trivial-rewrite makes it canonical, after the restrictions. An
+    address with an @ is never rewritten so (rewrite.c); a recipient's may still be routed
+    on, see :func:`_routes`."""
+    return "@" not in address and ("!" in address or "%" in address)
+
+
+def _routes(recipient: str) -> list[str]:
+    """The addresses Postfix may deliver ``recipient`` to instead of the one it shows.
+
+    When the domain is one of this host's (mydestination and the like, which the engine cannot
+    know), trivial-rewrite strips it and resolves what is left again where it names another
+    hop: a further @ (``bob@partner.test@localhost``), a ``site!user`` (swap_bangpath) or a
+    ``user%domain`` (allow_percent_hack), and so on while each new domain is local too
+    (resolve.c). Empty for every ordinary address.
+    """
+    address = recipient.strip().strip("<>").rstrip("@")
+    routes: list[str] = []
+    while "@" in address:
+        local = address.rpartition("@")[0].rstrip("@")
+        if "@" in local:
+            address = local
+        elif "!" in local:
+            site, _, user = local.partition("!")
+            address = f"{user}@{site}"
+        elif "%" in local:
+            user, _, domain = local.rpartition("%")
+            address = f"{user}@{domain}"
+        else:
+            break
+        routes.append(address)
+    return routes
 
 
 def _undecidable(snapshot: Snapshot, facts: SessionFacts) -> Decision | None:
@@ -482,11 +518,43 @@ def _undecidable(snapshot: Snapshot, facts: SessionFacts) -> Decision | None:
 
 
 def decide(snapshot: Snapshot, facts: SessionFacts, now: datetime) -> Decision:
-    """The verdict for one transaction (one recipient, when recipients are known)."""
+    """The verdict for one transaction (one recipient, when recipients are known).
+
+    A recipient that Postfix may route on to another address (:func:`_routes`) is judged as
+    it shows and as each address it may become: when they all agree, that is the verdict (the
+    strongest refusal, when all refuse); when some would refuse and some would not, which one
+    applies cannot be told, and the mail waits (4.1.3) rather than pass a connector.
+    """
+    shown = _decide_one(snapshot, facts, now)
+    recipient = facts.recipient
+    if not recipient or not ("!" in recipient or "%" in recipient or recipient.count("@") > 1):
+        return shown  # every ordinary address, at the cost of three searches
+    routes = _routes(recipient)
+    if not routes:
+        return shown
+    address = recipient.strip().strip("<>")
+    every = [(address, shown), *((route, _decide_one(snapshot, replace(facts, recipient=route), now))
+                                 for route in routes)]
+    refusing = [(route, d) for route, d in every if d.action is not None]
+    if not refusing:
+        return shown
+    if len(refusing) == len(every):
+        return max((d for _, d in every), key=lambda d: d.severity)
+    (refused, by), passed = refusing[0], next(route for route, d in every if d.action is None)
+    reason = (f"recipient <{address}> may be delivered to another domain than it shows (Postfix strips a "
+              f"domain of this host's and resolves what is left): as <{refused}>, connector {_name(by)} "
+              f"refuses it ({by.reason}), as <{passed}> it would pass; so the connector that applies cannot be told")
+    return Decision(Outcome.FAIL, FailAction.DEFER, None, "4.1.3", reason, reason, (Check("address", False, reason),))
+
+
+def _name(decision: Decision) -> str:
+    return decision.connector.name if decision.connector is not None else "(none)"
+
+
+def _decide_one(snapshot: Snapshot, facts: SessionFacts, now: datetime) -> Decision:
+    """The verdict for the transaction as its addresses show."""
     sender, recipient = facts.sender, facts.recipient
-    if (sender and ("@" not in sender or "%" in sender)) or (
-        recipient and ("@" not in recipient or "%" in recipient or "@[" in recipient)
-    ):
+    if (sender and "@" not in sender) or (recipient and ("@" not in recipient or "@[" in recipient)):
         if (undecidable := _undecidable(snapshot, facts)) is not None:
             return undecidable
     return _verdict(find_candidates(snapshot, facts), facts, now)

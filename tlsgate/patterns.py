@@ -134,6 +134,20 @@ def normalise_domain(domain: str) -> str | None:
         return None
 
 
+_LOOSE_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
+
+
+def loose_domain(domain: str) -> str | None:
+    """A domain seen in mail that is no host name for its characters alone (``mx_1.partner.test``:
+    Postfix accepts an underscore), lowercased, so that the patterns of its parents still meet
+    it; None for anything else (an address literal, an empty label, other characters). No
+    pattern can be such a name, so only ``*.parent`` and ``*`` patterns ever match it."""
+    name = domain.rstrip(".").lower()
+    if not name.isascii() or len(name) > _MAX_DOMAIN or not _LOOSE_NAME.fullmatch(name):
+        return None
+    return name
+
+
 def raw_domain(address: str) -> str:
     """The text after the last @ of an envelope or header address, as written; "" when the
     address has no domain (null sender, no @)."""
@@ -181,8 +195,16 @@ class CertNamePattern:
         return cls(to_a_label(raw), False)
 
     def matches(self, presented: str) -> bool:
-        """Match a name presented in a certificate (a CN or a DNS SAN)."""
-        name = presented.strip().lower().rstrip(".")
+        """Match a name presented in a certificate (a CN or a DNS SAN), as it is spelt but for
+        ASCII case and one final dot: Postfix passes spaces and UTF-8 in a CN through, and
+        neither stripping them nor Unicode case rules (the Kelvin sign lowercases to "k") may
+        turn a name a CA issued into another one. A wildcard in the presented name
+        (``*.example.com``) meets only the same wildcard pattern, never a host under it."""
+        if not presented.isascii():
+            return False
+        name = presented.lower()
+        if name.endswith("."):
+            name = name[:-1]
         if name.startswith("*."):
             # A wildcard certificate matches a reference only if the reference is the same wildcard.
             return self.wildcard and name[2:] == self.name

@@ -125,14 +125,12 @@ def tls_from_macros(get: MacroGetter, mta: str | None = None) -> TlsFacts:
     issuer = _clean(get("{cert_issuer}"))
     if not names_verified(mta, _clean(get(VERIFY_MACRO))):
         subject = issuer = None
-    if subject is not None:
-        if not is_postfix(mta):
-            # Postfix sends the CN alone, as the certificate spells it: a CN that reads
-            # "evil.example/CN=mail.partner.test" is that whole text, never a DN to pick from.
-            subject = common_name(subject)
-            issuer = common_name(issuer) if issuer is not None else None
-    else:
-        issuer = None  # an issuer without a verified subject means nothing
+    elif not is_postfix(mta):
+        # Postfix sends the CN alone, as the certificate spells it: a CN that reads
+        # "evil.example/CN=mail.partner.test" is that whole text, never a DN to pick from.
+        subject = common_name(subject) if subject is not None else None
+        issuer = common_name(issuer) if issuer is not None else None
+    # A verified certificate without a subject CN comes with its issuer alone.
     return TlsFacts(protocol, cipher, bits, subject, issuer)
 
 
@@ -252,7 +250,7 @@ def trace_value(
         parts.append(f"tls={facts.tls_protocol}")
         parts.append(f"cipher={facts.tls_cipher or 'unknown'}")
         parts.append(f"bits={facts.tls_cipher_bits}")
-        parts.append(f"verified={'yes' if facts.cert_subject else 'no'}")
+        parts.append(f"verified={'yes' if facts.cert_subject or facts.cert_issuer else 'no'}")
         if facts.cert_subject:
             parts.append(f"cert={_quoted(facts.cert_subject[:200])}")
             if facts.cert_issuer:

@@ -68,6 +68,7 @@ CASES: list[tuple[str, dict[str, Any], tuple[str, ...], str | None, str, str, st
     ("exact certificate", {}, ("partner",), "partner", "sha256", "pass", ""),
     ("md5 digest (older Postfix)", {}, ("partner",), "partner", "md5", "pass", ""),
     ("sha1 digest", {}, ("partner",), "partner", "sha1", "pass", ""),
+    ("sha512 digest", {}, ("partner",), "partner", "sha512", "pass", ""),
     ("renewal with the same key", {}, ("partner",), "renewed", "sha256", "pass", ""),
     ("same CN, different key", {}, ("partner",), "impostor", "sha256", "fail", "is not registered with connector partner"),
     ("no certificate", {}, ("partner",), None, "sha256", "fail", "no client certificate presented"),

@@ -248,6 +248,39 @@ def test_addresses_postfix_delivers_elsewhere_than_they_show(stack: Stack) -> No
     assert result.data is None
 
 
+def test_a_recipient_routed_on_from_a_local_domain_meets_the_connector_where_it_goes(stack: Stack) -> None:
+    # With localhost one of its own domains, Postfix strips @localhost and resolves what is
+    # left (resolve.c): both recipients below are delivered to example.test, whose connector
+    # requires TLS. Judged by localhost alone, they passed it.
+    routed = ["bob@example.test@localhost", "example.test!frank@localhost"]
+    stack.postfix.reload({"mydestination": "localhost"})
+    try:
+        plain = send(stack.postfix.port, "a@other.test", routed)
+        for rcpt in routed:
+            reply = plain.rcpt[rcpt]
+            assert reply.code == 450 and "may be delivered to another domain than it shows" in reply.text, (rcpt, reply)
+        assert plain.data is None
+        tls = send(stack.postfix.port, "a@other.test", routed[:1], starttls=True)
+        assert tls.delivered, tls
+        assert stack.postfix.wait_delivered("bob@example.test")
+    finally:
+        stack.postfix.reload({"mydestination": ""})
+
+
+def test_an_underscore_in_a_label_keeps_a_domain_under_its_parent(stack: Stack) -> None:
+    # Postfix accepts MAIL FROM:<a@mx_1.subs.test>; no host name for its underscore, it was
+    # judged by '*' connectors alone and escaped the one for *.subs.test.
+    stack.apply("INSERT INTO inbound_connector (name, on_failure) VALUES ('subs-in', 'reject')",
+                "INSERT INTO inbound_domain VALUES ('subs-in', 'sender', '*.subs.test')")
+    try:
+        result = send(stack.postfix.port, "a@mx_1.subs.test", ["u@tlsgate.test"])
+        reply = result.rcpt["u@tlsgate.test"]
+        assert reply.code == 554 and "TLS required by connector subs-in" in reply.text, reply
+    finally:
+        stack.apply("DELETE FROM inbound_domain WHERE connector = 'subs-in'",
+                    "DELETE FROM inbound_connector WHERE name = 'subs-in'")
+
+
 def test_a_domain_that_is_no_domain_name_still_meets_every_star_connector(stack: Stack) -> None:
     # Postfix accepts MAIL FROM:<a@[127.0.0.1]> and <a@under_score.test>; judged by no domain,
     # they escaped a connector for every sender ('*'). A recipient at an address literal may be
