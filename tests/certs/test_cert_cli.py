@@ -105,7 +105,7 @@ def test_inspect_json_chain_from_stdin(monkeypatch: pytest.MonkeyPatch, capsys: 
     assert first["validity"] == "expired"
     assert first["issuer_name"] == "Partner Root CA"
     assert first["organizational_units"] == ["Mail"]
-    assert first["fingerprints"] == {d: fingerprint(leaf, d) for d in ("sha256", "sha1", "md5")}
+    assert first["fingerprints"] == {d: fingerprint(leaf, d) for d in ("sha256", "sha1", "md5", "sha224", "sha384", "sha512")}
     assert first["pubkey_fingerprints"]["sha256"] == pubkey_fingerprint(leaf)
     assert (second["key_type"], second["key_bits"], second["self_issued"]) == ("RSA", 4096, True)
     assert doc["root"] == {"name": "Partner Root CA", "subject": "CN=Partner Root CA,O=Partner Org",
