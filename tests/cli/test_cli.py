@@ -251,7 +251,7 @@ def test_connector_add_set_remove(tmp_path: pathlib.Path) -> None:
     assert con.execute("SELECT count(*) FROM inbound_domain").fetchone() == (0,)
     con.close()
     r = tlsgate("--database-url", url, "connector", "remove", "contoso-in")
-    assert r.returncode == 1 and "no connector named 'contoso-in'" in r.stderr
+    assert r.returncode == 1 and "no inbound connector named 'contoso-in'" in r.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -286,7 +286,7 @@ def test_outbound_add(tmp_path: pathlib.Path) -> None:
     r = tlsgate("--database-url", url, "connector", "show", "contoso-out")
     assert "smart hosts:        relay.contoso.com:2525" in r.stdout and "TLS level:          secure" in r.stdout
     r = tlsgate("--database-url", url, "outbound", "add", "x", "--domain", "a.test", "--smart-host", "h:99999")
-    assert r.returncode == 2 and "is not HOST or HOST:PORT" in r.stderr
+    assert r.returncode == 2 and "--smart-host 'h:99999' is not HOST, HOST:PORT or [HOST]:PORT" in r.stderr
     # A second name differing only in case would make both connectors misconfigured (TEMP).
     r = tlsgate("--database-url", url, "outbound", "add", "Contoso-Out", "--domain", "contoso.org")
     assert r.returncode == 1 and "an outbound connector named 'contoso-out' already exists" in r.stderr

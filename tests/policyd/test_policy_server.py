@@ -449,7 +449,7 @@ def test_metrics_and_stats(work: Path) -> None:
     finally:
         assert proc.stop() == 0
     r = subprocess.run([BIN / "tlsgate", "-c", config, "stats"], capture_output=True, text=True)
-    assert r.returncode == 1 and "not answering" in r.stdout
+    assert r.returncode == 1 and "not answering" in r.stderr
 
 
 def test_a_sighup_while_the_first_load_waits_for_the_database_does_not_end_the_daemon(work: Path) -> None:

@@ -41,13 +41,21 @@ class Context:
         return open_engine(self.config.database.url, connect_timeout=self.config.database.connect_timeout)
 
 
+def _non_empty(text: str) -> str:
+    """Refuse an empty value: ignoring it would quietly use another database (the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tlsgate",
         description="Manage TLS connector rules for Postfix and explain their decisions.",
     )
     parser.add_argument("-c", "--config", help="configuration file (default /etc/tlsgate/tlsgate.conf)")
-    parser.add_argument("--database-url", help="database URL (overrides the configuration and TLSGATE_DATABASE_URL)")
+    parser.add_argument("--database-url", type=_non_empty,
+                        help="database URL (overrides the configuration and TLSGATE_DATABASE_URL)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Every module of this package that has register() adds its commands, in name order.
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):

@@ -1,8 +1,10 @@
-"""``tlsgate connector list | show | add | set | remove`` and ``tlsgate outbound add``.
+"""``tlsgate connector list | show | add | set | remove`` and ``tlsgate outbound add | remove``.
 
 The commands write the same rows an administrator would write by hand, after checking every
 value with the parsers the daemons use, so a typo is refused with one line before it reaches
-the database. ``list`` and ``show`` print the connectors as the daemons see them.
+the database, and each value is stored in the normalised spelling the daemons compare (an
+A-label domain), so that a hand-written ``WHERE pattern = ...`` finds it. ``list`` and ``show``
+print the connectors as the daemons see them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tlsgate.patterns import (
     DomainPattern,
     IssuerPattern,
     PatternError,
+    parse_address,
     parse_network,
     to_a_label,
 )
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("connector", help="list or show connectors")
+    p = sub.add_parser("connector", help="list, show, add, change or remove connectors")
     csub = p.add_subparsers(dest="connector_command", metavar="ACTION", required=True)
     lst = csub.add_parser("list", help="one line per connector")
     lst.set_defaults(func=cmd_list)
@@ -47,11 +50,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     change.add_argument("name")
     _inbound_options(change, creating=False)
     change.set_defaults(func=cmd_set)
-    rm = csub.add_parser("remove", help="delete a connector (inbound or outbound) and all its rows")
+    rm = csub.add_parser("remove", help="delete an inbound connector and all its rows "
+                                        "(an outbound one of the same name stays: `outbound remove`)")
     rm.add_argument("name")
     rm.set_defaults(func=cmd_remove)
 
-    out = sub.add_parser("outbound", help="create outbound connectors")
+    out = sub.add_parser("outbound", help="create or remove outbound connectors")
     osub = out.add_subparsers(dest="outbound_command", metavar="ACTION", required=True)
     oadd = osub.add_parser("add", help="create an outbound connector")
     oadd.add_argument("name")
@@ -66,6 +70,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     oadd.add_argument("--comment")
     oadd.add_argument("--disabled", action="store_true")
     oadd.set_defaults(func=cmd_outbound_add)
+    orm = osub.add_parser("remove", help="delete an outbound connector and all its rows "
+                                         "(an inbound one of the same name stays)")
+    orm.add_argument("name")
+    orm.set_defaults(func=cmd_outbound_remove)
 
 
 def _yes_no(text: str) -> bool:
@@ -78,12 +86,13 @@ def _yes_no(text: str) -> bool:
 
 
 def _checked(parser: Callable[[str], Any]) -> Callable[[str], str]:
+    """An argument type that refuses what ``parser`` refuses and gives its normalised spelling:
+    the form the daemons compare, so the row is what an administrator's query looks for."""
     def check(text: str) -> str:
         try:
-            parser(text)
+            return str(parser(text))
         except PatternError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-        return text.strip()
     return check
 
 
@@ -137,7 +146,18 @@ def _columns(args: argparse.Namespace) -> dict[str, Any]:
             raise CommandError(f"--{col.replace('_', '-')} {values[col]} is out of range", 2)
     if "reply_text" in values and ("\n" in values["reply_text"] or len(values["reply_text"]) > 255):
         raise CommandError("--reply-text must be one line of at most 255 characters", 2)
+    for col in ("comment", "require_organization", "require_unit"):
+        if col in values:
+            _check_length("inbound_connector", col, values[col], _option(col))
     return values
+
+
+def _check_length(table: str, column: str, value: str, option: str) -> None:
+    """Refuse a value longer than its column holds: PostgreSQL and MariaDB would refuse the row
+    with their own message, SQLite would keep it for the other databases to refuse later."""
+    limit = getattr(schema.Base.metadata.tables[table].c[column].type, "length", None)
+    if limit is not None and len(value) > limit:
+        raise CommandError(f"{option} is {len(value)} characters long; {table}.{column} holds at most {limit}", 2)
 
 
 def _option(column: str) -> str:
@@ -158,15 +178,26 @@ def _check_pin_only(row: dict[str, Any]) -> None:
 
 
 def _child_rows(name: str, args: argparse.Namespace) -> list[tuple[Any, dict[str, Any]]]:
+    """The scope and name rows the options ask for, each once: two spellings of one pattern
+    are one row once normalised."""
     t = schema.Base.metadata.tables
     rows: list[tuple[Any, dict[str, Any]]] = []
-    for scope, values in (("sender", args.sender), ("recipient", args.recipient),
-                          ("header_from", args.header_from)):
-        rows += [(t["inbound_domain"], {"connector": name, "scope": scope, "pattern": v}) for v in values]
-    rows += [(t["inbound_address"], {"connector": name, "address": v}) for v in args.address]
-    rows += [(t["inbound_cert_name"], {"connector": name, "field": "subject", "pattern": v}) for v in args.cert_name]
-    rows += [(t["inbound_cert_name"], {"connector": name, "field": "issuer", "pattern": v}) for v in args.issuer]
+    for option, table, fixed, column, values in (
+        ("--sender", "inbound_domain", {"scope": "sender"}, "pattern", args.sender),
+        ("--recipient", "inbound_domain", {"scope": "recipient"}, "pattern", args.recipient),
+        ("--header-from", "inbound_domain", {"scope": "header_from"}, "pattern", args.header_from),
+        ("--address", "inbound_address", {}, "address", args.address),
+        ("--cert-name", "inbound_cert_name", {"field": "subject"}, "pattern", args.cert_name),
+        ("--issuer", "inbound_cert_name", {"field": "issuer"}, "pattern", args.issuer),
+    ):
+        for value in dict.fromkeys(values):
+            _check_length(table, column, value, option)
+            rows.append((t[table], {"connector": name, **fixed, column: value}))
     return rows
+
+
+_NO_RANGES = ("--restrict-to-addresses yes needs the partner's client ranges (a connector restricted to none "
+              "is misconfigured): give --address CIDR")
 
 
 def _write(ctx: Context, work: Callable[[Any], None]) -> None:
@@ -199,6 +230,8 @@ def cmd_add(args: argparse.Namespace, ctx: Context) -> int:
     children = _child_rows(args.name, args)
     if not children:
         raise CommandError("a connector needs a scope: --sender, --recipient, --header-from or --address", 2)
+    if values.get("restrict_to_addresses") and not args.address:
+        raise CommandError(_NO_RANGES, 2)
     _check_pin_only(values)
     table = schema.Base.metadata.tables["inbound_connector"]
 
@@ -226,42 +259,70 @@ def cmd_set(args: argparse.Namespace, ctx: Context) -> int:
             raise CommandError(f"no inbound connector named {args.name!r}")
         if values.keys() & {"certificate", *schema.PIN_ONLY}:
             _check_pin_only({**current, **values})
+        if values.get("restrict_to_addresses") and not args.address and not _has_addresses(conn, args.name):
+            raise CommandError(_NO_RANGES, 2)
         if values:
             conn.execute(update(table).where(table.c.name == args.name).values(**values))
         for child, row in children:
-            conn.execute(insert(child).values(**row))
+            # As the database spells the name: a MariaDB table made before its columns compared
+            # case exactly finds 'contoso-in' by 'CONTOSO-IN', and a row naming the latter would
+            # belong to no connector.
+            conn.execute(insert(child).values(**{**row, "connector": current["name"]}))
 
     _write(ctx, work)
     print(f"changed inbound connector {args.name}")
     return 0
 
 
-def cmd_remove(args: argparse.Namespace, ctx: Context) -> int:
-    removed = 0
+def _has_addresses(conn: Any, name: str) -> bool:
+    table = schema.Base.metadata.tables["inbound_address"]
+    return conn.execute(select(table.c.address).where(table.c.connector == name).limit(1)).first() is not None
+
+
+def _remove(ctx: Context, name: str, parent: str, children: tuple[str, ...]) -> bool:
+    """Delete connector ``name`` from ``parent`` with its rows in ``children``; False when there
+    was none. One direction only: partners often give both directions one name, and an outbound
+    connector at level fingerprint needs the inbound one's registered certificates."""
     tables = schema.Base.metadata.tables
+    removed = 0
 
     def work(conn: Any) -> None:
         nonlocal removed
-        for parent, children in (
-            ("inbound_connector", ("inbound_domain", "inbound_address", "inbound_cert_name", "inbound_certificate")),
-            ("outbound_connector", ("outbound_domain", "outbound_match_name", "outbound_smart_host")),
-        ):
-            # Children first: SQLite databases opened without foreign keys do not cascade.
-            for child in children:
-                conn.execute(delete(tables[child]).where(tables[child].c.connector == args.name))
-            removed += conn.execute(delete(tables[parent]).where(tables[parent].c.name == args.name)).rowcount
+        # Children first: SQLite databases opened without foreign keys do not cascade.
+        for child in children:
+            conn.execute(delete(tables[child]).where(tables[child].c.connector == name))
+        removed = conn.execute(delete(tables[parent]).where(tables[parent].c.name == name)).rowcount
 
     _write(ctx, work)
-    if not removed:
-        raise CommandError(f"no connector named {args.name!r}")
-    print(f"removed connector {args.name}")
+    return removed > 0
+
+
+def cmd_remove(args: argparse.Namespace, ctx: Context) -> int:
+    children = ("inbound_domain", "inbound_address", "inbound_cert_name", "inbound_certificate")
+    if not _remove(ctx, args.name, "inbound_connector", children):
+        raise CommandError(f"no inbound connector named {args.name!r}")
+    print(f"removed inbound connector {args.name}")
+    return 0
+
+
+def cmd_outbound_remove(args: argparse.Namespace, ctx: Context) -> int:
+    if not _remove(ctx, args.name, "outbound_connector", ("outbound_domain", "outbound_match_name",
+                                                           "outbound_smart_host")):
+        raise CommandError(f"no outbound connector named {args.name!r}")
+    print(f"removed outbound connector {args.name}")
     return 0
 
 
 def _smart_host(text: str) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT`` or Postfix's ``[HOST]:PORT``, where HOST is a name or an IPv4 or
+    IPv6 address (``[2001:db8::1]:25``, ``IPv6:2001:db8::1``), spelt as the loader spells it."""
     raw = text.strip()
-    if raw.startswith("["):  # Postfix's [host]:port spelling
-        host, _, rest = raw[1:].partition("]")
+    if parse_address(raw) is not None:  # a bare address: an IPv6 one has colons of its own
+        host, port = raw, ""
+    elif raw.startswith("["):  # Postfix's [host]:port spelling
+        host, closed, rest = raw[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            host = ""  # no ']', or text after it that is not a port: refused below
         port = rest.removeprefix(":")
     else:
         host, _, port = raw.partition(":")
@@ -269,19 +330,32 @@ def _smart_host(text: str) -> tuple[str, int]:
         number = int(port) if port else 25
         if not 0 < number < 65536:
             raise ValueError(port)
-        return to_a_label(host), number
+        address = parse_address(host)
+        return (str(address) if address is not None else to_a_label(host)), number
     except (PatternError, ValueError):
-        raise CommandError(f"--smart-host {text!r} is not HOST or HOST:PORT", 2) from None
+        raise CommandError(f"--smart-host {text!r} is not HOST, HOST:PORT or [HOST]:PORT "
+                           "(HOST a name or an IP address)", 2) from None
+
+
+def _match_name(text: str) -> str:
+    """A ``--match`` name as the loader reads it: a certificate name pattern, or Postfix's
+    ``.domain`` (any subdomain) whose domain is checked like any other."""
+    raw = text.strip()
+    if raw.startswith("."):
+        return "." + to_a_label(raw[1:])
+    return str(CertNamePattern.parse(raw))
 
 
 def cmd_outbound_add(args: argparse.Namespace, ctx: Context) -> int:
     _check_name(args.name)
     try:
-        domains = [str(DomainPattern.parse(d)) for d in args.domain]
-        matches = [m if m.startswith(".") else str(CertNamePattern.parse(m)) for m in args.match]
+        domains = list(dict.fromkeys(str(DomainPattern.parse(d)) for d in args.domain))
+        matches = list(dict.fromkeys(_match_name(m) for m in args.match))
     except PatternError as exc:
         raise CommandError(str(exc), 2) from None
-    hosts = [_smart_host(h) for h in args.smart_host]
+    hosts = list(dict.fromkeys(_smart_host(h) for h in args.smart_host))
+    if args.comment is not None:
+        _check_length("outbound_connector", "comment", args.comment, "--comment")
     t = schema.Base.metadata.tables
 
     def work(conn: Any) -> None:
@@ -383,6 +457,11 @@ def describe_inbound(c: InboundConnector) -> list[str]:
     return lines
 
 
+def _host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets so that its port stays apart from it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def describe_outbound(o: OutboundConnector) -> list[str]:
     lines = [
         f"outbound connector {o.name}",
@@ -392,7 +471,7 @@ def describe_outbound(o: OutboundConnector) -> list[str]:
         f"  TLS level:          {o.tls_level.value}",
         f"  match names:        {', '.join(o.match_names) or '-'}",
         f"  minimum TLS:        {o.min_tls_version or '-'}",
-        f"  smart hosts:        {', '.join(f'{h.host}:{h.port}' for h in o.smart_hosts) or '- (MX)'}",
+        f"  smart hosts:        {', '.join(_host_port(h.host, h.port) for h in o.smart_hosts) or '- (MX)'}",
     ]
     for problem in o.problems:
         lines.append(f"  PROBLEM:            {problem}")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import TYPE_CHECKING
 
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from tlsgate import schema
@@ -35,7 +37,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_sql_file(ctx: Context, path: str) -> int:
-    """Run a file of ';'-terminated statements in one transaction; the count run."""
+    """Run a file of ';'-separated statements (see :func:`split_sql`) in one transaction; the
+    count run."""
     try:
         with open(path, encoding="utf-8") as fh:
             script = fh.read()
@@ -55,27 +58,71 @@ def run_sql_file(ctx: Context, path: str) -> int:
     return len(statements)
 
 
+# One token of a SQL script. Comments, quoted text and dollar-quoted bodies are single tokens,
+# so a ';' inside one ends nothing; an unterminated one runs to the end (the database reports
+# it). MariaDB's executable comments (/*! ... */) are statement text, not comments.
+_TOKEN = re.compile(
+    r"""(?P<comment>--[^\n]*|/\*(?![!]|M!).*?(?:\*/|\Z))
+      | (?P<quoted>'(?:[^']+|'')*(?:'|\Z)|"(?:[^"]+|"")*(?:"|\Z)|`[^`]*(?:`|\Z))
+      | (?P<dollar>\$(?P<tag>(?:[A-Za-z_]\w*)?)\$.*?(?:\$(?P=tag)\$|\Z))
+      | (?P<word>[A-Za-z_][\w$]*)
+      | (?P<semicolon>;)
+      | (?P<other>[^-/'"`$;A-Za-z_]+|.)""",
+    re.VERBOSE | re.DOTALL,
+)
+#: words after END that close a MariaDB control block opened by a word not counted (IF, LOOP ...)
+_END_OF_CONTROL = frozenset({"IF", "LOOP", "WHILE", "REPEAT", "FOR"})
+
+
 def split_sql(script: str) -> list[str]:
-    """Split on ';' at line ends, outside quotes and $$ bodies; drop '--' comment lines."""
+    """Split a script into statements the way sqlite3, psql and mariadb read it: at each ';'
+    outside quotes ('' escapes one), quoted identifiers, $$ or $tag$ bodies and comments, and
+    not inside a trigger's BEGIN ... END body. Comments are dropped, and with them statements
+    that were only comments; a backslash escapes nothing, as in standard SQL."""
     statements: list[str] = []
-    current: list[str] = []
-    in_quote = in_body = False
-    for line in script.splitlines():
-        if not (in_quote or in_body) and line.lstrip().startswith("--"):
+    parts: list[str] = []
+    first = ""  # the statement's first bare word, upper-cased
+    trigger = False  # a CREATE ... TRIGGER statement, whose body may hold ';'
+    depth = 0  # open BEGIN/CASE blocks of that body
+
+    tokens = list(_TOKEN.finditer(script))
+    for i, token in enumerate(tokens):
+        kind, value = token.lastgroup, token.group()
+        if kind == "comment":
+            if value.startswith("/*"):  # it may stand between two words
+                parts.append(" ")
             continue
-        current.append(line)
-        in_body ^= line.count("$$") % 2 == 1
-        if not in_body:
-            in_quote ^= line.replace("''", "").count("'") % 2 == 1
-        if not (in_quote or in_body) and line.rstrip().endswith(";"):
-            stmt = "\n".join(current).strip().rstrip(";").strip()
-            if stmt:
-                statements.append(stmt)
-            current = []
-    rest = "\n".join(current).strip()
-    if rest:
-        statements.append(rest)
-    return statements
+        if kind == "semicolon" and depth == 0:
+            statements.append("".join(parts).strip())
+            parts, first, trigger = [], "", False
+            continue
+        parts.append(value)
+        if kind != "word":
+            continue
+        word = value.upper()
+        first = first or word
+        if first != "CREATE":
+            continue
+        if word == "TRIGGER":
+            trigger = True
+        elif not trigger:
+            continue
+        elif word in ("BEGIN", "CASE"):
+            depth += 1
+        elif word == "END" and depth and _next_word(tokens, i) not in _END_OF_CONTROL:
+            depth -= 1
+    statements.append("".join(parts).strip())
+    return [stmt for stmt in statements if stmt]
+
+
+def _next_word(tokens: list[re.Match[str]], i: int) -> str:
+    """The bare word after token ``i`` (skipping blanks and comments), upper-cased; "" if none."""
+    for token in tokens[i + 1:]:
+        if token.lastgroup == "word":
+            return token.group().upper()
+        if token.lastgroup != "comment" and token.group().strip():
+            return ""
+    return ""
 
 
 def cmd_init(args: argparse.Namespace, ctx: Context) -> int:
@@ -99,13 +146,34 @@ def cmd_upgrade(args: argparse.Namespace, ctx: Context) -> int:
     engine = ctx.engine
     try:
         start, end = upgrade_schema(engine)
+        restored = _restore_generation_row(engine)
     except SQLAlchemyError as exc:
         raise StoreError(describe_db_error(engine, exc)) from None
-    if start == end:
+    if start != end:
+        print(f"upgraded schema from version {start} to {end}")
+    elif not restored:
         print(f"schema is at version {end}, the current one; nothing to do")
     else:
-        print(f"upgraded schema from version {start} to {end}")
+        print(f"schema is at version {end}, the current one")
+    if restored:
+        print("restored the missing rules_generation row (id = 1, generation 0) that the daemons poll; "
+              "reload them if rules changed while it was missing")
     return 0
+
+
+# The row as `db init` writes it.
+_GENERATION_SEED = next(s for s in schema.seed_rows() if s.startswith("INSERT INTO rules_generation "))
+
+
+def _restore_generation_row(engine: Engine) -> bool:
+    """Insert the single ``rules_generation`` row when it is missing (a hand-written DELETE):
+    without it every daemon's poll fails and it serves no new rules. True when inserted."""
+    table = schema.Base.metadata.tables["rules_generation"]
+    with engine.begin() as conn:
+        if conn.execute(select(table.c.id).where(table.c.id == 1)).first() is not None:
+            return False
+        conn.exec_driver_sql(_GENERATION_SEED)
+    return True
 
 
 def cmd_schema(args: argparse.Namespace, ctx: Context) -> int:

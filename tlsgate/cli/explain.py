@@ -23,6 +23,19 @@ if TYPE_CHECKING:
     from tlsgate.cli import Context
 
 
+#: the protocol names Postfix reports for a TLS session (its ``encryption_protocol``)
+_PROTOCOLS = ("SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
+def _tls_protocol(text: str) -> str:
+    """Postfix's spelling of a protocol given in any case: the engine compares these names, and
+    one it does not know would be judged as some other version, not refused."""
+    found = next((p for p in _PROTOCOLS if p.lower() == text.strip().lower()), None)
+    if found is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(_PROTOCOLS)}")
+    return found
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "explain",
@@ -34,7 +47,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--sender", default=None, metavar="ADDR", help="envelope sender; '' or '<>' for the null sender")
     p.add_argument("--recipient", metavar="ADDR", help="envelope recipient")
     p.add_argument("--header-from", metavar="ADDR", help="header From address (judged at end of message)")
-    p.add_argument("--tls-protocol", metavar="VERSION", help="e.g. TLSv1.3; omit for no TLS")
+    p.add_argument("--tls-protocol", type=_tls_protocol, metavar="VERSION",
+                   help=f"one of {', '.join(_PROTOCOLS)}, as Postfix reports it; omit for no TLS")
     p.add_argument("--cipher", metavar="NAME", help="e.g. TLS_AES_256_GCM_SHA384")
     p.add_argument("--cipher-bits", type=int, default=None, metavar="N")
     p.add_argument("--cert-subject", metavar="CN", help="verified client certificate subject CN")

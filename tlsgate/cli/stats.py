@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -80,7 +81,8 @@ def cmd_stats(args: argparse.Namespace, ctx: Context) -> int:
             with urllib.request.urlopen(url, timeout=5) as response:
                 text = response.read().decode()
         except (urllib.error.URLError, OSError) as exc:
-            print(f"{target}: not answering ({getattr(exc, 'reason', exc)})")
+            # An error like any other command's (stderr, "tlsgate:"), and the next daemon's summary still.
+            print(f"tlsgate: {target}: not answering ({getattr(exc, 'reason', exc)})", file=sys.stderr)
             status = 1
             continue
         print(f"{target}:")
