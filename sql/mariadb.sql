@@ -25,7 +25,7 @@ CREATE TABLE inbound_connector (
 	CONSTRAINT ck_inbound_connector_min_tls_version CHECK (min_tls_version IS NULL OR min_tls_version IN ('TLSv1', 'TLSv1.1', 'TLSv1.2', 'TLSv1.3')),
 	CONSTRAINT ck_inbound_connector_min_cipher_bits CHECK (min_cipher_bits >= 0),
 	CONSTRAINT ck_inbound_connector_min_key_bits CHECK (min_key_bits IS NULL OR min_key_bits > 0)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE outbound_connector (
 	name VARCHAR(64) NOT NULL,
@@ -37,26 +37,26 @@ CREATE TABLE outbound_connector (
 	CONSTRAINT ck_outbound_connector_name_length CHECK (length(name) BETWEEN 1 AND 64),
 	CONSTRAINT ck_outbound_connector_tls_level CHECK (tls_level IN ('encrypt', 'verify', 'secure', 'fingerprint', 'dane', 'dane-only')),
 	CONSTRAINT ck_outbound_connector_min_tls_version CHECK (min_tls_version IS NULL OR min_tls_version IN ('TLSv1', 'TLSv1.1', 'TLSv1.2', 'TLSv1.3'))
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE rules_generation (
 	id INTEGER NOT NULL,
 	generation BIGINT NOT NULL DEFAULT 0,
 	CONSTRAINT pk_rules_generation PRIMARY KEY (id),
 	CONSTRAINT ck_rules_generation_single_row CHECK (id = 1)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE schema_version (
 	version INTEGER NOT NULL,
 	CONSTRAINT pk_schema_version PRIMARY KEY (version)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE inbound_address (
 	connector VARCHAR(64) NOT NULL,
 	address VARCHAR(255) NOT NULL,
 	CONSTRAINT pk_inbound_address PRIMARY KEY (connector, address),
 	CONSTRAINT fk_inbound_address_connector FOREIGN KEY(connector) REFERENCES inbound_connector (name) ON DELETE CASCADE ON UPDATE CASCADE
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE inbound_cert_name (
 	connector VARCHAR(64) NOT NULL,
@@ -65,7 +65,7 @@ CREATE TABLE inbound_cert_name (
 	CONSTRAINT pk_inbound_cert_name PRIMARY KEY (connector, field, pattern),
 	CONSTRAINT fk_inbound_cert_name_connector FOREIGN KEY(connector) REFERENCES inbound_connector (name) ON DELETE CASCADE ON UPDATE CASCADE,
 	CONSTRAINT ck_inbound_cert_name_field CHECK (field IN ('subject', 'issuer'))
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE inbound_certificate (
 	id INTEGER NOT NULL AUTO_INCREMENT,
@@ -84,7 +84,7 @@ CREATE TABLE inbound_certificate (
 	comment VARCHAR(255),
 	CONSTRAINT pk_inbound_certificate PRIMARY KEY (id),
 	CONSTRAINT fk_inbound_certificate_connector FOREIGN KEY(connector) REFERENCES inbound_connector (name) ON DELETE CASCADE ON UPDATE CASCADE
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE INDEX ix_inbound_certificate_connector ON inbound_certificate (connector);
 
@@ -95,7 +95,7 @@ CREATE TABLE inbound_domain (
 	CONSTRAINT pk_inbound_domain PRIMARY KEY (connector, scope, pattern),
 	CONSTRAINT fk_inbound_domain_connector FOREIGN KEY(connector) REFERENCES inbound_connector (name) ON DELETE CASCADE ON UPDATE CASCADE,
 	CONSTRAINT ck_inbound_domain_scope CHECK (scope IN ('sender', 'recipient', 'header_from'))
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE INDEX ix_inbound_domain_pattern ON inbound_domain (pattern);
 
@@ -104,7 +104,7 @@ CREATE TABLE outbound_domain (
 	pattern VARCHAR(255) NOT NULL,
 	CONSTRAINT pk_outbound_domain PRIMARY KEY (connector, pattern),
 	CONSTRAINT fk_outbound_domain_connector FOREIGN KEY(connector) REFERENCES outbound_connector (name) ON DELETE CASCADE ON UPDATE CASCADE
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE INDEX ix_outbound_domain_pattern ON outbound_domain (pattern);
 
@@ -113,7 +113,7 @@ CREATE TABLE outbound_match_name (
 	name VARCHAR(255) NOT NULL,
 	CONSTRAINT pk_outbound_match_name PRIMARY KEY (connector, name),
 	CONSTRAINT fk_outbound_match_name_connector FOREIGN KEY(connector) REFERENCES outbound_connector (name) ON DELETE CASCADE ON UPDATE CASCADE
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE outbound_smart_host (
 	connector VARCHAR(64) NOT NULL,
@@ -123,7 +123,7 @@ CREATE TABLE outbound_smart_host (
 	CONSTRAINT pk_outbound_smart_host PRIMARY KEY (connector, host, port),
 	CONSTRAINT fk_outbound_smart_host_connector FOREIGN KEY(connector) REFERENCES outbound_connector (name) ON DELETE CASCADE ON UPDATE CASCADE,
 	CONSTRAINT ck_outbound_smart_host_port CHECK (port BETWEEN 1 AND 65535)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TRIGGER trg_inbound_connector_ins AFTER INSERT ON inbound_connector FOR EACH ROW UPDATE rules_generation SET generation = generation + 1 WHERE id = 1;
 

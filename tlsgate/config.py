@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tlsgate.patterns import PatternError, to_a_label
-from tlsgate.store import DEFAULT_DATABASE_URL
+from tlsgate.store import DEFAULT_DATABASE_URL, StoreError, check_url
 
 log = logging.getLogger("tlsgate.config")
 
@@ -291,6 +291,11 @@ def load_config(path: str | None = None, environ: dict[str, str] | None = None) 
     url = env.get("TLSGATE_DATABASE_URL")
     if url:
         sections["database"]["url"] = url
+    try:
+        check_url(sections["database"].get("url", DEFAULT_DATABASE_URL))
+    except StoreError as exc:
+        where = "TLSGATE_DATABASE_URL" if url else f"{file_path}: [database] url"
+        raise ConfigError(f"{where}: {exc}") from None
     return Config(
         path=file_path if os.path.exists(file_path) else None,
         **{name: cls(**sections[name]) for name, cls in _SECTIONS.items()},

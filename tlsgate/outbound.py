@@ -54,7 +54,7 @@ def _sha256(fingerprints: frozenset[str]) -> list[str]:
     return sorted(f for f in fingerprints if len(f) == _SHA256_HEX_LEN)
 
 
-def _pinned(name: str, partners: Mapping[str, InboundConnector]) -> list[str]:
+def pinned_prints(name: str, partners: Mapping[str, InboundConnector]) -> list[str]:
     """The sha256 fingerprints (public keys, then certificates) registered with the inbound
     connector ``name``: what a ``fingerprint`` policy of the outbound connector of that name
     accepts."""
@@ -76,7 +76,7 @@ def tls_policy(connector: OutboundConnector, snapshot: Snapshot) -> Reply:
     if level is TlsLevel.FINGERPRINT:
         # The partner's registered certificates live with the inbound connector of the same
         # name: a partner usually sends and receives with one certificate.
-        prints = _pinned(connector.name, snapshot.by_name)
+        prints = pinned_prints(connector.name, snapshot.by_name)
         if not prints:
             return Reply(
                 Status.TEMP,
@@ -130,7 +130,7 @@ def _policy_settings(connector: OutboundConnector, partners: Mapping[str, Inboun
     names = connector.match_names if level in (TlsLevel.VERIFY, TlsLevel.SECURE) else ()
     # Fingerprint pins come from the inbound connector of the same name: two connectors that
     # accept the same certificates agree, whatever their names.
-    prints = frozenset(_pinned(connector.name, partners)) if level is TlsLevel.FINGERPRINT else frozenset()
+    prints = frozenset(pinned_prints(connector.name, partners)) if level is TlsLevel.FINGERPRINT else frozenset()
     return (level, names, connector.min_tls_version, prints)
 
 

@@ -260,6 +260,9 @@ class RuleHolder:
 
     def _failed(self, message: str, poll: int = 0) -> None:
         """Record an outage: counted once per failed poll, logged once until it ends."""
+        # What changed meanwhile may not show in the counter: its row deleted and restored, a
+        # database restored from a backup or failed over. The first poll that works loads.
+        self._reread = True
         with self._state:
             if poll == 0 or poll != self._stalled:  # a stalled poll was counted when it stalled
                 self.db_errors += 1

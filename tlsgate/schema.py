@@ -39,6 +39,9 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
+#: MariaDB tables compare text byte for byte, as PostgreSQL and SQLite do (see schema_statements)
+MARIADB_COLLATION = "utf8mb4_bin"
+
 # Long text: TEXT everywhere, but MariaDB's TEXT holds only 64 KiB; a PEM chain can be longer.
 LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
 

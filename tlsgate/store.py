@@ -37,7 +37,7 @@ from tlsgate.model import (
     SmartHost,
     TlsLevel,
 )
-from tlsgate.outbound import hop_clashes, next_hop
+from tlsgate.outbound import hop_clashes, next_hop, pinned_prints
 from tlsgate.patterns import (
     CertNamePattern,
     DomainKind,
@@ -69,20 +69,42 @@ class StoreError(Exception):
     """The database cannot be used; the message is fit for one log line (no password)."""
 
 
+# user:password@ of a URL SQLAlchemy cannot parse; greedy up to the last '@', since a password
+# may hold one: masking too much is harmless, showing part of a password is not.
+_URL_PASSWORD = re.compile(r"(://[^:/@]*:).*@")
+
+
 def safe_url(url: str | URL) -> str:
     """The URL with any password masked, for logs and error messages."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "(unparsable database URL)"
+    except (ArgumentError, ValueError, TypeError):
+        # make_url raises ValueError for a port that is no number or an unclosed '[': such a
+        # URL is still worth showing, with its password masked by hand.
+        return _URL_PASSWORD.sub(r"\1***@", str(url))
+
+
+#: what SQLAlchemy raises for a URL, or its query settings, that it cannot use: ArgumentError,
+#: and ValueError or TypeError from converting a port or a driver setting such as connect_timeout
+_BAD_URL = (ArgumentError, ValueError, TypeError)
+
+
+def _invalid_url(url: str | URL, exc: Exception) -> StoreError:
+    """The one-line error for an unusable URL; SQLAlchemy's message may quote the URL, password
+    and all, so the password is masked in it too."""
+    raw = url if isinstance(url, str) else url.render_as_string(hide_password=False)
+    masked = safe_url(url)
+    lines = str(exc).strip().splitlines()
+    reason = _URL_PASSWORD.sub(r"\1***@", (lines[0] if lines else type(exc).__name__).replace(raw, masked))
+    return StoreError(f"invalid database URL {masked}: {reason}")
 
 
 def normalise_url(url: str) -> URL:
     """Parse a database URL; plain ``postgresql://`` and ``mysql://`` get the drivers we ship."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        raise StoreError(f"invalid database URL {safe_url(url)!r}") from None
+    except _BAD_URL as exc:
+        raise _invalid_url(url, exc) from None
     driver = _DRIVERS.get(parsed.drivername)
     if driver:
         parsed = parsed.set(drivername=driver)
@@ -164,15 +186,75 @@ def open_engine(url: str, *, connect_timeout: float = 5.0, query_timeout: float 
             # PyMySQL's connect_timeout covers the TCP connect only; the handshake that follows,
             # and every answer after it, wait for the socket with these (none by default).
             kwargs["connect_args"].update(read_timeout=query_timeout, write_timeout=query_timeout)
-    engine = create_engine(parsed, **kwargs)
+    try:
+        # The dialect reads the URL's query here (PyMySQL's connect_timeout=abc is a ValueError).
+        engine = create_engine(parsed, **kwargs)
+    except _BAD_URL as exc:
+        raise _invalid_url(url, exc) from None
+    except ImportError as exc:
+        raise _no_driver(url, exc) from None
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
     return engine
 
 
+def _no_driver(url: str | URL, exc: ImportError) -> StoreError:
+    return StoreError(f"database URL {safe_url(url)}: its driver is not installed ({exc.name or exc}): "
+                      "install tlsgate with the postgresql or mariadb extra")
+
+
+def check_url(url: str) -> None:
+    """Raise StoreError for a URL no engine can be made of (its syntax, its driver, the driver's
+    settings), without connecting or touching a file: what a configuration check can tell
+    while the database itself may be down."""
+    parsed = normalise_url(url)
+    try:
+        create_engine(parsed).dispose()
+    except _BAD_URL as exc:
+        raise _invalid_url(url, exc) from None
+    except ImportError as exc:
+        raise _no_driver(url, exc) from None
+
+
 def dialect_name(engine: Engine) -> str:
     name = engine.dialect.name
     return "mariadb" if name == "mysql" else name
+
+
+_STRICT_MODES = ("STRICT_TRANS_TABLES", "STRICT_ALL_TABLES")
+
+
+def sql_mode_warning(sql_mode: str) -> str | None:
+    """Why a MariaDB server's ``sql_mode`` endangers the rules, or None when it is strict.
+
+    Without strict mode the server stores a value a column cannot hold as something else, with
+    a warning nobody reads: ``require_tls = 'yes'`` becomes 0 (no TLS required), a long name is
+    cut short. The rows then look written that way, and no later check can tell."""
+    modes = {m.strip().upper() for m in sql_mode.split(",")}
+    if modes.intersection(_STRICT_MODES):
+        return None
+    return (f"the MariaDB server's sql_mode ({sql_mode or 'empty'}) has neither STRICT_TRANS_TABLES nor "
+            "STRICT_ALL_TABLES: it then stores a value a column cannot hold as another one, with a mere "
+            "warning (require_tls = 'yes' becomes 0, no TLS required), which tlsgate cannot tell afterwards; "
+            "add STRICT_TRANS_TABLES to sql_mode in the server's configuration (the default since MariaDB 10.2.4)")
+
+
+def _global_sql_mode(engine: Engine) -> str:
+    with engine.connect() as conn:
+        return str(conn.execute(text("SELECT @@GLOBAL.sql_mode")).scalar() or "")
+
+
+def server_warnings(engine: Engine) -> list[str]:
+    """What is wrong with the database server's settings, for ``lint`` and ``doctor``: a
+    MariaDB server not in strict mode. Raises StoreError when the server cannot be asked."""
+    if dialect_name(engine) != "mariadb":
+        return []
+    try:
+        mode = _global_sql_mode(engine)
+    except SQLAlchemyError as exc:
+        raise StoreError(describe_db_error(engine, exc)) from None
+    warning = sql_mode_warning(mode)
+    return [warning] if warning else []
 
 
 # --------------------------------------------------------------------------- schema
@@ -195,7 +277,10 @@ def schema_statements(dialect: str) -> list[str]:
     for table in schema.Base.metadata.sorted_tables:
         ddl = str(CreateTable(table).compile(dialect=d)).strip()
         if dialect == "mariadb":
-            ddl += " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+            # Binary collation: MariaDB's default for utf8mb4 ignores case, so its CHECK
+            # constraints would take mode 'Monitor' and scope 'Sender', and a foreign key child
+            # 'm5' for parent 'M5', all of which PostgreSQL and SQLite refuse (and the loader too).
+            ddl += f" ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE={schema.MARIADB_COLLATION}"
         out.append(ddl)
         for index in sorted(table.indexes, key=lambda i: str(i.name)):
             out.append(str(CreateIndex(index).compile(dialect=d)).strip())
@@ -278,6 +363,10 @@ def upgrade_schema(engine: Engine) -> tuple[int, int]:
     return start, version
 
 
+#: the load's problem when the change counter's row is gone: every daemon's poll then fails
+NO_GENERATION_ROW = "has no row id = 1: run `tlsgate db upgrade`, which restores it"
+
+
 def read_generation(engine: Engine) -> int:
     """The change counter: one indexed single-row read."""
     try:
@@ -286,7 +375,7 @@ def read_generation(engine: Engine) -> int:
     except SQLAlchemyError as exc:
         raise StoreError(describe_db_error(engine, exc)) from None
     if value is None:
-        raise StoreError("table rules_generation has no row with id = 1: run `tlsgate db upgrade`")
+        raise StoreError(f"rules_generation {NO_GENERATION_ROW}")
     return _generation(value)
 
 
@@ -315,7 +404,7 @@ class RowProblem:
 
     def __str__(self) -> str:
         key = ", ".join(repr(k) for k in self.key)
-        where = f"{self.table} ({key})"
+        where = f"{self.table} ({key})" if self.key else self.table
         if self.column:
             where += f" column {self.column}"
         return f"{self.severity}: {where}: {self.message}"
@@ -757,6 +846,7 @@ def _load_outbound(
     hosts = _group(_select(conn, "outbound_smart_host", ("connector", "host", "port", "mx_lookup")))
     case_dupes = {p.connector for p in problems if p.table == "outbound_connector" and p.column == "name"}
     earlier = _by_connector(p for p in problems if p.table.startswith("outbound"))
+    partners = {c.name: c for c in inbound}
     out: list[OutboundConnector] = []
     for name in sorted(set(by_name) | set(domains) | set(matches) | set(hosts)):
         first = len(problems)
@@ -830,6 +920,12 @@ def _load_outbound(
                 continue
             smart.append(SmartHost(host, port, mx))
         kw["smart_hosts"] = tuple(smart)
+        # Its policy pins the certificates of the inbound connector of the same name: with none,
+        # every lookup it answers would be TEMP while it looked fine. A disabled one answers none.
+        if kw["enabled"] and kw["tls_level"] is TlsLevel.FINGERPRINT and not pinned_prints(kw["name"], partners):
+            r.error("tls_level", f"is 'fingerprint' but no certificate is registered for inbound connector {kw['name']} "
+                                 "(inbound_certificate), whose certificates it pins: mail it covers is deferred "
+                                 "until one is")
         if smart and any(p.kind is DomainKind.ANY for p in pats) and not unreadable:
             r.warn(None, "covers '*' and has smart hosts: tlsgate never routes '*' (local mail would go too), "
                          "so its smart hosts only get its TLS policy; set relayhost to them in main.cf")
@@ -838,7 +934,7 @@ def _load_outbound(
     # One line per smart host, under the spelling tlsgate's transport answer gives it.
     written = {next_hop(h.host, h.port, h.mx_lookup) for c in out for h in c.smart_hosts}
     misconfigured = {c.name for c in out if c.problems}
-    for key, clash in hop_clashes(out, {c.name: c for c in inbound}).items():
+    for key, clash in hop_clashes(out, partners).items():
         if key not in written:
             continue
         if clash.shared:
@@ -924,6 +1020,8 @@ def load(
                         text("SELECT generation FROM rules_generation WHERE id = 1")
                     ).scalar()
                     _check_version(conn.execute(text("SELECT max(version) FROM schema_version")).scalar())
+                    if generation is None:
+                        problems.append(RowProblem("error", "rules_generation", (), None, NO_GENERATION_ROW))
                     inbound = _load_inbound(conn, problems, moment, expiry_days, cache)
                     outbound = _load_outbound(conn, problems, inbound)
         except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:
@@ -954,4 +1052,21 @@ def describe_db_error(engine: Engine, exc: Exception) -> str:
         context, hops = context.__context__, hops + 1
     orig = getattr(exc, "orig", None)
     detail = str(orig if orig is not None else exc).strip().splitlines()[0] if str(orig or exc).strip() else type(exc).__name__
+    if _missing_table(detail) in schema.Base.metadata.tables:
+        return f"database {safe_url(engine.url)}: no tlsgate schema ({detail}): run `tlsgate db init`"
     return f"database {safe_url(engine.url)}: {detail}"
+
+
+# How each backend says a table is missing: SQLite, PostgreSQL, MariaDB ("Table 'db.t' ...").
+_MISSING_TABLE = re.compile(
+    r"no such table: (?:\w+\.)?(\w+)|relation \"(?:\w+\.)?(\w+)\" does not exist"
+    r"|Table '(?:[^'.]*\.)?(\w+)' doesn't exist"
+)
+
+
+def _missing_table(detail: str) -> str | None:
+    """The table a database error says does not exist, if that is what it says: one of
+    tlsgate's own means the URL names a database ``tlsgate db init`` never ran on (or the
+    wrong database), which the raw message does not tell an administrator."""
+    m = _MISSING_TABLE.search(detail)
+    return next((g for g in m.groups() if g), None) if m else None

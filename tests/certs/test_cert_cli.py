@@ -207,17 +207,23 @@ def test_add_refuses_a_file_that_starts_with_the_ca(db: Path, tmp_path: Path, ca
 def test_add_stores_the_connector_name_as_the_database_has_it(
     request: pytest.FixtureRequest, tmp_path: Path, dialect: str
 ) -> None:
-    # MariaDB finds 'partner' by 'Partner' (its collation ignores case); a row written as
-    # 'Partner' would then belong to no connector, and 'partner' would have no certificate.
+    # A MariaDB schema made before its tables compared names exactly (utf8mb4_bin) finds
+    # 'partner' by 'Partner' (its collation ignored case); a row written as 'Partner' would then
+    # belong to no connector, and 'partner' would have no certificate.
     from sqlalchemy import create_engine, text
 
-    from tlsgate.store import load
+    from tlsgate import schema
+    from tlsgate.store import load, schema_statements
 
     url = f"sqlite:///{tmp_path}/r.sqlite" if dialect == "sqlite" else request.getfixturevalue("mariadb_url")
-    assert main(["--database-url", url, "db", "init"]) == 0
     engine = create_engine(url)
     try:
         with engine.begin() as conn:
+            if dialect == "sqlite":
+                assert main(["--database-url", url, "db", "init"]) == 0
+            else:
+                for statement in schema_statements("mariadb"):
+                    conn.exec_driver_sql(statement.replace(f" COLLATE={schema.MARIADB_COLLATION}", ""))
             conn.execute(text("INSERT INTO inbound_connector (name, certificate) VALUES ('partner', 'pinned')"))
             conn.execute(text("INSERT INTO inbound_domain VALUES ('partner', 'sender', 'partner.test')"))
         cert, _ = certgen.make()

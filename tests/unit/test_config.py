@@ -56,6 +56,11 @@ def test_environment_overrides_url(tmp_path: pathlib.Path) -> None:
     ("[log]\nlevel = loud\n", "[log] level = 'loud': must be one of debug, info, warning, error"),
     ("[milter]\nheader_name = X Bad\n", "not a valid header field name"),
     ("url = x\n", "File contains no section headers"),
+    # a URL no engine can be made of: refused at once (exit 78), not at every poll
+    ("[database]\nurl = sqlite://relative.sqlite\n", "[database] url: invalid database URL sqlite://relative.sqlite"),
+    ("[database]\nurl = mariadb://root@127.0.0.1/t?connect_timeout=abc\n", "[database] url: invalid database URL"),
+    ("[database]\nurl = postgresql://u:secret@127.0.0.1:notaport/t\n", "[database] url: invalid database URL postgresql://u:***@"),
+    ("[database]\nurl = oracle://db/rules\n", "[database] url: "),
 ])
 def test_errors_name_file_key_and_value(tmp_path: pathlib.Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
@@ -63,7 +68,7 @@ def test_errors_name_file_key_and_value(tmp_path: pathlib.Path, text: str, messa
         load_config(path, environ={})
     assert str(info.value).startswith(path + ": ")
     assert message in str(info.value)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "secret" not in str(info.value)
 
 
 def test_explicit_missing_file_is_an_error(tmp_path: pathlib.Path) -> None:

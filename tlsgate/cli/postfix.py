@@ -32,7 +32,7 @@ from tlsgate.model import CertRequirement, TlsLevel
 from tlsgate.outbound import TLS_POLICY_MAP, TRANSPORT_MAP, OutboundIndex
 from tlsgate.snapshot import Snapshot
 from tlsgate.socketmap import Status
-from tlsgate.store import StoreError, load
+from tlsgate.store import StoreError, load, server_warnings
 
 if TYPE_CHECKING:
     from tlsgate.cli import Context
@@ -619,6 +619,8 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
     if ctx is not None:
         try:
             snap = load(ctx.engine).snapshot
+            found.extend(Finding("warning", w, "set sql_mode with STRICT_TRANS_TABLES in the MariaDB server's "
+                                 "configuration and restart it") for w in server_warnings(ctx.engine))
         except StoreError as exc:
             found.append(Finding("error", f"cannot read the rule database: {exc}",
                                  "check [database] url in the configuration and that the database is up"))
