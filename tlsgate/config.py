@@ -255,6 +255,20 @@ def resolve_myorigin(cfg: EngineConfig) -> str | None:
     return None
 
 
+def check_database_url(cfg: Config, environ: dict[str, str] | None = None) -> None:
+    """Refuse a ``[database] url`` no engine can be made of (its syntax, its driver, the driver's
+    settings), as a configuration error: a daemon would otherwise start, and answer temporary
+    failures for ever. Nothing is connected to; a database that is down is no such error. The
+    daemons call this; the CLI, whose ``--database-url`` may replace the URL and whose commands
+    may need no database, finds such a URL when it opens the database."""
+    try:
+        check_url(cfg.database.url)
+    except StoreError as exc:
+        env = os.environ if environ is None else environ
+        where = "TLSGATE_DATABASE_URL" if env.get("TLSGATE_DATABASE_URL") else f"{cfg.path or 'defaults'}: [database] url"
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def load_config(path: str | None = None, environ: dict[str, str] | None = None) -> Config:
     """Read the configuration. With no explicit ``path`` a missing default file is fine."""
     env = os.environ if environ is None else environ
@@ -291,11 +305,6 @@ def load_config(path: str | None = None, environ: dict[str, str] | None = None) 
     url = env.get("TLSGATE_DATABASE_URL")
     if url:
         sections["database"]["url"] = url
-    try:
-        check_url(sections["database"].get("url", DEFAULT_DATABASE_URL))
-    except StoreError as exc:
-        where = "TLSGATE_DATABASE_URL" if url else f"{file_path}: [database] url"
-        raise ConfigError(f"{where}: {exc}") from None
     return Config(
         path=file_path if os.path.exists(file_path) else None,
         **{name: cls(**sections[name]) for name, cls in _SECTIONS.items()},

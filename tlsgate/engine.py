@@ -19,6 +19,7 @@ No matching connector means opportunistic TLS: pass.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 
@@ -460,6 +461,12 @@ def _elsewhere(address: str) -> bool:
     return "@" not in address and ("!" in address or "%" in address)
 
 
+# Routes judged at most; a recipient that goes on further waits (Postfix bounds its own loop).
+_MAX_ROUTES = 10
+# What Postfix's tokenizer drops when it opens a quoted local part and writes it back.
+_QUOTES_AND_BLANKS = re.compile(r'[\s"]')
+
+
 def _routes(recipient: str) -> list[str]:
     """The addresses Postfix may deliver ``recipient`` to instead of the one it shows.
 
@@ -467,11 +474,15 @@ def _routes(recipient: str) -> list[str]:
     know), trivial-rewrite strips it and resolves what is left again where it names another
     hop: a further @ (``bob@partner.test@localhost``), a ``site!user`` (swap_bangpath) or a
     ``user%domain`` (allow_percent_hack), and so on while each new domain is local too
-    (resolve.c). Empty for every ordinary address.
+    (resolve.c). It opens a quoted local part and drops its quotes and blanks on the way
+    (``"bob@partner . test"@localhost`` goes to bob@partner.test), and a source route first.
+    Empty for every ordinary address; one more than :data:`_MAX_ROUTES` when it goes on further.
     """
-    address = recipient.strip().strip("<>").rstrip("@")
+    address = _QUOTES_AND_BLANKS.sub("", recipient.strip().strip("<>")).rstrip("@")
+    if address.startswith("@") and ":" in address:
+        address = address.partition(":")[2]  # @hop1,@hop2:user@domain
     routes: list[str] = []
-    while "@" in address:
+    while "@" in address and len(routes) <= _MAX_ROUTES:
         local = address.rpartition("@")[0].rstrip("@")
         if "@" in local:
             address = local
@@ -485,6 +496,18 @@ def _routes(recipient: str) -> list[str]:
             break
         routes.append(address)
     return routes
+
+
+def _unreadable_route(snapshot: Snapshot, route: str) -> Decision | None:
+    """A temporary failure for a route whose domain is no name at all (Postfix bounces such an
+    address at delivery), where a recipient connector is in force: judged by no domain, it
+    would pass every one."""
+    raw = raw_domain(route)
+    if (not raw or raw.startswith("[") or address_domain(route) is not None or loose_domain(raw) is not None
+            or Scope.RECIPIENT not in snapshot.enforced_scopes):
+        return None
+    reason = f"recipient <{route}> names no domain Postfix could deliver to, so the connector that applies cannot be told"
+    return Decision(Outcome.FAIL, FailAction.DEFER, None, "4.1.3", reason, reason, (Check("address", False, reason),))
 
 
 def _undecidable(snapshot: Snapshot, facts: SessionFacts) -> Decision | None:
@@ -518,33 +541,44 @@ def _undecidable(snapshot: Snapshot, facts: SessionFacts) -> Decision | None:
 
 
 def decide(snapshot: Snapshot, facts: SessionFacts, now: datetime) -> Decision:
-    """The verdict for one transaction (one recipient, when recipients are known).
+    """The verdict for one transaction (one recipient, when recipients are known)."""
+    return _over_routes(snapshot, facts, now, _decide_one)
 
-    A recipient that Postfix may route on to another address (:func:`_routes`) is judged as
-    it shows and as each address it may become: when they all agree, that is the verdict (the
-    strongest refusal, when all refuse); when some would refuse and some would not, which one
-    applies cannot be told, and the mail waits (4.1.3) rather than pass a connector.
+
+def _over_routes(snapshot: Snapshot, facts: SessionFacts, now: datetime,
+                 judge: Callable[[Snapshot, SessionFacts, datetime], Decision]) -> Decision:
+    """``judge``'s verdict for the recipient as it shows and, for one that Postfix may route on
+    to another address (:func:`_routes`), for each address it may become. When none refuses,
+    the one shown stands (or a monitor connector's view, if one has one); when all refuse, the
+    weakest refusal, since which one applies is in doubt; when some would refuse and some would
+    not, which one applies cannot be told, and the mail waits (4.1.3) rather than pass a
+    connector.
     """
-    shown = _decide_one(snapshot, facts, now)
+    shown = judge(snapshot, facts, now)
     recipient = facts.recipient
     if not recipient or not ("!" in recipient or "%" in recipient or recipient.count("@") > 1):
         return shown  # every ordinary address, at the cost of three searches
     routes = _routes(recipient)
     if not routes:
         return shown
-    address = recipient.strip().strip("<>")
-    every = [(address, shown), *((route, _decide_one(snapshot, replace(facts, recipient=route), now))
-                                 for route in routes)]
+    every = [(recipient.strip().strip("<>"), shown)]
+    for route in routes[:_MAX_ROUTES]:
+        every.append((route, _unreadable_route(snapshot, route)
+                       or judge(snapshot, replace(facts, recipient=route), now)))
+    if len(routes) > _MAX_ROUTES and Scope.RECIPIENT in snapshot.enforced_scopes:
+        reason = f"recipient <{every[0][0]}> goes on through more than {_MAX_ROUTES} addresses"
+        every.append((routes[-1], Decision(Outcome.FAIL, FailAction.DEFER, None, "4.1.3", reason, reason)))
     refusing = [(route, d) for route, d in every if d.action is not None]
     if not refusing:
-        return shown
+        return next((d for _, d in every if d.outcome is Outcome.FAIL), shown)
     if len(refusing) == len(every):
-        return max((d for _, d in every), key=lambda d: d.severity)
+        return min((d for _, d in every), key=lambda d: d.severity)
     (refused, by), passed = refusing[0], next(route for route, d in every if d.action is None)
-    reason = (f"recipient <{address}> may be delivered to another domain than it shows (Postfix strips a "
+    reason = (f"recipient <{every[0][0]}> may be delivered to another domain than it shows (Postfix strips a "
               f"domain of this host's and resolves what is left): as <{refused}>, connector {_name(by)} "
               f"refuses it ({by.reason}), as <{passed}> it would pass; so the connector that applies cannot be told")
-    return Decision(Outcome.FAIL, FailAction.DEFER, None, "4.1.3", reason, reason, (Check("address", False, reason),))
+    return Decision(Outcome.FAIL, FailAction.DEFER, by.connector, "4.1.3", reason, reason,
+                    (Check("address", False, reason),))
 
 
 def _name(decision: Decision) -> str:
@@ -570,6 +604,10 @@ def decide_header_from(snapshot: Snapshot, facts: SessionFacts, now: datetime) -
     that a header-From connector is always enforced whatever else also matches. A connector
     without a header From scope was judged at RCPT already.
     """
+    return _over_routes(snapshot, facts, now, _judge_header_from)
+
+
+def _judge_header_from(snapshot: Snapshot, facts: SessionFacts, now: datetime) -> Decision:
     candidates = [c for c in find_candidates(snapshot, facts) if c.connector.header_from_domains]
     return _verdict(candidates, facts, now)
 

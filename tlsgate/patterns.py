@@ -142,7 +142,7 @@ def loose_domain(domain: str) -> str | None:
     Postfix accepts an underscore), lowercased, so that the patterns of its parents still meet
     it; None for anything else (an address literal, an empty label, other characters). No
     pattern can be such a name, so only ``*.parent`` and ``*`` patterns ever match it."""
-    name = domain.rstrip(".").lower()
+    name = (domain[:-1] if domain.endswith(".") else domain).lower()
     if not name.isascii() or len(name) > _MAX_DOMAIN or not _LOOSE_NAME.fullmatch(name):
         return None
     return name
@@ -158,6 +158,13 @@ def raw_domain(address: str) -> str:
     addr = addr.rstrip("@")
     at = addr.rfind("@")
     return addr[at + 1 :] if at >= 0 else ""
+
+
+def judged_domain(address: str) -> str | None:
+    """The domain by which an address meets domain patterns: its normalised domain, or the loose
+    one of a name amiss for its characters alone (see :func:`loose_domain`); None for an
+    address literal, garbage or no domain."""
+    return address_domain(address) or loose_domain(raw_domain(address))
 
 
 def address_domain(address: str) -> str | None:

@@ -31,7 +31,7 @@ import sys
 from collections.abc import Sequence
 
 from tlsgate import logsetup, sdnotify
-from tlsgate.config import EX_CONFIG, ConfigError, SocketmapConfig, load_config
+from tlsgate.config import EX_CONFIG, ConfigError, SocketmapConfig, check_database_url, load_config
 from tlsgate.outbound import Answer, OutboundIndex, lookup
 from tlsgate.rules import RuleHolder
 from tlsgate.snapshot import Snapshot
@@ -44,7 +44,6 @@ from tlsgate.socketmap import (
     TooLong,
     parse_request,
 )
-from tlsgate.store import StoreError, normalise_url
 
 log = logging.getLogger("tlsgate.socketmap")
 
@@ -379,11 +378,7 @@ async def _watchdog(interval: float, rules: RuleHolder) -> None:
 
 def check_config(path: str | None) -> None:
     """Everything that can be checked without listening: the file and the database URL."""
-    cfg = load_config(path)
-    try:
-        normalise_url(cfg.database.url)
-    except StoreError as exc:
-        raise ConfigError(f"{cfg.path or 'defaults'}: [database] url: {exc}") from None
+    check_database_url(load_config(path))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

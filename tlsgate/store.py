@@ -363,19 +363,23 @@ def upgrade_schema(engine: Engine) -> tuple[int, int]:
     return start, version
 
 
-#: the load's problem when the change counter's row is gone: every daemon's poll then fails
+#: the load's problem when the change counter's row is gone (deleted by hand)
 NO_GENERATION_ROW = "has no row id = 1: run `tlsgate db upgrade`, which restores it"
+#: the counter read while its row is gone: the rules loaded then carry it too, so that polls
+#: neither reload them again and again nor count an outage, and the row's return is a change
+MISSING_GENERATION = -1
 
 
 def read_generation(engine: Engine) -> int:
-    """The change counter: one indexed single-row read."""
+    """The change counter: one indexed single-row read; :data:`MISSING_GENERATION` without its
+    row (which the load reports as an error)."""
     try:
         with engine.connect() as conn:
             value = conn.execute(text("SELECT generation FROM rules_generation WHERE id = 1")).scalar()
     except SQLAlchemyError as exc:
         raise StoreError(describe_db_error(engine, exc)) from None
     if value is None:
-        raise StoreError(f"rules_generation {NO_GENERATION_ROW}")
+        return MISSING_GENERATION
     return _generation(value)
 
 
@@ -1029,7 +1033,7 @@ def load(
         snap = Snapshot(
             inbound=tuple(inbound),
             outbound=tuple(outbound),
-            generation=_generation(generation) if generation is not None else 0,
+            generation=_generation(generation) if generation is not None else MISSING_GENERATION,
             errors=tuple(str(p) for p in problems if p.severity == "error"),
             previous=cache.snapshot if cache is not None else None,
         )

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from tlsgate import logsetup, sdnotify
-from tlsgate.config import EX_CONFIG, Config, ConfigError, load_config
+from tlsgate.config import EX_CONFIG, Config, ConfigError, check_database_url, load_config
 from tlsgate.metrics import Metrics
 from tlsgate.rules import RuleHolder
 from tlsgate_milter.milter import (
@@ -74,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
         cfg = load_config(args.config)
+        check_database_url(cfg)
         check_config(cfg)
     except ConfigError as exc:
         print(f"tlsgate-milter: {exc}", file=sys.stderr)

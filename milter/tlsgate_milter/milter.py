@@ -44,7 +44,7 @@ from tlsgate.model import (
     SessionFacts,
     Stage,
 )
-from tlsgate.patterns import Address, address_domain
+from tlsgate.patterns import Address, judged_domain
 from tlsgate.snapshot import Snapshot
 from tlsgate_milter.translate import (
     MAX_FROM_FIELDS,
@@ -555,7 +555,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         index = snapshot.domains[Scope.HEADER_FROM]
         protected: dict[str, str] = {}
         for author in header_from_authors(self._from_values):
-            domain = address_domain(author)
+            domain = judged_domain(author)  # mx_1.bank.test is under bank.test too
             if domain is not None and index.lookup(domain):
                 protected.setdefault(domain, author)
         problem = self._from_malformed
@@ -579,7 +579,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
             for author in authors:
                 facts = self._facts(Stage.DATA, recipient, author)
                 decision, seconds = self._decide(snapshot, facts, header_from=True)
-                if decision.connector is None:
+                if decision.connector is None and decision.action is None:
                     continue  # no header-From connector protects this author's domain
                 self._log(facts, decision, seconds)
                 standing.append(decision)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from tlsgate.decisionlog import verdict_word
 from tlsgate.model import Decision, Outcome, SessionFacts
-from tlsgate.patterns import Address, address_domain, parse_address
+from tlsgate.patterns import Address, address_domain, judged_domain, loose_domain, parse_address
 
 #: the macros read at every callback; Postfix sends them only where milter_*_macros say so
 TLS_MACROS = ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}")
@@ -45,7 +45,7 @@ MAX_TRACE_VALUE = 900  # a header line stays under 998 octets
 MacroGetter = Callable[[str], "str | None"]
 
 _CN = re.compile(r"(?:^|[/,]\s*)CN=((?:\\.|[^/,\\])+)", re.IGNORECASE)
-_BARE_DOMAIN = re.compile(r"@([A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)")
+_BARE_DOMAIN = re.compile(r"@([A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?)")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -203,11 +203,11 @@ def header_from_authors(values: Sequence[str]) -> tuple[str, ...]:
     authors: list[str] = []
     for field in values:
         parsed = [addr for _, addr in email.utils.getaddresses([field])]
-        found = [addr for addr in parsed if "@" in addr and address_domain(addr) is not None]
+        found = [addr for addr in parsed if "@" in addr and judged_domain(addr) is not None]
         if len(found) < len(parsed) or (not parsed and field.strip()):
-            domains = {address_domain(addr) for addr in found}
+            domains = {judged_domain(addr) for addr in found}
             for raw in _BARE_DOMAIN.findall(field):
-                domain = address_domain(f"x@{raw}")
+                domain = address_domain(f"x@{raw}") or loose_domain(raw)
                 if domain is not None and domain not in domains:
                     domains.add(domain)
                     found.append(f"unparsed@{raw}")

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from tlsgate import logsetup, sdnotify
-from tlsgate.config import EX_CONFIG, Config, ConfigError, load_config, resolve_myorigin
+from tlsgate.config import EX_CONFIG, Config, ConfigError, check_database_url, load_config, resolve_myorigin
 from tlsgate.metrics import Metrics
 from tlsgate.rules import RuleHolder
 from tlsgate.store import safe_url
@@ -154,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config)
+        check_database_url(config)
     except ConfigError as exc:
         print(f"tlsgate-policyd: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -68,6 +68,10 @@ def test_a_catch_all_for_every_sender_that_outranks_recipient_and_range_connecto
         "null sender <>; give bank-rcpt the sender pattern '*' too, so that it ranks above all-senders-tls for "
         "its own mail"], lines
     assert status == 0
+    # A '*' sender connector with another scope covers only the mail of that scope.
+    narrow = sql.replace("'all-senders-tls', 'sender', '*');", "'all-senders-tls', 'sender', '*');"
+                         "INSERT INTO inbound_domain VALUES ('all-senders-tls', 'recipient', 'other.test');")
+    assert lint(make_rules_db(tmp_path / "narrow.sqlite", EXAMPLES + narrow), capsys)[1][:-1] == []
     # As the warning says: with the sender pattern '*' as well, bank-rcpt ranks first for its mail.
     fixed = make_rules_db(tmp_path / "fixed.sqlite", EXAMPLES + sql + "INSERT INTO inbound_domain VALUES ('bank-rcpt', 'sender', '*');")
     assert lint(fixed, capsys)[1][:-1] == []

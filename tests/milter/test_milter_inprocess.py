@@ -288,13 +288,31 @@ def test_header_from_connector_passes_over_tls(connect: Callable[..., Session]) 
         [("From", "someone@else.test, alerts@bank.test")],  # several authors in one field
         [("From", "someone@else.test"), ("From", "alerts@bank.test")],  # two From fields
         [("From", "Alerts <alerts@bank.test")],  # malformed: the raw @domain is judged
+        [("From", "Alerts <alerts@mx_1.bank.test>")],  # no host name, yet under *.bank.test
     ],
-    ids=["two-mailboxes", "two-fields", "malformed"],
+    ids=["two-mailboxes", "two-fields", "malformed", "underscore"],
 )
 def test_every_author_is_judged(connect: Callable[..., Session], headers: list[tuple[str, str]]) -> None:
     session = connect()
     rc, _ = session.message("bounce@mailer.test", ["b@example.test"], headers)
     assert rc == Milter.REJECT
+
+
+def test_a_recipient_routed_on_meets_the_header_from_connector_where_it_goes(
+        connect: Callable[..., Session], tmp_path: Path) -> None:
+    # b@example.test@localhost is delivered to b@example.test when localhost is the host's own:
+    # the header-From connector scoped to example.test recipients applies to it, and the mail
+    # waits rather than pass it.
+    snap = load_rules(tmp_path / "rules.sqlite", """
+INSERT INTO inbound_connector (name, require_tls, on_failure) VALUES ('bank-to-example', 1, 'reject');
+INSERT INTO inbound_domain VALUES ('bank-to-example', 'header_from', 'bank.test');
+INSERT INTO inbound_domain VALUES ('bank-to-example', 'recipient', 'example.test');
+""")
+    for rcpt, rc_wanted, status in (("b@example.test", Milter.REJECT, "5.7.10"),
+                                    ("b@example.test@localhost", Milter.TEMPFAIL, "4.1.3")):
+        session = connect(snap=snap)
+        rc, _ = session.message("x@mailer.test", [rcpt], [("From", "CEO <ceo@bank.test>")])
+        assert rc == rc_wanted and session.ctx._reply[1] == status, (rcpt, session.ctx._reply)
 
 
 def test_strictest_header_from_verdict_wins(connect: Callable[..., Session]) -> None:

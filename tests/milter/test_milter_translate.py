@@ -176,6 +176,10 @@ def test_a_long_envelope_address_is_kept_whole_never_cut() -> None:
         (['"ceo@bank.test" <evil@evil.test>'], ("evil@evil.test",)),  # display names are not authors
         (["=?utf-8?q?Al=C3=AFce?= <a@a.test>"], ("a@a.test",)),
         (["ceo@partner.test.."], ("unparsed@partner.test",)),
+        # an underscore makes no host name, but the author is still under its parent domain
+        (["CEO <ceo@x_y.bank.test>"], ("ceo@x_y.bank.test",)),
+        (["CEO <ceo@x_y.bank.test"], ("ceo@x_y.bank.test",)),
+        (["Bank <@x_y.bank.test>"], ("unparsed@x_y.bank.test",)),
         # a clean field yields exactly its mailboxes, whatever its display names say
         (['a@a.test, "x@c.test" <b@b.test>, Carl <c@c.test>'], ("a@a.test", "b@b.test", "c@c.test")),
     ],

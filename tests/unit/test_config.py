@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from tlsgate import config
-from tlsgate.config import ConfigError, EngineConfig, load_config, resolve_myorigin
+from tlsgate.config import (
+    EX_CONFIG,
+    ConfigError,
+    EngineConfig,
+    check_database_url,
+    load_config,
+    resolve_myorigin,
+)
 
 
 def write(tmp_path: pathlib.Path, text: str) -> str:
@@ -56,11 +65,6 @@ def test_environment_overrides_url(tmp_path: pathlib.Path) -> None:
     ("[log]\nlevel = loud\n", "[log] level = 'loud': must be one of debug, info, warning, error"),
     ("[milter]\nheader_name = X Bad\n", "not a valid header field name"),
     ("url = x\n", "File contains no section headers"),
-    # a URL no engine can be made of: refused at once (exit 78), not at every poll
-    ("[database]\nurl = sqlite://relative.sqlite\n", "[database] url: invalid database URL sqlite://relative.sqlite"),
-    ("[database]\nurl = mariadb://root@127.0.0.1/t?connect_timeout=abc\n", "[database] url: invalid database URL"),
-    ("[database]\nurl = postgresql://u:secret@127.0.0.1:notaport/t\n", "[database] url: invalid database URL postgresql://u:***@"),
-    ("[database]\nurl = oracle://db/rules\n", "[database] url: "),
 ])
 def test_errors_name_file_key_and_value(tmp_path: pathlib.Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
@@ -68,7 +72,7 @@ def test_errors_name_file_key_and_value(tmp_path: pathlib.Path, text: str, messa
         load_config(path, environ={})
     assert str(info.value).startswith(path + ": ")
     assert message in str(info.value)
-    assert "\n" not in str(info.value) and "secret" not in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_explicit_missing_file_is_an_error(tmp_path: pathlib.Path) -> None:
@@ -134,3 +138,38 @@ def test_socketmap_transport_is_a_service_name(tmp_path: pathlib.Path) -> None:
     assert load_config(write(tmp_path, "[socketmap]\ntransport = smtp-out\n"), environ={}).socketmap.transport == "smtp-out"
     with pytest.raises(ConfigError, match=r"\[socketmap\] transport = 'smtp out': not a master.cf service name"):
         load_config(write(tmp_path, "[socketmap]\ntransport = smtp out\n"), environ={})
+
+
+BAD_URLS = [
+    ("sqlite://relative.sqlite", "[database] url: invalid database URL sqlite://relative.sqlite"),
+    ("mariadb://root@127.0.0.1/t?connect_timeout=abc", "[database] url: invalid database URL"),
+    ("postgresql://u:secret@127.0.0.1:notaport/t", "[database] url: invalid database URL postgresql://u:***@"),
+    ("oracle://db/rules", "[database] url: unsupported database 'oracle'"),
+]
+
+
+@pytest.mark.parametrize(("url", "message"), BAD_URLS)
+def test_a_database_url_no_engine_can_be_made_of_is_a_daemon_s_configuration_error(
+        tmp_path: pathlib.Path, url: str, message: str) -> None:
+    path = write(tmp_path, f"[database]\nurl = {url}\n")
+    cfg = load_config(path, environ={})  # the CLI loads it: --database-url may replace it
+    with pytest.raises(ConfigError) as info:
+        check_database_url(cfg, environ={})
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+    assert "\n" not in str(info.value) and "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("daemon", [["-m", "tlsgate_policyd"], ["-m", "tlsgate_milter"],
+                                    ["-c", "import sys; from tlsgate.socketmapd import main; sys.exit(main())"]],
+                         ids=["policyd", "milter", "socketmap"])
+def test_every_daemon_refuses_to_start_on_such_a_url(tmp_path: pathlib.Path, daemon: list[str]) -> None:
+    path = write(tmp_path, "[database]\nurl = sqlite://relative.sqlite\n")
+    r = subprocess.run([sys.executable, *daemon, "--config", path, "--check-config"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == EX_CONFIG and "invalid database URL" in r.stderr, r.stderr
+
+
+def test_a_database_that_is_down_is_no_configuration_error(tmp_path: pathlib.Path) -> None:
+    # Nothing is connected to: the daemons start and keep answering while the database is away.
+    for url in ("postgresql://tlsgate@127.0.0.1:1/rules", f"sqlite:///{tmp_path}/no/such/dir/rules.sqlite"):
+        check_database_url(load_config(write(tmp_path, f"[database]\nurl = {url}\n"), environ={}), environ={})

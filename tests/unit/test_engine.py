@@ -138,16 +138,26 @@ CASES: list[tuple[str, list[InboundConnector], dict[str, Any], str, str | None, 
     ("sender without a domain", [conn("c", sender=["example.org"])], {**TLS13, "sender": "ceo"}, "defer", None,
      "sender <ceo> has no domain, so the connector that applies cannot be told (set [engine] myorigin, "
      "or Postfix's reject_non_fqdn_sender refuses such addresses)"),
-    ("a percent-hack recipient may go elsewhere", [conn("c", rcpt=["example.org"])], {"recipient": "bob%example.org@mx.example.net"}, "defer", None,
+    ("a percent-hack recipient may go elsewhere", [conn("c", rcpt=["example.org"])], {"recipient": "bob%example.org@mx.example.net"}, "defer", "c",
      "recipient <bob%example.org@mx.example.net> may be delivered to another domain than it shows"),
     ("a bang path sender may go elsewhere", [conn("c", sender=["example.org"])], {"sender": "example.org!ceo"}, "defer", None,
      "sender <example.org!ceo> may be delivered to another domain"),
     # a recipient whose domain Postfix strips, when it is this host's, then routes on (resolve.c)
-    ("routed on by another @: refused there, passed here", [conn("c", rcpt=["example.org"])], {"recipient": "bob@example.org@localhost"}, "defer", None,
+    ("routed on by another @: refused there, passed here", [conn("c", rcpt=["example.org"])], {"recipient": "bob@example.org@localhost"}, "defer", "c",
      "as <bob@example.org>, connector c refuses it (TLS required by connector c), as <bob@example.org@localhost> it would pass"),
-    ("routed on by a bang path", [conn("c", rcpt=["example.org"])], {"recipient": "example.org!bob@localhost"}, "defer", None,
+    ("routed on by a bang path", [conn("c", rcpt=["example.org"])], {"recipient": "example.org!bob@localhost"}, "defer", "c",
      "as <bob@example.org>, connector c refuses it"),
     ("routed on: passed everywhere", [conn("c", rcpt=["example.org"])], {**TLS13, "recipient": "bob@example.org@localhost"}, "pass", None, ""),
+    ("routed on through a quoted local part with blanks", [conn("c", rcpt=["example.org"])], {"recipient": "bob@example . org@localhost"}, "defer", "c",
+     "as <bob@example.org>, connector c refuses it"),
+    ("routed on through quotes (the milter's spelling)", [conn("c", rcpt=["example.org"])], {"recipient": '"bob@example.org"@localhost'}, "defer", "c", "as <bob@example.org>"),
+    ("routed on to no domain name at all", [conn("c", rcpt=["example.org"])], {**TLS13, "recipient": "bob@exa$mple.org@localhost"}, "defer", None,
+     "recipient <bob@exa$mple.org> names no domain Postfix could deliver to"),
+    ("routed on past the last route judged", [conn("c", rcpt=["example.org"])], {**TLS13, "recipient": "bob" + "@h.test" * 13}, "defer", None, "goes on through more than 10 addresses"),
+    ("a source route is no route", [conn("c", rcpt=["example.org"], on_failure=FailAction.REJECT)], {"recipient": "@localhost:bob@example.org"}, "reject", "c", ""),
+    ("routed on: refused everywhere, the weakest refusal stands", [conn("l", rcpt=["localhost"], on_failure=FailAction.REJECT), conn("c", rcpt=["example.org"])],
+     {"recipient": "bob@example.org@localhost"}, "defer", "c", "TLS required by connector c"),
+    ("routed on: a monitor connector's view is kept", [conn("m", rcpt=["example.org"], mode=Mode.MONITOR)], {"recipient": "bob@example.org@localhost"}, "monitor-defer", "m", ""),
     ("routed on: refused everywhere, the strongest stands", [conn("c", rcpt=["example.org"]), conn("s", sender=["contoso.com"], on_failure=FailAction.REJECT)],
      {"recipient": "bob@example.org@localhost"}, "reject", "s", "TLS required by connector s"),
     # a sender is never routed on: an @ keeps it as it is (rewrite.c rewrites none with an @)
@@ -401,3 +411,16 @@ def test_a_snapshot_shares_the_previous_indexes_only_when_they_come_out_the_same
     assert _lookups(snap) == _lookups(Snapshot(inbound=connectors))
     assert snap.by_name == {c.name: c for c in connectors}
     assert snap == Snapshot(inbound=connectors, loaded_at=snap.loaded_at)  # indexes are not compared
+
+
+def test_a_header_from_connector_meets_a_recipient_routed_on() -> None:
+    """At end of message the milter judges header-From connectors per recipient: one routed on
+    from a local domain is judged where it goes too."""
+    from tlsgate.engine import decide_header_from
+
+    snap = Snapshot(inbound=(conn("bank", hfrom=["bank.test"], rcpt=["example.org"], on_failure=FailAction.REJECT),))
+    at = {"header_from": "ceo@bank.test", "stage": Stage.DATA}
+    assert decide_header_from(snap, facts(recipient="bob@example.org", **at), NOW).status == "5.7.10"
+    for routed in ("bob@example.org@localhost", "example.org!bob@localhost"):
+        d = decide_header_from(snap, facts(recipient=routed, **at), NOW)
+        assert (d.action, d.status, d.connector and d.connector.name) == (FailAction.DEFER, "4.1.3", "bank"), routed

@@ -20,7 +20,7 @@ from tlsgate import logsetup
 from tlsgate.config import DatabaseConfig
 from tlsgate.rules import RuleHolder
 from tlsgate.snapshot import Snapshot
-from tlsgate.store import init_schema, open_engine
+from tlsgate.store import MISSING_GENERATION, init_schema, open_engine
 
 
 def test_reload_only_when_generation_moves(sqlite_url: str) -> None:
@@ -157,13 +157,33 @@ def test_after_an_outage_the_rules_are_read_whatever_the_counter_says(sqlite_url
     assert holder.refresh() is True
     first = holder.snapshot
     assert first is not None
-    _sql(sqlite_url, "DELETE FROM rules_generation")
+    _sql(sqlite_url, "UPDATE rules_generation SET generation = 'oops'")  # unreadable: an outage
     assert holder.refresh() is False and not holder.healthy
     _sql(sqlite_url, "UPDATE inbound_connector SET mode = 'monitor' WHERE name = 'a'")
-    _sql(sqlite_url, f"INSERT INTO rules_generation (id, generation) VALUES (1, {first.generation})")
+    _sql(sqlite_url, f"UPDATE rules_generation SET generation = {first.generation}")  # restored as it was
     assert holder.refresh() is True and holder.healthy
     assert holder.snapshot is not None and holder.snapshot.inbound[0].mode.value == "monitor"
     assert holder.refresh() is False  # and polls on by the counter again
+    holder.stop()
+
+
+def test_a_deleted_counter_row_is_loaded_once_and_its_return_applies(sqlite_url: str,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    # Without its row nothing can tell a change: the rules are read once, with the load's error
+    # logged, and neither reloaded at every poll nor taken for an outage; the row's return is.
+    seed_one_connector(sqlite_url)
+    holder = RuleHolder(DatabaseConfig(url=sqlite_url))
+    assert holder.refresh() is True
+    _sql(sqlite_url, "DELETE FROM rules_generation")
+    with caplog.at_level(logging.INFO, logger="tlsgate.rules"):
+        assert holder.refresh() is True
+        assert [holder.refresh() for _ in range(3)] == [False] * 3
+    assert holder.healthy and holder.snapshot is not None and holder.snapshot.generation == MISSING_GENERATION
+    assert sum("has no row id = 1" in r.getMessage() for r in caplog.records) == 1
+    _sql(sqlite_url, "UPDATE inbound_connector SET mode = 'monitor' WHERE name = 'a'")  # bumps nothing
+    _sql(sqlite_url, "INSERT INTO rules_generation (id, generation) VALUES (1, 0)")  # `db upgrade`
+    assert holder.refresh() is True
+    assert holder.snapshot is not None and holder.snapshot.inbound[0].mode.value == "monitor"
     holder.stop()
 
 

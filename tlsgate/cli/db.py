@@ -84,6 +84,7 @@ def split_sql(script: str) -> list[str]:
     first = ""  # the statement's first bare word, upper-cased
     trigger = False  # a CREATE ... TRIGGER statement, whose body may hold ';'
     depth = 0  # open BEGIN/CASE blocks of that body
+    closing = False  # the word before was END: the next one names what it closes
 
     tokens = list(_TOKEN.finditer(script))
     for i, token in enumerate(tokens):
@@ -103,10 +104,11 @@ def split_sql(script: str) -> list[str]:
         first = first or word
         if first != "CREATE":
             continue
+        after_end, closing = closing, word == "END"
         if word == "TRIGGER":
             trigger = True
-        elif not trigger:
-            continue
+        elif not trigger or after_end:
+            continue  # END CASE closes a CASE; it opens none
         elif word in ("BEGIN", "CASE"):
             depth += 1
         elif word == "END" and depth and _next_word(tokens, i) not in _END_OF_CONTROL:
@@ -156,8 +158,8 @@ def cmd_upgrade(args: argparse.Namespace, ctx: Context) -> int:
     else:
         print(f"schema is at version {end}, the current one")
     if restored:
-        print("restored the missing rules_generation row (id = 1, generation 0) that the daemons poll; "
-              "reload them if rules changed while it was missing")
+        print("restored the missing rules_generation row (id = 1, generation 0) that the daemons poll: "
+              "they read the rules again at their next poll")
     return 0
 
 

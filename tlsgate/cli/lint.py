@@ -230,7 +230,8 @@ def shadow_warnings(snap: Snapshot) -> Iterator[RowProblem]:
     rank above the catch-all for its own mail."""
     catch_all = next((c for c in sorted(snap.inbound, key=lambda c: c.name)
                       if c.enabled and c.mode is Mode.ENFORCE
-                      and any(p.kind is DomainKind.ANY for p in c.sender_domains)), None)
+                      and any(p.kind is DomainKind.ANY for p in c.sender_domains)
+                      and not (c.recipient_domains or c.header_from_domains or _ranges_scope(c))), None)
     if catch_all is None:
         return
     wanted = _inbound_requirements(catch_all)
