@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -23,6 +24,16 @@ def _unavailable(what: str, exc: Exception) -> None:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture
+def own_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty configuration file and no TLSGATE_DATABASE_URL: the commands under test read
+    nothing of this host's /etc/tlsgate or environment."""
+    config = tmp_path / "tlsgate.conf"
+    config.write_text("")
+    monkeypatch.setenv("TLSGATE_CONFIG", str(config))
+    monkeypatch.delenv("TLSGATE_DATABASE_URL", raising=False)
 
 
 @pytest.fixture

@@ -23,14 +23,8 @@ from tlsgate.store import (
     schema_statements,
 )
 
-
-@pytest.fixture(autouse=True)
-def _own_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An empty configuration file, so that nothing in /etc/tlsgate counts."""
-    config = tmp_path / "tlsgate.conf"
-    config.write_text("")
-    monkeypatch.setenv("TLSGATE_CONFIG", str(config))
-    monkeypatch.delenv("TLSGATE_DATABASE_URL", raising=False)
+# Nothing in /etc/tlsgate or the environment counts.
+pytestmark = pytest.mark.usefixtures("own_config")
 
 
 class Cli:
