@@ -331,3 +331,16 @@ def test_an_empty_database_url_is_refused(capsys: pytest.CaptureFixture[str]) ->
 
 def test_the_connector_command_says_it_changes_connectors_too() -> None:
     assert "list, show, add, change or remove connectors" in build_parser().format_help()
+
+
+def test_explain_shows_why_no_connector_can_be_told(cli: Cli) -> None:
+    # A recipient that may be routed on from a local domain: no line may say that no connector
+    # applies above a verdict that waits for one.
+    assert cli("connector", "add", "rc-in", "--recipient", "example.test")[0] == 0
+    status, out, _ = cli("explain", "--client", "203.0.113.5", "--sender", "a@other.test",
+                         "--recipient", "b@example.test@localhost")
+    lines = out.splitlines()
+    assert status == 0 and "no connector applies" not in out, out
+    assert lines[2] == "candidates: none can be told"
+    assert lines[3].startswith("  [FAIL] address: recipient <b@example.test@localhost> may be delivered to another domain")
+    assert lines[-1].startswith("verdict: DEFER 4.1.3 ")

@@ -13,7 +13,7 @@ from tlsgate.config import resolve_myorigin
 from tlsgate.decisionlog import verdict_word
 from tlsgate.dnsranges import DnsCache, apply_dns, dns_entries
 from tlsgate.engine import decide, decide_header_from, with_myorigin
-from tlsgate.model import Decision, SessionFacts, Stage
+from tlsgate.model import Decision, Outcome, SessionFacts, Stage
 from tlsgate.patterns import parse_address
 from tlsgate.rules import resolver_settings
 from tlsgate.snapshot import Snapshot
@@ -120,7 +120,12 @@ def render(facts: SessionFacts, decision: Decision) -> list[str]:
         )
     else:
         lines.append("  no TLS")
-    if not decision.candidates:
+    if not decision.candidates and decision.outcome is Outcome.FAIL:
+        # No connector could be told (an address without a domain, a recipient routed on):
+        # the reason is the address itself.
+        lines.append("candidates: none can be told")
+        lines.extend(f"  [FAIL] {check.requirement}: {check.detail}" for check in decision.checks)
+    elif not decision.candidates:
         lines.append("candidates: none; no connector applies (opportunistic TLS)")
     else:
         lines.append("candidates (best first):")
