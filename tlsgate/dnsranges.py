@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import dns.exception
 import dns.resolver
 
-from tlsgate.model import InboundConnector
+from tlsgate.model import UNRESOLVED_DNS, InboundConnector
 from tlsgate.patterns import Network, PatternError, to_a_label
 
 log = logging.getLogger("tlsgate.dns")
@@ -117,9 +117,21 @@ class ResolverSettings:
 
 
 def make_resolver(settings: ResolverSettings) -> dns.resolver.Resolver:
-    resolver = dns.resolver.Resolver(configure=not settings.nameservers)
+    """The resolver for ``settings``. Without nameservers of its own it reads /etc/resolv.conf;
+    one that names no nameserver (or cannot be read) gives a resolver with none, whose every
+    lookup then fails like a DNS outage, rather than stopping a daemon that may never look up
+    anything (the socketmap daemon, rules without DNS entries)."""
     if settings.nameservers:
+        resolver = dns.resolver.Resolver(configure=False)
         resolver.nameservers = list(settings.nameservers)
+    else:
+        try:
+            resolver = dns.resolver.Resolver(configure=True)
+        except (dns.exception.DNSException, OSError) as exc:
+            log.warning("no DNS resolver (%s): address entries that name DNS cannot be resolved; "
+                        "set [dns] nameservers", _short(exc) if isinstance(exc, dns.exception.DNSException) else exc)
+            resolver = dns.resolver.Resolver(configure=False)
+            resolver.nameservers = []
     resolver.port = settings.port
     resolver.lifetime = settings.timeout
     resolver.timeout = settings.timeout
@@ -454,7 +466,7 @@ def _with_dns(c: InboundConnector, known: Mapping[str, Resolution]) -> InboundCo
     for entry in c.dns_entries:
         got = known.get(entry)
         if got is None:
-            problems.append(f"address entry {entry} has not been resolved yet")
+            problems.append(f"address entry {entry} {UNRESOLVED_DNS}")
         else:
             ranges.extend(got.networks)
     if not ranges and not problems and c.restrict_to_ranges and c.has_domain_scope:

@@ -50,6 +50,7 @@ _BARE = ((Scope.SENDER, "4.1.7", "reject_non_fqdn_sender"), (Scope.RECIPIENT, "4
 DEFAULT_MIN_KEY_BITS = 2048  # RSA bits, or the RSA-equivalent strength of other keys
 
 _NO_MATCH = (-1, 0)
+_UNKNOWN_RANGE = 129  # above every prefix length: a range not known yet ranks first
 _VERSION = re.compile(r"^(?:TLSv(\d+)(?:\.(\d+))?|SSLv(\d+))$")
 _FS_CIPHER = re.compile(r"^(?:TLS_)?(?:ECDHE|DHE|EECDH|EDH)[-_]", re.IGNORECASE)
 
@@ -103,11 +104,16 @@ def find_candidates(snapshot: Snapshot, facts: SessionFacts) -> list[Candidate]:
             continue
         if not (c.has_domain_scope or c.scopes_ranges):
             continue
+        prefix = range_hits.get(idx, -1)
+        if prefix >= 0 and c.dns_entries and c.awaits_dns:
+            # It covers every client until its entries resolve; ranked by that /0, it would lose
+            # to any narrower range connector, whose requirements are not its own.
+            prefix = _UNKNOWN_RANGE
         rank = (
             sender_hits.get(idx, _NO_MATCH),
             header_hits.get(idx, _NO_MATCH),
             rcpt_hits.get(idx, _NO_MATCH),
-            range_hits.get(idx, -1),
+            prefix,
         )
         found.append(Candidate(c, rank, values))
     if len(found) > 1:

@@ -90,6 +90,10 @@ class Pin:
     chain_issuers: tuple[str, ...] = ()
 
 
+#: the end of the problem an address entry not resolved yet gives its connector
+UNRESOLVED_DNS = "has not been resolved yet"
+
+
 @dataclass(frozen=True, slots=True)
 class InboundConnector:
     """One inbound connector row with its child rows, parsed and validated.
@@ -127,6 +131,12 @@ class InboundConnector:
     @property
     def misconfigured(self) -> bool:
         return bool(self.problems)
+
+    @property
+    def awaits_dns(self) -> bool:
+        """An address entry of its scope has not been resolved yet: it covers every client
+        meanwhile, and which client range it will have is unknown."""
+        return any(p.endswith(UNRESOLVED_DNS) for p in self.problems)
 
     @property
     def scopes_ranges(self) -> bool:

@@ -321,6 +321,33 @@ def test_stats_reports_a_silent_daemon_on_stderr(cli: Cli) -> None:
     assert err.startswith("tlsgate: 127.0.0.1:1: not answering (")
 
 
+def test_stats_of_something_that_is_no_metrics_endpoint_is_one_line(cli: Cli) -> None:
+    # A web server that is not a daemon's metrics, and an address that is no HOST:PORT: both
+    # ended in a traceback.
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # the name http.server calls
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>hello, not prometheus</html>\n")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        status, out, err = cli("stats", "--metrics", f"127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 1 and out == "" and "not a tlsgate metrics endpoint" in err and err.count("\n") == 1, err
+    status, out, err = cli("stats", "--metrics", "127.0.0.1:notaport")
+    assert status == 1 and err.startswith("tlsgate: 127.0.0.1:notaport: ") and err.count("\n") == 1, err
+
+
 def test_an_empty_database_url_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     for value in ("", " "):
         with pytest.raises(SystemExit) as exc:

@@ -355,3 +355,41 @@ def test_a_holder_without_dns_never_asks(server: DnsServer, tmp_path: Path) -> N
         assert snap is not None and snap.by_name["onprem"].client_ranges == ALL_ADDRESSES
     finally:
         holder.stop()
+
+
+def test_a_resolv_conf_without_nameservers_is_a_dns_outage_not_a_crash(
+        monkeypatch: pytest.MonkeyPatch, sqlite_url: str) -> None:
+    # dnspython refuses a resolv.conf that names no nameserver; the daemons, the socketmap one
+    # included, which never looks anything up, stopped at their start with a traceback.
+    import dns.resolver
+
+    def no_nameservers(self: dns.resolver.Resolver, f: object) -> None:
+        raise dns.resolver.NoResolverConfiguration("no nameservers")
+
+    monkeypatch.setattr(dns.resolver.Resolver, "read_resolv_conf", no_nameservers)
+    holder = RuleHolder(DatabaseConfig(url=sqlite_url), resolve_dns=False)
+    holder.stop()
+    cache = DnsCache(ResolverSettings(timeout=1.0))
+    assert cache.refresh(["a:partner.test"]) is False
+    assert cache.failures == 1 and "partner.test" not in str(cache.entries)
+
+
+def test_a_connector_whose_entries_have_not_resolved_loses_to_no_narrower_range() -> None:
+    # Until its entries resolve a connector covers every client (0.0.0.0/0): ranked by that,
+    # a connector for a narrower range won, and its weaker requirements let mail pass that the
+    # first one, resolved, refuses.
+    from tlsgate.patterns import parse_network
+    from tlsgate.snapshot import Snapshot
+
+    onprem = InboundConnector("onprem", dns_entries=("a:onprem.partner.test",), require_tls=True)
+    dmz = InboundConnector("dmz-relays", client_ranges=(parse_network("198.51.100.0/24"),), require_tls=False)
+    session = plaintext("198.51.100.7", "a@x.test")
+    unresolved = Snapshot(inbound=apply_dns((onprem, dmz), DnsCache(ResolverSettings(nameservers=("127.0.0.1",)))))
+    d = decide(unresolved, session, datetime.now(UTC))
+    assert (d.action, d.status, d.connector and d.connector.name) == (FailAction.DEFER, "4.3.5", "onprem")
+    # Once resolved, it has its own range, and the narrower one wins where it is narrower.
+    known = DnsCache(ResolverSettings(nameservers=("127.0.0.1",)))
+    known.entries["a:onprem.partner.test"] = Resolution("a:onprem.partner.test", (parse_network("198.51.100.0/25"),),
+                                                         300, time.time())
+    d = decide(Snapshot(inbound=apply_dns((onprem, dmz), known)), session, datetime.now(UTC))
+    assert (d.outcome.value, d.connector and d.connector.name) == ("fail", "onprem")

@@ -215,3 +215,23 @@ def test_usage_errors_are_one_line(tmp_path: Path, pki: Pki, dns: DnsServer, cap
     assert main(run_probe(tmp_path, pki, dns, 25, "not a domain!")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 2 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("level", "passes"), [("dane", True), ("dane-only", False)])
+def test_an_unchecked_dane_only_level_is_no_pass(tmp_path: Path, pki: Pki, dns: DnsServer,
+                                                  capsys: pytest.CaptureFixture[str], level: str, passes: bool) -> None:
+    # The probe checks no TLSA record: at dane-only Postfix defers the mail without one, so a
+    # pass would promise mail that waits; dane falls back to encrypt.
+    rows = outbound_rows("partner", ["partner.test"], level=level)
+    with SmtpServer(pki.self_signed.cert_path, pki.self_signed.key_path) as smtp:
+        status, doc = probe_json(capsys, run_probe(tmp_path, pki, dns, smtp.port, "--json", "partner.test", rows=rows))
+    assert checks(doc[0])["dane"] is passes and (status == 0) is passes
+
+
+def test_a_smart_host_given_by_its_address_is_probed_there(tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
+    # No name to look up: it was asked of DNS as one, and failed.
+    with DnsServer({}) as empty, SmtpServer(pki.self_signed.cert_path, pki.self_signed.key_path) as smtp:
+        rows = outbound_rows("partner", ["partner.test"], level="encrypt", hosts=[("127.0.0.1", smtp.port, False)])
+        status, doc = probe_json(capsys, run_probe(tmp_path, pki, empty, smtp.port, "--json", "partner.test", rows=rows))
+    assert status == 0, doc
+    assert doc[0]["hosts"][0]["address"] == "127.0.0.1"

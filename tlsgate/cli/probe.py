@@ -32,7 +32,7 @@ from tlsgate import certs
 from tlsgate.cli import CommandError, Context
 from tlsgate.model import OutboundConnector, TlsLevel, tls_version_rank
 from tlsgate.outbound import OutboundIndex
-from tlsgate.patterns import CertNamePattern, DomainKind, PatternError, normalise_domain
+from tlsgate.patterns import CertNamePattern, DomainKind, PatternError, normalise_domain, parse_address
 from tlsgate.snapshot import Snapshot
 from tlsgate.store import StoreError, load
 
@@ -148,6 +148,8 @@ def mx_hosts(resolver: dns.resolver.Resolver, domain: str) -> tuple[list[str], s
 
 
 def address_of(resolver: dns.resolver.Resolver, host: str) -> str:
+    if parse_address(host) is not None:
+        return host  # a smart host given by its address
     try:
         answer = resolver.resolve(host, "A")
     except dns.resolver.NoAnswer:
@@ -365,7 +367,11 @@ def judge(
         )
         checks.append(Check("fingerprint", ok, detail))
     elif level in (TlsLevel.DANE, TlsLevel.DANE_ONLY):
-        checks.append(Check("dane", True, "not checked: DANE needs DNSSEC-validated TLSA records"))
+        # dane-only sends nothing without a DNSSEC-validated TLSA match, which the probe does not
+        # check: it cannot say such a connector's mail will go. dane falls back to encrypt.
+        checks.append(Check("dane", level is TlsLevel.DANE,
+                            "not checked: DANE needs DNSSEC-validated TLSA records"
+                            + ("; at dane-only Postfix defers the mail without them" if level is TlsLevel.DANE_ONLY else "")))
         info = "chains to a trusted CA" if result.verified else f"not trusted: {result.verify_error}"
         checks.append(Check("chain (informational)", True, info))
     else:

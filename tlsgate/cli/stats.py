@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import math
 import sys
 import urllib.error
@@ -13,6 +14,9 @@ from typing import TYPE_CHECKING
 from prometheus_client.parser import text_string_to_metric_families
 
 from tlsgate.cli import CommandError
+
+#: the most read of a metrics page: a daemon's is a few KiB
+MAX_METRICS = 1 << 20
 
 if TYPE_CHECKING:
     from tlsgate.cli import Context
@@ -79,13 +83,18 @@ def cmd_stats(args: argparse.Namespace, ctx: Context) -> int:
         url = f"http://{target}/metrics"
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
-                text = response.read().decode()
-        except (urllib.error.URLError, OSError) as exc:
+                text = response.read(MAX_METRICS).decode()
+            lines = summary(text)
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             # An error like any other command's (stderr, "tlsgate:"), and the next daemon's summary still.
             print(f"tlsgate: {target}: not answering ({getattr(exc, 'reason', exc)})", file=sys.stderr)
             status = 1
             continue
+        except ValueError as exc:  # not UTF-8, not the Prometheus text format
+            print(f"tlsgate: {target}: not a tlsgate metrics endpoint ({exc})", file=sys.stderr)
+            status = 1
+            continue
         print(f"{target}:")
-        for line in summary(text):
+        for line in lines:
             print(f"  {line}")
     return status
