@@ -65,6 +65,8 @@ def test_environment_overrides_url(tmp_path: pathlib.Path) -> None:
     ("[log]\nlevel = loud\n", "[log] level = 'loud': must be one of debug, info, warning, error"),
     ("[milter]\nheader_name = X Bad\n", "not a valid header field name"),
     ("url = x\n", "File contains no section headers"),
+    ("[dns]\nmin_ttl = 600\nmax_ttl = 60\n", "[dns] min_ttl = 600 is above max_ttl = 60"),
+    ("[dns]\nmin_ttl = 90000\n", "[dns] min_ttl = 90000 is above max_ttl = 86400"),
 ])
 def test_errors_name_file_key_and_value(tmp_path: pathlib.Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
