@@ -305,11 +305,11 @@ def load_config(path: str | None = None, environ: dict[str, str] | None = None) 
     url = env.get("TLSGATE_DATABASE_URL")
     if url:
         sections["database"]["url"] = url
-    dns_settings = {**{f.name: f.default for f in dataclasses.fields(DnsConfig)}, **sections["dns"]}
-    if dns_settings["min_ttl"] > dns_settings["max_ttl"]:
-        raise ConfigError(f"{file_path}: [dns] min_ttl = {dns_settings['min_ttl']} is above max_ttl = "
-                          f"{dns_settings['max_ttl']}: every answer would be kept longer than the most allowed")
-    return Config(
+    cfg = Config(
         path=file_path if os.path.exists(file_path) else None,
         **{name: cls(**sections[name]) for name, cls in _SECTIONS.items()},
     )
+    if cfg.dns.min_ttl > cfg.dns.max_ttl:
+        raise ConfigError(f"{file_path}: [dns] min_ttl = {cfg.dns.min_ttl} is above max_ttl = "
+                          f"{cfg.dns.max_ttl}: every answer would be kept longer than the most allowed")
+    return cfg

@@ -37,7 +37,7 @@ from tlsgate.model import (
     SessionFacts,
     Stage,
 )
-from tlsgate.patterns import address_domain, loose_domain, raw_domain
+from tlsgate.patterns import address_domain, judged_domain, loose_domain, raw_domain
 from tlsgate.snapshot import DomainIndex, Snapshot, range_contains
 
 # RFC 3463 status details, per kind of unmet requirement.
@@ -509,7 +509,7 @@ def _unreadable_route(snapshot: Snapshot, route: str) -> Decision | None:
     address at delivery), where a recipient connector is in force: judged by no domain, it
     would pass every one."""
     raw = raw_domain(route)
-    if (not raw or raw.startswith("[") or address_domain(route) is not None or loose_domain(raw) is not None
+    if (not raw or raw.startswith("[") or judged_domain(route) is not None
             or Scope.RECIPIENT not in snapshot.enforced_scopes):
         return None
     reason = f"recipient <{route}> names no domain Postfix could deliver to, so the connector that applies cannot be told"

@@ -186,34 +186,30 @@ def open_engine(url: str, *, connect_timeout: float = 5.0, query_timeout: float 
             # PyMySQL's connect_timeout covers the TCP connect only; the handshake that follows,
             # and every answer after it, wait for the socket with these (none by default).
             kwargs["connect_args"].update(read_timeout=query_timeout, write_timeout=query_timeout)
-    try:
-        # The dialect reads the URL's query here (PyMySQL's connect_timeout=abc is a ValueError).
-        engine = create_engine(parsed, **kwargs)
-    except _BAD_URL as exc:
-        raise _invalid_url(url, exc) from None
-    except ImportError as exc:
-        raise _no_driver(url, exc) from None
+    engine = _create_engine(url, parsed, **kwargs)
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
     return engine
 
 
-def _no_driver(url: str | URL, exc: ImportError) -> StoreError:
-    return StoreError(f"database URL {safe_url(url)}: its driver is not installed ({exc.name or exc}): "
-                      "install tlsgate with the postgresql or mariadb extra")
+def _create_engine(url: str, parsed: URL, **kwargs: Any) -> Engine:
+    """SQLAlchemy's engine for ``parsed``, its failures as one-line StoreErrors: the dialect
+    reads the URL's query here (PyMySQL's connect_timeout=abc is a ValueError) and imports
+    the driver."""
+    try:
+        return create_engine(parsed, **kwargs)
+    except _BAD_URL as exc:
+        raise _invalid_url(url, exc) from None
+    except ImportError as exc:
+        raise StoreError(f"database URL {safe_url(url)}: its driver is not installed ({exc.name or exc}): "
+                         "install tlsgate with the postgresql or mariadb extra") from None
 
 
 def check_url(url: str) -> None:
     """Raise StoreError for a URL no engine can be made of (its syntax, its driver, the driver's
     settings), without connecting or touching a file: what a configuration check can tell
     while the database itself may be down."""
-    parsed = normalise_url(url)
-    try:
-        create_engine(parsed).dispose()
-    except _BAD_URL as exc:
-        raise _invalid_url(url, exc) from None
-    except ImportError as exc:
-        raise _no_driver(url, exc) from None
+    _create_engine(url, normalise_url(url)).dispose()
 
 
 def dialect_name(engine: Engine) -> str:

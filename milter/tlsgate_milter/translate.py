@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from tlsgate.decisionlog import verdict_word
 from tlsgate.model import Decision, Outcome, SessionFacts
-from tlsgate.patterns import Address, address_domain, judged_domain, loose_domain, parse_address
+from tlsgate.patterns import Address, judged_domain, parse_address
 
 #: the macros read at every callback; Postfix sends them only where milter_*_macros say so
 TLS_MACROS = ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}")
@@ -207,7 +207,7 @@ def header_from_authors(values: Sequence[str]) -> tuple[str, ...]:
         if len(found) < len(parsed) or (not parsed and field.strip()):
             domains = {judged_domain(addr) for addr in found}
             for raw in _BARE_DOMAIN.findall(field):
-                domain = address_domain(f"x@{raw}") or loose_domain(raw)
+                domain = judged_domain(f"x@{raw}")
                 if domain is not None and domain not in domains:
                     domains.add(domain)
                     found.append(f"unparsed@{raw}")

@@ -38,9 +38,13 @@ def lint(url: str, capsys: pytest.CaptureFixture[str], strict: bool = False) -> 
     return status, capsys.readouterr().out.splitlines()
 
 
+def examples_with(tmp_path: Path, sql: str, name: str = "rules.sqlite") -> str:
+    """A SQLite rule database of sql/examples.sql and then ``sql``; its URL."""
+    return make_rules_db(tmp_path / name, EXAMPLES + sql)
+
+
 def ties(tmp_path: Path, sql: str) -> list[str]:
-    url = make_rules_db(tmp_path / "rules.sqlite", EXAMPLES + sql)
-    engine = open_engine(url)
+    engine = open_engine(examples_with(tmp_path, sql))
     try:
         return [str(p) for p in tie_warnings(load(engine).snapshot)]
     finally:
@@ -60,8 +64,7 @@ def test_a_catch_all_for_every_sender_that_outranks_recipient_and_range_connecto
            "INSERT INTO inbound_domain VALUES ('bank-rcpt', 'recipient', 'bank.test');"
            "INSERT INTO inbound_connector (name) VALUES ('same-rcpt');"  # asks what the catch-all asks
            "INSERT INTO inbound_domain VALUES ('same-rcpt', 'recipient', 'same.test');")
-    url = make_rules_db(tmp_path / "rules.sqlite", EXAMPLES + sql)
-    status, lines = lint(url, capsys)
+    status, lines = lint(examples_with(tmp_path, sql), capsys)
     assert lines[:-1] == [
         "warning: inbound_connector ('bank-rcpt') column name: connector all-senders-tls covers every sender "
         "('*') and a sender scope ranks first, so bank-rcpt, scoped by recipients alone, decides only for the "
@@ -71,17 +74,17 @@ def test_a_catch_all_for_every_sender_that_outranks_recipient_and_range_connecto
     # A '*' sender connector with another scope covers only the mail of that scope.
     narrow = sql.replace("'all-senders-tls', 'sender', '*');", "'all-senders-tls', 'sender', '*');"
                          "INSERT INTO inbound_domain VALUES ('all-senders-tls', 'recipient', 'other.test');")
-    assert lint(make_rules_db(tmp_path / "narrow.sqlite", EXAMPLES + narrow), capsys)[1][:-1] == []
+    assert lint(examples_with(tmp_path, narrow, "narrow.sqlite"), capsys)[1][:-1] == []
     # As the warning says: with the sender pattern '*' as well, bank-rcpt ranks first for its mail.
-    fixed = make_rules_db(tmp_path / "fixed.sqlite", EXAMPLES + sql + "INSERT INTO inbound_domain VALUES ('bank-rcpt', 'sender', '*');")
-    assert lint(fixed, capsys)[1][:-1] == []
+    fixed = sql + "INSERT INTO inbound_domain VALUES ('bank-rcpt', 'sender', '*');"
+    assert lint(examples_with(tmp_path, fixed, "fixed.sqlite"), capsys)[1][:-1] == []
 
 
 def test_a_weaker_inbound_connector_winning_a_tie_by_name_is_a_warning(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sql = ("INSERT INTO inbound_connector (name, require_tls) VALUES ('a-contoso', FALSE);"
            "INSERT INTO inbound_domain VALUES ('a-contoso', 'sender', 'contoso.com');")
-    url = make_rules_db(tmp_path / "rules.sqlite", EXAMPLES + sql)
+    url = examples_with(tmp_path, sql)
     status, lines = lint(url, capsys)
     assert lines[:-1] == [
         "warning: inbound_domain ('contoso-in', 'sender', 'contoso.com') column pattern: ties with inbound "
@@ -285,8 +288,7 @@ def test_a_daemon_with_a_malformed_database_url_logs_one_line_and_fails_closed(
 
 
 def test_lint_reports_a_missing_rules_generation_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    url = make_rules_db(tmp_path / "rules.sqlite", EXAMPLES + "DELETE FROM rules_generation;")
-    status, lines = lint(url, capsys)
+    status, lines = lint(examples_with(tmp_path, "DELETE FROM rules_generation;"), capsys)
     assert lines[0] == ("error: rules_generation: has no row id = 1: run `tlsgate db upgrade`, "
                         "which restores it")
     assert status == 1
