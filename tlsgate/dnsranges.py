@@ -4,8 +4,8 @@ Partners' servers move; a list of addresses typed by hand goes stale and then bl
 mail. An ``inbound_address`` row may therefore name DNS instead of a range. This module
 resolves such entries with dnspython, never on the request path: the rule holder's thread
 refreshes the entries whose TTL (clamped to a sane minimum and maximum) ran out, all at once
-within one deadline, keeps the last good answer when DNS fails (and, for a while, when it
-suddenly answers with no addresses), and rebuilds the snapshot with the resolved ranges. A
+within one deadline, keeps the last good answer when DNS fails (and, for a while, the ranges that an answer
+suddenly lacks), and rebuilds the snapshot with the resolved ranges. A
 connector whose DNS ranges are unknown (an entry never resolved) fails closed: a temporary
 failure in its scope, where ranges that selected clients then select every client.
 
@@ -48,6 +48,9 @@ EMPTY_GRACE = 86400.0
 ROUND_TIMEOUTS = 3
 #: entries resolved at the same time in one round; threads mostly wait on a socket
 MAX_PARALLEL = 32
+#: SPF ranges wider than these (per IP version) are used but reported: the largest mail
+#: providers publish a /14 at most, and ``ip4:0.0.0.0/0`` is ``+all`` in disguise
+WIDEST_SPF_PREFIX = {4: 8, 6: 16}
 ALL_ADDRESSES: tuple[Network, ...] = (ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv6Network("::/0"))
 
 
@@ -99,9 +102,16 @@ class Resolution:
     ttl: int
     resolved_at: float
     problems: tuple[str, ...] = ()
-    #: when DNS began answering with no addresses, while ``networks`` are those of the last
-    #: answer that had some (kept for the grace); None for an answer taken as it came
-    empty_since: float | None = None
+    #: ranges of earlier answers that the latest one lacks, kept in ``networks`` for the grace,
+    #: each with the time of the first answer without it; empty for an answer taken as it came
+    held: tuple[tuple[Network, float], ...] = ()
+
+    @property
+    def empty_since(self) -> float | None:
+        """When DNS began answering with no addresses at all, while the last ones are held."""
+        if not self.held or len(self.held) < len(self.networks):
+            return None
+        return min(since for _, since in self.held)
 
 
 @dataclass(frozen=True)
@@ -248,6 +258,11 @@ def _spf(domain: str, lookup: _Lookup) -> list[Network]:
     nets: list[Network] = []
     budget = [SPF_LOOKUP_LIMIT]
     _spf_walk(domain, lookup, nets, budget, path=set())
+    for net in dict.fromkeys(nets):
+        widest = WIDEST_SPF_PREFIX[net.version]
+        if net.prefixlen < widest:
+            lookup.problems.append(f"the SPF of {domain} authorises {net}, wider than a /{widest}: "
+                                   "every client in it counts as the partner's server")
     return nets
 
 
@@ -401,38 +416,66 @@ class DnsCache:
         if self._failing.pop(entry, None) is not None:
             log.warning("DNS entry %s resolves again", entry)
         old = self.entries.get(entry)
-        if not result.networks and old is not None and old.networks:
-            kept = self._hold(old, result)
-            self.entries[entry] = kept or result
-            return kept is None
+        if old is not None:
+            result = self._hold(old, result)
         self.entries[entry] = result
-        if old is not None and old.empty_since is not None:
-            log.warning("DNS entry %s has addresses again", entry)
         if old is not None and set(old.networks) == set(result.networks):
             return False
         if result.networks:
             log.info("DNS entry %s: %s", entry, ", ".join(str(n) for n in result.networks))
-        else:
+        elif old is None:  # ranges dropped after their grace are logged by _hold
             log.error("DNS entry %s: no addresses (%s); its connector covers no client by it",
                       entry, "; ".join(result.problems))
         return True
 
-    def _hold(self, old: Resolution, empty: Resolution) -> Resolution | None:
-        """``empty`` with the ranges of ``old`` while within the grace, else None.
+    def _hold(self, old: Resolution, new: Resolution) -> Resolution:
+        """``new`` with the ranges of ``old`` that it lacks, each while within the grace.
 
-        An answer without addresses after one with addresses is more often a mistake in the
-        partner's zone than a server that left: its old ranges stay for ``empty_grace``.
+        An answer that only loses addresses (none left, one MX host or SPF include gone, an SPF
+        record grown past the lookup limit) is more often a mistake in the partner's zone than
+        servers that left: each lost range stays for ``empty_grace`` from the first answer
+        without it, so that a partner held to its addresses is not refused for good meanwhile.
+        An answer with an address ``old`` did not have is a move, followed at once.
         """
-        since = empty.resolved_at if old.empty_since is None else old.empty_since
-        if empty.resolved_at >= since + self.settings.empty_grace:
-            log.error("DNS entry %s has had no addresses for %.0fs (%s); its last ranges are dropped, "
-                      "and its connector covers no client by it",
-                      empty.entry, empty.resolved_at - since, "; ".join(empty.problems))
-            return None
-        if old.empty_since is None:
+        grace = self.settings.empty_grace
+        now = new.resolved_at
+        since_of = dict(old.held)
+        answered = set(new.networks)
+        if not answered <= set(old.networks):
+            if old.empty_since is not None:
+                log.warning("DNS entry %s has addresses again", new.entry)
+            elif old.held:
+                log.warning("DNS entry %s gives new addresses; the ranges it had lost are dropped", new.entry)
+            return new
+        held: list[tuple[Network, float]] = []
+        dropped: list[tuple[Network, float]] = []
+        for net in old.networks:
+            if net in answered:
+                continue
+            since = since_of.get(net, now)
+            (held if now < since + grace else dropped).append((net, since))
+        entry, why = new.entry, "; ".join(new.problems)
+        fresh = [net for net, since in held if net not in since_of]
+        if not new.networks and held and not old.held:
             log.warning("DNS entry %s: no addresses (%s); keeping the last ranges for up to %.0fs",
-                        empty.entry, "; ".join(empty.problems), self.settings.empty_grace)
-        return replace(empty, networks=old.networks, empty_since=since)
+                        entry, why, grace)
+        elif fresh:
+            log.warning("DNS entry %s no longer gives %s%s; keeping them for up to %.0fs", entry,
+                        ", ".join(map(str, fresh)), f" ({why})" if why else "", grace)
+        if dropped:
+            lost = now - min(since for _, since in dropped)
+            if not new.networks and not held:
+                log.error("DNS entry %s has had no addresses for %.0fs (%s); its last ranges are dropped, "
+                          "and its connector covers no client by it", entry, lost, why)
+            else:
+                log.warning("DNS entry %s has not given %s for %.0fs; dropped", entry,
+                            ", ".join(str(net) for net, _ in dropped), lost)
+        elif old.held and not held:
+            log.warning("DNS entry %s has %s again", entry,
+                        "addresses" if len(old.held) == len(old.networks) else "all its ranges")
+        if not held:
+            return new
+        return replace(new, networks=(*new.networks, *(net for net, _ in held)), held=tuple(held))
 
 
 def dns_entries(connectors: Iterable[InboundConnector]) -> set[str]:

@@ -96,13 +96,21 @@ def test_partner_address_from_dns_through_postfix(dns_server: DnsServer) -> None
         assert moved.delivered, moved
         old = send(postfix.port, "a@partner.test", ["four@tlsgate.test"], source_address="127.0.0.2")
         assert old.rcpt["four@tlsgate.test"].code == 554
+        # A second server, then an answer without it: more likely a slip in the partner's zone
+        # than a server gone, so its mail is still taken, not refused for good.
+        dns_server.records[("mail.partner.test", "A")] = ["127.0.0.3", "127.0.0.4"]
+        policyd.wait_log("127.0.0.4/32")  # in the line that gives both, in either order
+        dns_server.records[("mail.partner.test", "A")] = ["127.0.0.3"]
+        policyd.wait_log("DNS entry a:mail.partner.test no longer gives 127.0.0.4/32")
+        held = send(postfix.port, "a@partner.test", ["six@tlsgate.test"], source_address="127.0.0.4")
+        assert held.delivered, held
         # A name without addresses leaves the connector without ranges: a temporary failure that
         # names the entry, never a pass, never a refusal for good.
         ghost = send(postfix.port, "a@ghost.test", ["five@tlsgate.test"], source_address="127.0.0.2")
         reply = ghost.rcpt["five@tlsgate.test"]
         assert reply.code == 450
         assert "connector ghost-in is misconfigured: address entry a:mail.ghost.test resolves to no addresses" in reply.text
-        assert postfix.wait_delivered("three@tlsgate.test")
+        assert postfix.wait_delivered("three@tlsgate.test") and postfix.wait_delivered("six@tlsgate.test")
     finally:
         if policyd is not None:
             policyd.stop()

@@ -48,6 +48,8 @@ ZONE = {
     ("left.test", "TXT"): ['"v=spf1 include:shared.test -all"'],
     ("right.test", "TXT"): ['"v=spf1 include:shared.test ip4:192.0.2.88 -all"'],
     ("shared.test", "TXT"): ['"v=spf1 ip4:192.0.2.77 -all"'],
+    ("wide.test", "TXT"): ['"v=spf1 ip4:0.0.0.0/1 ip4:128.0.0.0/1 ip6:2000::/3 ip4:40.92.0.0/15 a:wide.test/0 -all"'],
+    ("wide.test", "A"): ["192.0.2.1"],
 }
 for i in range(12):
     ZONE[(f"chain{i}.test", "TXT")] = [f'"v=spf1 ip4:10.0.{i}.0/24 include:chain{i + 1}.test -all"']
@@ -128,6 +130,16 @@ def test_spf_include_of_one_domain_twice_is_no_loop(server: DnsServer) -> None:
     nets, problems, _ = resolve(server, "spf:diamond.test")
     assert nets == {"192.0.2.77/32", "192.0.2.88/32"}
     assert problems == ()
+
+
+def test_spf_ranges_wider_than_any_mail_provider_uses_are_reported(server: DnsServer) -> None:
+    # Used, since dropping them could refuse the partner's own servers, but named: half the
+    # Internet twice over is +all in disguise.
+    nets, problems, _ = resolve(server, "spf:wide.test")
+    assert nets == {"0.0.0.0/1", "128.0.0.0/1", "2000::/3", "40.92.0.0/15", "0.0.0.0/0"}
+    assert problems == tuple(
+        f"the SPF of wide.test authorises {net}, wider than a /{wide}: every client in it counts as the partner's server"
+        for net, wide in (("0.0.0.0/1", 8), ("128.0.0.0/1", 8), ("2000::/3", 16), ("0.0.0.0/0", 8)))
 
 
 def test_nxdomain_is_an_answer_servfail_and_timeout_are_failures(server: DnsServer) -> None:

@@ -67,6 +67,7 @@ def decide_with(connectors: tuple[InboundConnector, ...], cache: DnsCache, facts
 
 
 ONPREM = InboundConnector("onprem", dns_entries=("a:onprem.partner.test",))
+PARTNER = (DomainPattern.parse("partner.test"),)
 
 
 def test_nxdomain_after_a_good_answer_keeps_the_connector_in_force(server: DnsServer) -> None:
@@ -139,7 +140,7 @@ def test_after_the_grace_the_ranges_are_dropped_and_the_connector_covers_no_clie
     del server.records[("onprem.partner.test", "A")]
     cache.refresh(["a:onprem.partner.test"])
     held = cache.entries["a:onprem.partner.test"]
-    cache.entries["a:onprem.partner.test"] = replace(held, empty_since=held.resolved_at - 3601)
+    cache.entries["a:onprem.partner.test"] = replace(held, held=tuple((net, since - 3601) for net, since in held.held))
     assert cache.refresh(["a:onprem.partner.test"]) is True
     assert cache.entries["a:onprem.partner.test"].networks == ()
     assert any(r.levelname == "ERROR" and "its last ranges are dropped" in r.getMessage() for r in caplog.records)
@@ -165,6 +166,111 @@ def test_addresses_coming_back_end_the_hold(server: DnsServer, caplog: pytest.Lo
     assert held.networks == got.networks and held.empty_since == held.resolved_at
 
 
+SECOND_IP = "198.51.100.9"  # the partner's second server
+
+
+def _second_mx(s: DnsServer) -> None:
+    s.records[("partner.test", "MX")] = ["10 onprem.partner.test.", "20 backup.partner.test."]
+    s.records[("backup.partner.test", "A")] = [SECOND_IP]
+
+
+def _second_include(s: DnsServer) -> None:
+    s.records[("partner.test", "TXT")] = [f'"v=spf1 ip4:{SERVER_IP} include:_spf.partner.test -all"']
+    s.records[("_spf.partner.test", "TXT")] = [f'"v=spf1 ip4:{SECOND_IP} -all"']
+
+
+def _backup_loses_its_address(s: DnsServer) -> None:
+    del s.records[("backup.partner.test", "A")]
+
+
+def _include_loses_its_record(s: DnsServer) -> None:
+    del s.records[("_spf.partner.test", "TXT")]
+
+
+def _spf_past_the_lookup_limit(s: DnsServer) -> None:
+    # Ten includes before the one that names the second server: it is no longer followed.
+    includes = " ".join(f'" include:x{i}.partner.test"' for i in range(10))  # a string each: 255 bytes at most
+    s.records[("partner.test", "TXT")] = [f'"v=spf1 ip4:{SERVER_IP}" {includes} " include:_spf.partner.test -all"']
+    for i in range(10):
+        s.records[(f"x{i}.partner.test", "TXT")] = ['"v=spf1 -all"']
+
+
+RESTRICTED = InboundConnector("restricted", sender_domains=PARTNER, require_tls=False, restrict_to_ranges=True,
+                              on_failure=FailAction.REJECT)
+
+
+@pytest.mark.parametrize(("entry", "grow", "shrink", "note"), [
+    ("mx:partner.test", _second_mx, _backup_loses_its_address, "MX host backup.partner.test of partner.test has no"),
+    ("spf:partner.test", _second_include, _include_loses_its_record, "_spf.partner.test has no SPF record"),
+    ("spf:partner.test", _second_include, _spf_past_the_lookup_limit, "SPF lookup limit of 10 reached"),
+], ids=["mx-host-gone", "spf-include-gone", "spf-past-limit"])
+def test_an_answer_that_loses_some_addresses_keeps_them_for_the_grace(
+    server: DnsServer, caplog: pytest.LogCaptureFixture, entry: str, grow: Callable[[DnsServer], None],
+    shrink: Callable[[DnsServer], None], note: str,
+) -> None:
+    """One server of two vanishing from the partner's zone is more often a mistake than a
+    server that left: the partner held to its addresses is not refused for good from it."""
+    connector = replace(RESTRICTED, dns_entries=(entry,))
+    grow(server)
+    cache = DnsCache(settings(server, empty_grace=3600))
+    cache.refresh([entry])
+    both = {ipaddress.ip_network(f"{SERVER_IP}/32"), ipaddress.ip_network(f"{SECOND_IP}/32")}
+    assert set(cache.entries[entry].networks) == both
+    shrink(server)
+    for _ in range(2):
+        assert cache.refresh([entry]) is False  # the ranges in force did not change
+        got = cache.entries[entry]
+        assert set(got.networks) == both and [str(net) for net, _ in got.held] == [f"{SECOND_IP}/32"]
+        assert got.empty_since is None and any(note in p for p in got.problems), got.problems
+        d = decide_with((connector,), cache, plaintext(SECOND_IP))
+        assert d.connector is not None and d.action is None, d
+    assert [r.getMessage() for r in caplog.records if "keeping them" in r.getMessage()] == [
+        f"DNS entry {entry} no longer gives {SECOND_IP}/32 ({'; '.join(got.problems)}); keeping them for up to 3600s"
+    ]
+    # Past the grace the lost range is dropped; the one still given stays.
+    cache.entries[entry] = replace(got, held=tuple((net, since - 3601) for net, since in got.held))
+    assert cache.refresh([entry]) is True
+    assert cache.entries[entry].networks == (ipaddress.ip_network(f"{SERVER_IP}/32"),)
+    assert cache.entries[entry].held == ()
+    assert any(f"has not given {SECOND_IP}/32 for 36" in r.getMessage() for r in caplog.records)
+    d = decide_with((connector,), cache, plaintext(SECOND_IP))
+    assert d.action is FailAction.REJECT and d.status == "5.7.1", d
+    assert decide_with((connector,), cache, plaintext()).action is None
+
+
+def test_an_answer_with_a_new_address_is_a_move_followed_at_once(
+    server: DnsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry = "mx:partner.test"
+    _second_mx(server)
+    cache = DnsCache(settings(server))
+    cache.refresh([entry])
+    _backup_loses_its_address(server)
+    cache.refresh([entry])
+    assert len(cache.entries[entry].held) == 1
+    # The partner's servers move: the new address is in force, the old ones are not held.
+    server.records[("onprem.partner.test", "A")] = ["198.51.100.10"]
+    assert cache.refresh([entry]) is True
+    got = cache.entries[entry]
+    assert got.networks == (ipaddress.ip_network("198.51.100.10/32"),) and got.held == ()
+    assert any("gives new addresses; the ranges it had lost are dropped" in r.getMessage() for r in caplog.records)
+    d = decide_with((replace(RESTRICTED, dns_entries=(entry,)),), cache, plaintext())
+    assert d.action is FailAction.REJECT, d
+
+
+def test_lost_addresses_given_again_end_their_hold(server: DnsServer, caplog: pytest.LogCaptureFixture) -> None:
+    entry = "mx:partner.test"
+    _second_mx(server)
+    cache = DnsCache(settings(server))
+    cache.refresh([entry])
+    _backup_loses_its_address(server)
+    cache.refresh([entry])
+    server.records[("backup.partner.test", "A")] = [SECOND_IP]
+    assert cache.refresh([entry]) is False
+    assert cache.entries[entry].held == ()
+    assert any(f"DNS entry {entry} has all its ranges again" in r.getMessage() for r in caplog.records)
+
+
 def test_a_name_that_never_had_addresses_holds_up_no_one(server: DnsServer, caplog: pytest.LogCaptureFixture) -> None:
     cache = DnsCache(settings(server))
     ghost = InboundConnector("ghost", dns_entries=("a:ghost.partner.test",))
@@ -174,7 +280,6 @@ def test_a_name_that_never_had_addresses_holds_up_no_one(server: DnsServer, capl
     assert d.connector is None and d.action is None, d
 
 
-PARTNER = (DomainPattern.parse("partner.test"),)
 A = "a:onprem.partner.test"
 B = "a:other.partner.test"
 SHAPES = {
