@@ -10,7 +10,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 import dns.flags
 import dns.message
@@ -18,13 +18,20 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
+TRICKLE_EVERY = 0.2  # seconds between the bytes of a trickled reply: each read is well within any timeout
+Trickle = Literal["greeting", "ehlo", "handshake"]
+
 
 class SmtpServer(socketserver.ThreadingTCPServer):
-    """Greets, answers EHLO (offering STARTTLS when it has a certificate), does STARTTLS."""
+    """Greets, answers EHLO (offering STARTTLS when it has a certificate), does STARTTLS.
+
+    ``trickle`` sends the greeting, the EHLO reply or the server's TLS handshake a byte at a
+    time, never finishing within a test; ``trickled`` is set once the first byte went out.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
-    block_on_close = False
+    block_on_close = True  # the handlers end with the server, a trickling one included
 
     def __init__(
         self,
@@ -33,8 +40,12 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         *,
         tls_max: ssl.TLSVersion | None = None,
         banner: str = "220 mx.test ESMTP probe-test",
+        trickle: Trickle | None = None,
     ) -> None:
         self.banner = banner
+        self.trickle = trickle
+        self.trickled = threading.Event()
+        self.stopping = threading.Event()
         self.context: ssl.SSLContext | None = None
         if cert is not None and key is not None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -53,17 +64,28 @@ class SmtpServer(socketserver.ThreadingTCPServer):
         return self
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stopping.set()
         self.shutdown()
         self.server_close()
 
 
 class _SmtpHandler(socketserver.StreamRequestHandler):
     server: SmtpServer
+    tls: ssl.SSLSocket | None = None
+
+    def finish(self) -> None:
+        super().finish()
+        if self.tls is not None:
+            self.tls.close()  # the server closes the request's socket only, detached by STARTTLS
 
     def handle(self) -> None:
         conn: socket.socket = self.request
         conn.settimeout(10)
         reader = conn.makefile("rb")
+        trickle = self.server.trickle
+        if trickle == "greeting":
+            self._trickle(conn, b"220 " + b"x" * 1000 + b"\r\n")
+            return
         conn.sendall(self.server.banner.encode() + b"\r\n")
         if not self.server.banner.startswith("220"):
             return
@@ -72,13 +94,19 @@ class _SmtpHandler(socketserver.StreamRequestHandler):
             if not line:
                 return
             verb = line.strip().split(b" ")[0].upper()
+            if verb in (b"EHLO", b"HELO") and trickle == "ehlo":
+                self._trickle(conn, b"250-mx.test\r\n250-" + b"x" * 1000 + b"\r\n250 STARTTLS\r\n")
+                return
             if verb in (b"EHLO", b"HELO"):
                 extra = b"250-STARTTLS\r\n" if self.server.context and not isinstance(conn, ssl.SSLSocket) else b""
                 conn.sendall(b"250-mx.test\r\n" + extra + b"250 8BITMIME\r\n")
             elif verb == b"STARTTLS" and self.server.context is not None:
                 conn.sendall(b"220 2.0.0 go ahead\r\n")
+                if trickle == "handshake":
+                    self._trickle_handshake(conn, self.server.context)
+                    return
                 try:
-                    conn = self.server.context.wrap_socket(conn, server_side=True)
+                    conn = self.tls = self.server.context.wrap_socket(conn, server_side=True)
                 except (ssl.SSLError, OSError):
                     return
                 reader = conn.makefile("rb")
@@ -87,6 +115,37 @@ class _SmtpHandler(socketserver.StreamRequestHandler):
                 return
             else:
                 conn.sendall(b"502 5.5.2 not here\r\n")
+
+    def _trickle(self, conn: socket.socket, data: bytes) -> None:
+        """Until the client hangs up or the server stops."""
+        for byte in data:
+            if self.server.stopping.wait(TRICKLE_EVERY):
+                return
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                return
+            self.server.trickled.set()
+
+    def _trickle_handshake(self, conn: socket.socket, context: ssl.SSLContext) -> None:
+        """TLS in memory, so that the server's handshake records can be trickled."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_side=True)
+        while not outgoing.pending:
+            try:
+                data = conn.recv(16384)
+            except OSError:
+                return
+            if not data:
+                return
+            incoming.write(data)
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                continue
+            except ssl.SSLError:
+                return
+        self._trickle(conn, outgoing.read())
 
 
 class DnsServer:

@@ -7,13 +7,14 @@ import json
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.probe.probe_servers import DnsServer, SmtpServer
+from tests.probe.probe_servers import DnsServer, SmtpServer, Trickle
 from tests.socketmap.socketmap_daemon import make_database, outbound_rows
 from tests.support.pki import Pki
 from tests.support.postfix import free_port
@@ -161,6 +162,27 @@ def test_server_refusing_at_the_banner(tmp_path: Path, pki: Pki, dns: DnsServer,
         status, doc = probe_json(capsys, run_probe(tmp_path, pki, dns, smtp.port, "--json", "partner.test", rows=SECURE))
     assert status == 1
     assert doc[0]["hosts"][0]["error"].startswith("server said 554")
+
+
+@pytest.mark.parametrize(("trickle", "step"), [("greeting", "greeting"), ("ehlo", "EHLO"), ("handshake", "TLS handshake")])
+def test_a_trickling_server_times_out_as_a_whole(tmp_path: Path, pki: Pki, dns: DnsServer, capsys: pytest.CaptureFixture[str],
+                                                 trickle: Trickle, step: str) -> None:
+    # A byte every 0.2 s keeps each read within --timeout 1: only a deadline per step ends it.
+    # The next host is probed all the same.
+    with (SmtpServer(pki.server.cert_path, pki.server.key_path, trickle=trickle) as slow,
+          SmtpServer(pki.server.cert_path, pki.server.key_path) as good):
+        rows = outbound_rows("partner", ["partner.test"], match=[B_NAME],
+                             hosts=[("127.0.0.1", slow.port, False), ("127.0.0.1", good.port, False)])
+        argv = run_probe(tmp_path, pki, dns, 25, "--json", "--timeout", "1", "partner.test", rows=rows)
+        started = time.monotonic()
+        status, doc = probe_json(capsys, argv)
+        elapsed = time.monotonic() - started
+        assert slow.trickled.is_set()
+    assert elapsed < 5, f"the probe took {elapsed:.1f}s"
+    assert status == 1
+    stalled, fine = doc[0]["hosts"]
+    assert (stalled["port"], stalled["error"]) == (slow.port, f"timed out after 1s ({step})")
+    assert (fine["port"], fine["ok"], fine["tls_version"]) == (good.port, True, "TLSv1.3")
 
 
 def test_dns_errors_are_per_domain_results(tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import _ssl  # the certificate encoding constant of get_unverified_chain()
 import argparse
+import io
 import json
 import smtplib
 import socket
 import ssl
 import sys
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dns.exception
 import dns.resolver
@@ -35,6 +38,9 @@ from tlsgate.outbound import OutboundIndex
 from tlsgate.patterns import CertNamePattern, DomainKind, PatternError, normalise_domain, parse_address
 from tlsgate.snapshot import Snapshot
 from tlsgate.store import StoreError, load
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 MIN_KEY_BITS = {"RSA": 2048, "EC": 256, "Ed25519": 256, "Ed448": 448}
 MAX_HOSTS = 10  # per domain: more MX hosts than this are not probed
@@ -93,7 +99,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--nameserver", metavar="IP[:PORT]", help="DNS server to ask instead of the system resolver")
     p.add_argument("--port", type=int, default=25, help="SMTP port (default 25)")
     p.add_argument("--cafile", help="CA bundle for chain validation (default: the system bundle)")
-    p.add_argument("--timeout", type=float, default=20.0, help="seconds per connection step (default 20)")
+    p.add_argument("--timeout", type=float, default=20.0,
+                   help="seconds each connection step may take in all (default 20)")
     p.add_argument("--helo", default=None, help="EHLO name (default: this host's name)")
     p.add_argument("--no-rules", action="store_true", help="do not read the rule database; default requirements")
     p.add_argument("--json", action="store_true", help="print results as JSON")
@@ -161,9 +168,54 @@ def address_of(resolver: dns.resolver.Resolver, host: str) -> str:
 
 
 class _Smtp(smtplib.SMTP):
-    """smtplib with the peer's certificate chain kept after STARTTLS."""
+    """smtplib with a deadline per step, and the peer's certificate chain kept after STARTTLS.
 
-    _host: str  # smtplib's SNI name for starttls(), set by connect() only via __init__
+    smtplib's timeout bounds each read, not a reply: a server sending a byte now and then would
+    hold the probe for ever. Here a step (``begin``) has ``timeout`` seconds in all, and each
+    read and the TLS handshake wait only for what is left of them.
+    """
+
+    step: str
+    _deadline: float
+
+    def __init__(self, timeout: float, helo: str) -> None:
+        super().__init__(timeout=timeout, local_hostname=helo)
+        self.begin("connect")
+
+    def begin(self, step: str) -> None:
+        self.step = step
+        self._deadline = time.monotonic() + self.timeout
+        if self.sock is not None:
+            self.sock.settimeout(self.timeout)
+
+    def left(self) -> float:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        return left
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        """smtplib's hook between the connection and the greeting."""
+        sock = socket.create_connection((host, port), timeout, self.source_address)
+        self.begin("greeting")
+        return sock
+
+    def getreply(self) -> tuple[int, bytes]:
+        if self.file is None and self.sock is not None:
+            self.file = io.BufferedReader(_DeadlineReader(self.sock, self.left))
+        return super().getreply()
+
+    def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        """smtplib's starttls(), with the handshake in the step's time."""
+        code, text = self.docmd("STARTTLS")
+        if code != 220:
+            raise smtplib.SMTPResponseException(code, text)
+        assert self.sock is not None
+        self.step = "TLS handshake"
+        self.sock.settimeout(self.left())
+        self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
+        self.file = self.helo_resp = self.ehlo_resp = None
+        self.esmtp_features, self.does_esmtp = {}, False
 
     def raw_chain(self) -> list[bytes]:
         sock = self.sock
@@ -178,20 +230,34 @@ class _Smtp(smtplib.SMTP):
         return [leaf] if leaf else []
 
 
-def _handshake(
-    host: str, address: str, port: int, helo: str, timeout: float, context: ssl.SSLContext
-) -> tuple[_Smtp, bool]:
-    smtp = _Smtp(timeout=timeout, local_hostname=helo)
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, the timeout of each re-armed to what is left of the step."""
+
+    def __init__(self, sock: socket.socket, left: Callable[[], float]) -> None:
+        super().__init__()
+        self._sock = sock
+        self._left = left
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        self._sock.settimeout(self._left())
+        return self._sock.recv_into(buffer)
+
+
+def _handshake(smtp: _Smtp, host: str, address: str, port: int, context: ssl.SSLContext) -> bool:
+    """Connect, EHLO and STARTTLS; whether the server offers STARTTLS."""
     code, text = smtp.connect(address, port)
-    smtp._host = host  # the SNI name, as Postfix sends the MX host name
     if code != 220:
-        smtp.close()
         raise smtplib.SMTPResponseException(code, text)
+    smtp.begin("EHLO")
     smtp.ehlo()
     if not smtp.has_extn("starttls"):
-        return smtp, False
-    smtp.starttls(context=context)
-    return smtp, True
+        return False
+    smtp.begin("STARTTLS")
+    smtp.start_tls(context, host)  # the SNI name, as Postfix sends the MX host name
+    return True
 
 
 def _contexts(cafile: str | None) -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -214,15 +280,17 @@ def probe_host(result: HostResult, helo: str, timeout: float, cafile: str | None
     """Fill ``result`` with what the server offers; returns the chain (leaf first)."""
     assert result.address is not None
     verifying, lax = _contexts(cafile)
-    smtp: _Smtp | None = None
+    smtp = _Smtp(timeout, helo)
     try:
         try:
-            smtp, offered = _handshake(result.host, result.address, result.port, helo, timeout, verifying)
+            offered = _handshake(smtp, result.host, result.address, result.port, verifying)
             result.verified = offered or None
         except ssl.SSLCertVerificationError as exc:
             result.verified = False
             result.verify_error = exc.verify_message or str(exc)
-            smtp, offered = _handshake(result.host, result.address, result.port, helo, timeout, lax)
+            smtp.close()
+            smtp = _Smtp(timeout, helo)
+            offered = _handshake(smtp, result.host, result.address, result.port, lax)
         result.starttls = offered
         if not offered:
             return []
@@ -232,25 +300,28 @@ def probe_host(result: HostResult, helo: str, timeout: float, cafile: str | None
         cipher = sock.cipher()
         result.cipher = cipher[0] if cipher else None
         chain = [x509.load_der_x509_certificate(der) for der in smtp.raw_chain()]
+        smtp.begin("QUIT")
         with _suppress_smtp():
             smtp.quit()
         return chain
     except TimeoutError:
-        result.error = f"timed out after {timeout:g}s"
+        result.error = f"timed out after {timeout:g}s ({smtp.step})"
     except ConnectionRefusedError:
         result.error = "connection refused"
     except smtplib.SMTPResponseException as exc:
         text = exc.smtp_error.decode("utf-8", "replace") if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
         result.error = f"server said {exc.smtp_code} {text}"
     except smtplib.SMTPServerDisconnected as exc:
-        result.error = f"server disconnected: {exc}"
+        if isinstance(exc.__context__, TimeoutError):  # smtplib's word for a read or write that timed out
+            result.error = f"timed out after {timeout:g}s ({smtp.step})"
+        else:
+            result.error = f"server disconnected: {exc}"
     except ssl.SSLError as exc:
         result.error = f"TLS handshake failed: {exc.reason or exc}"
     except OSError as exc:
         result.error = f"cannot connect: {exc.strerror or exc}"
     finally:
-        if smtp is not None:
-            smtp.close()
+        smtp.close()
     return []
 
 
