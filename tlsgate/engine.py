@@ -587,6 +587,21 @@ def _over_routes(snapshot: Snapshot, facts: SessionFacts, now: datetime,
                     (Check("address", False, reason),))
 
 
+def unreadable_address(snapshot: Snapshot, scope: Scope, shown: str) -> Decision | None:
+    """A temporary failure for a sender or recipient spelt with RFC 822 syntax (a comment,
+    quotes, an escape, blanks: ``<a@contoso.test(x)>``) that the caller got without the MTA's
+    reading of it, where a connector in force could have applied; None where none could.
+
+    Postfix reads such a spelling with its own parser (``a@contoso.test``); read as written
+    its domain is no domain name and would meet ``*`` connectors alone."""
+    if scope not in snapshot.enforced_scopes:
+        return None
+    status = next(status for bare, status, _ in _BARE if bare is scope)
+    reason = (f"{scope.value} <{shown[:200]}> is spelt with RFC 822 syntax (a comment, quotes, an escape or "
+              "blanks) that only the MTA can read, so the connector that applies cannot be told")
+    return Decision(Outcome.FAIL, FailAction.DEFER, None, status, reason, reason, (Check("address", False, reason),))
+
+
 def _name(decision: Decision) -> str:
     return decision.connector.name if decision.connector is not None else "(none)"
 

@@ -31,7 +31,7 @@ import Milter
 from tlsgate import logsetup
 from tlsgate.config import Config, resolve_myorigin
 from tlsgate.decisionlog import log_decision
-from tlsgate.engine import decide, decide_header_from, with_myorigin
+from tlsgate.engine import decide, decide_header_from, unreadable_address, with_myorigin
 from tlsgate.metrics import Metrics
 from tlsgate.model import (
     CertRequirement,
@@ -51,6 +51,8 @@ from tlsgate_milter.translate import (
     MAX_FROM_VALUE,
     MAX_PROTECTED_DOMAINS,
     MTA_MACRO,
+    RECIPIENT_MACRO,
+    SENDER_MACRO,
     VERIFY_MACRO,
     AddressTooLong,
     TlsFacts,
@@ -59,6 +61,7 @@ from tlsgate_milter.translate import (
     envelope_address,
     header_from_authors,
     is_postfix,
+    plainly_spelt,
     reply_text,
     tls_from_macros,
     trace_value,
@@ -266,6 +269,7 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         self._write_held()
         self._sender: str | None = None
         self._sender_too_long: AddressTooLong | None = None
+        self._sender_unread = False  # spelt with syntax only the MTA reads, and not given as it read it
         self._accepted: list[tuple[str, Decision]] = []
         self._from_values: list[str] = []
         self._from_malformed: str | None = None
@@ -492,8 +496,9 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
             self._busy = True
             self._judge.activity.begin()
         self._refresh()
+        read, self._sender_unread = self._as_read(SENDER_MACRO, mailfrom)
         try:
-            self._sender = envelope_address(mailfrom)
+            self._sender = envelope_address(read)
         except AddressTooLong as too_long:
             self._sender_too_long = too_long  # answered at each RCPT: MAIL gets no reply
         return CONTINUE
@@ -506,20 +511,35 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         snapshot = self._judge.snapshot()
         if snapshot is None:
             return self._refuse_unknown_rules()
+        read, unread = self._as_read(RECIPIENT_MACRO, to)
         try:
-            recipient = envelope_address(to)
+            recipient = envelope_address(read)
         except AddressTooLong as too_long:
             return self._refuse_long_address("recipient", too_long)
         if self._sender_too_long is not None:
             return self._refuse_long_address("sender", self._sender_too_long, recipient)
         facts = self._facts(Stage.RCPT, recipient)
-        decision, seconds = self._decide(snapshot, facts)
+        refusal = None
+        if self._sender_unread:
+            refusal = unreadable_address(snapshot, Scope.SENDER, self._sender or "")
+        if refusal is None and unread:
+            refusal = unreadable_address(snapshot, Scope.RECIPIENT, recipient)
+        decision, seconds = (refusal, 0.0) if refusal is not None else self._decide(snapshot, facts)
         if decision.action is not None:
             self._log(facts, decision, seconds)  # NOQUEUE for the first recipient, as Postfix logs it
             return self._refuse(decision)
         self._hold(facts, decision, seconds)
         self._accepted.append((recipient, decision))
         return CONTINUE
+
+    def _as_read(self, macro: str, argument: str) -> tuple[str, bool]:
+        """The envelope address as the MTA read it (its macro), else the client's spelling;
+        and whether that spelling holds syntax only the MTA's parser reads (see
+        :func:`~tlsgate.engine.unreadable_address`)."""
+        value = self._macro(macro)
+        if value is not None:
+            return value, False
+        return argument, not plainly_spelt(argument)
 
     @_no_reply
     def header(self, name: str, value: str) -> int:

@@ -26,6 +26,12 @@ VERIFY_MACRO = "{verify}"
 #: the MTA's name and version, "Postfix 3.7.11"; Postfix sends it at connect by default
 MTA_MACRO = "v"
 
+#: the envelope addresses as the MTA read them: Postfix parses the client's spelling with its
+#: RFC 822 tokenizer (comments, blanks and escapes dropped) and resolves it, as it then keeps
+#: and delivers it; both are in Postfix's and Sendmail's default macro lists
+SENDER_MACRO = "{mail_addr}"
+RECIPIENT_MACRO = "{rcpt_addr}"
+
 MAX_MACRO = 1024  # a certificate name longer than this is cut, never trusted in full
 # An envelope address is judged whole or not at all: cut, it could lose its domain and
 # with it a sender or recipient connector. Kept whole, enforcement stays; RFC 5321 allows
@@ -47,6 +53,9 @@ MacroGetter = Callable[[str], "str | None"]
 _CN = re.compile(r"(?:^|[/,]\s*)CN=((?:\\.|[^/,\\])+)", re.IGNORECASE)
 _BARE_DOMAIN = re.compile(r"@([A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?)")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+# What an MTA's address parser reads as syntax rather than as the address, outside a quoted
+# local part: comments, escapes, blanks and quotes.
+_RFC822_SYNTAX = re.compile(r'[\s()\\"]')
 
 
 class AddressTooLong(ValueError):
@@ -162,20 +171,42 @@ def envelope_address(value: str) -> str:
 
     Raises :class:`AddressTooLong` beyond :data:`MAX_ENVELOPE` characters.
     """
+    text = _bare(value)
+    if len(text) > MAX_ENVELOPE:
+        raise AddressTooLong(len(text))
+    local = _quoted_local(text)
+    return text if local is None else local[0] + text[local[1]:]
+
+
+def plainly_spelt(value: str) -> bool:
+    """Whether an envelope address reads the same to an MTA's RFC 822 parser as to
+    :func:`envelope_address`: no comment, escape, blank or quote outside a quoted local part.
+
+    Postfix delivers ``<a@contoso.test(x)>``, ``<a@"contoso.test">`` and ``<a@contoso\\.test>``
+    to a@contoso.test; read as written, their domain is no domain name at all.
+    """
+    text = _bare(value)
+    local = _quoted_local(text)
+    rest = text if local is None else text[local[1]:]
+    return not (rest.startswith('"') or _RFC822_SYNTAX.search(rest))
+
+
+def _bare(value: str) -> str:
     text = _UNSAFE.sub("", value).strip()
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1].strip()
-    if len(text) > MAX_ENVELOPE:
-        raise AddressTooLong(len(text))
-    return _unquoted(text)
+    return text
 
 
-def _unquoted(address: str) -> str:
-    """The address as Postfix keeps it and tells a policy server: a quoted local part
-    without its quotes (``"a@contoso.test"`` is a@contoso.test, ``"j doe"@x`` is j doe@x).
-    The milter sees the client's spelling; judged quoted, it would have no domain."""
+def _quoted_local(address: str) -> tuple[str, int] | None:
+    """A leading quoted local part without its quotes, and where the rest begins; None when
+    the address does not start with a whole quoted string.
+
+    As Postfix keeps it and tells a policy server: ``"a@contoso.test"`` is a@contoso.test,
+    ``"j doe"@x`` is j doe@x; judged quoted, such an address would have no domain.
+    """
     if not address.startswith('"'):
-        return address
+        return None
     local: list[str] = []
     escaped = False
     for i, char in enumerate(address[1:], start=1):
@@ -185,10 +216,10 @@ def _unquoted(address: str) -> str:
         elif char == "\\":
             escaped = True
         elif char == '"':
-            return "".join(local) + address[i + 1 :]
+            return "".join(local), i + 1
         else:
             local.append(char)
-    return address  # no closing quote: left as it came
+    return None  # no closing quote
 
 
 def header_from_authors(values: Sequence[str]) -> tuple[str, ...]:

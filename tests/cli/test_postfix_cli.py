@@ -31,7 +31,7 @@ smtpd_recipient_restrictions =
     check_policy_service {{ unix:tlsgate/policy.sock, timeout=10s, default_action=DEFER_IF_PERMIT }}
 smtpd_milters = unix:tlsgate/milter.sock
 milter_default_action = tempfail
-milter_mail_macros = i {{tls_version}} {{cipher}} {{cipher_bits}} {{cert_subject}} {{cert_issuer}}
+milter_mail_macros = i {{mail_addr}} {{tls_version}} {{cipher}} {{cipher_bits}} {{cert_subject}} {{cert_issuer}}
 """
 
 
@@ -218,11 +218,15 @@ def test_doctor_healthy(setup: dict[str, pathlib.Path]) -> None:
     (("smtpd_tls_ask_ccert = yes", "smtpd_tls_ask_ccert = no"), "smtpd_tls_ask_ccert = no"),
     (("smtpd_tls_CAfile = /etc/ssl/certs/ca-certificates.crt", ""), "neither smtpd_tls_CAfile nor smtpd_tls_CApath"),
     (("smtpd_tls_security_level = may", "smtpd_tls_security_level = none"), "smtpd offers no STARTTLS"),
-    (("milter_mail_macros = i {{tls_version}} {{cipher}} {{cipher_bits}} {{cert_subject}} {{cert_issuer}}",
+    (("milter_mail_macros = i {{mail_addr}} {{tls_version}} {{cipher}} {{cipher_bits}} {{cert_subject}} {{cert_issuer}}",
       "milter_helo_macros = {{tls_version}}\nmilter_mail_macros = i"), "the milter never receives {cipher}"),
-    (("milter_mail_macros = i {{tls_version}} {{cipher}} {{cipher_bits}} {{cert_subject}} {{cert_issuer}}", ""),
+    (("milter_mail_macros = i {{mail_addr}} {{tls_version}} {{cipher}} {{cipher_bits}} {{cert_subject}} {{cert_issuer}}", ""),
      "milter_mail_macros lacks the TLS macros"),
     (("milter_default_action = tempfail", "milter_default_action = accept"), "mail passes unjudged"),
+    (("milter_mail_macros = i {{mail_addr}}", "milter_mail_macros = i"),
+     "milter_mail_macros lacks {mail_addr}: the milter sees the client's spelling only"),
+    (("milter_default_action = tempfail", "milter_default_action = tempfail\nmilter_rcpt_macros = i"),
+     "milter_rcpt_macros lacks {rcpt_addr}"),
     (("smtpd_tls_fingerprint_digest = sha256", "smtpd_tls_fingerprint_digest = md5"), None),
     (("milter_default_action = tempfail", "milter_default_action = tempfail\nmilter_connect_macros = j _"),
      "the milter cannot tell that the MTA is Postfix"),
@@ -247,7 +251,7 @@ def test_doctor_names_each_fault_and_its_fix(setup: dict[str, pathlib.Path], cha
     if expected is None:  # md5 matters only once a connector is pinned: no finding with the examples
         assert r.returncode == 0, r.stdout
         return
-    warning = "lacks the TLS macros" in expected
+    warning = " lacks " in expected  # the milter still judges, some sessions less well
     assert r.returncode == (0 if warning else 1), r.stdout
     line = next(line for line in r.stdout.splitlines() if expected in line)
     assert line.startswith("warning: " if warning else "error: ")

@@ -104,9 +104,10 @@ class MilterProcess:
         except FileNotFoundError:
             return ""
 
-    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+    def wait_log(self, text: str, timeout: float = 10.0, count: int = 1) -> str:
+        """The log once ``text`` is in it ``count`` times."""
         deadline = time.monotonic() + timeout
-        while text not in self.log():
+        while self.log().count(text) < count:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{text!r} not logged:\n{self.log()}")
             time.sleep(0.05)

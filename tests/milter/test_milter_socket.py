@@ -242,6 +242,7 @@ def test_sighup_reloads_and_sigterm_stops_promptly(milter: MilterProcess, workdi
     run_sql(workdir / "rules.sqlite", "UPDATE inbound_connector SET require_tls = 0 WHERE name = 'contoso-in';")
     milter.signal(signal.SIGHUP)
     milter.wait_log("SIGHUP: reloading the rules")
+    milter.wait_log("loaded rules generation", count=2)  # the reload done, not only begun
     miltertest(workdir, f"""
 conn = session("{milter.sock}", "192.0.2.7", false)
 mail(conn, "<a@contoso.test>")

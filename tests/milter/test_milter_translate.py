@@ -19,6 +19,7 @@ from tlsgate_milter.translate import (
     envelope_address,
     header_from_authors,
     is_postfix,
+    plainly_spelt,
     reply_text,
     tls_from_macros,
 )
@@ -150,6 +151,30 @@ def test_client_name_and_envelope() -> None:
 ])
 def test_a_quoted_local_part_is_kept_as_postfix_keeps_it(sent: str, kept: str) -> None:
     assert envelope_address(sent) == kept
+
+
+@pytest.mark.parametrize(("sent", "plain"), [
+    ("<a@contoso.test>", True),
+    ("<>", True),
+    ('<"john doe"@contoso.test>', True),  # blanks inside a quoted local part are the address
+    ('<"a\\"b"@contoso.test>', True),
+    ("< a@contoso.test >", True),  # blanks just inside the brackets: Postfix trims them too
+    ("<@hop.test,@hop2.test:a@contoso.test>", True),  # a source route is judged by the engine
+    ("<a@contoso.test(x)>", False),
+    ("<a@(x)contoso.test>", False),
+    ("<a@contoso .test>", False),
+    ("<a@contoso\t.test>", True),  # control characters are dropped: a@contoso.test, as Postfix reads it
+    ('<a@"contoso.test">', False),
+    ("<a@contoso\\.test>", False),
+    ("<a\\@b@contoso.test>", False),
+    ('<"unterminated@contoso.test>', False),
+    ('<"a"@"contoso.test">', False),
+    ('<"a""b"@contoso.test>', False),
+])
+def test_spellings_only_an_mta_reads_are_told_apart(sent: str, plain: bool) -> None:
+    # Postfix reads the second kind with its RFC 822 tokenizer (a@contoso.test); as written,
+    # its domain is no domain name, which would meet * connectors alone.
+    assert plainly_spelt(sent) is plain
 
 
 def test_a_long_envelope_address_is_kept_whole_never_cut() -> None:

@@ -38,6 +38,13 @@ if TYPE_CHECKING:
     from tlsgate.cli import Context
 
 TLS_MACROS = ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}")
+#: milter macro lists: the value this file starts from, and the macros tlsgate's milter needs in it
+MACRO_LISTS = {
+    "milter_helo_macros": ("", TLS_MACROS),
+    "milter_mail_macros": ("i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} {mail_mailer}",
+                           (*TLS_MACROS, "{mail_addr}")),
+    "milter_rcpt_macros": ("i {rcpt_addr} {rcpt_host} {rcpt_mailer}", ("{rcpt_addr}",)),
+}
 DEFAULT_QUEUE = "/var/spool/postfix"
 
 
@@ -443,16 +450,15 @@ def _milter_lines(config: Config, queue_dir: str, current: Current | None) -> li
     if current is None:
         lines.append("milter_protocol = 6")
     lines += ["# The TLS macros at HELO (Postfix's default) and again at MAIL FROM, so clients that skip",
-              "# the second EHLO after STARTTLS are still judged with their TLS facts."]
-    defaults = {"milter_helo_macros": "",
-                "milter_mail_macros": "i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} {mail_mailer}"}
-    for name, default in defaults.items():
+              "# the second EHLO after STARTTLS are still judged with their TLS facts; the envelope",
+              "# addresses as Postfix read them (in its defaults)."]
+    for name, (default, needed) in MACRO_LISTS.items():
         have = raw.get(name, default) if current else default
-        missing = [m for m in TLS_MACROS if m not in have.split()]
+        missing = [m for m in needed if m not in have.split()]
         if missing:
             lines.append(f"{name} = {' '.join([*have.split(), *missing])}")
-        else:
-            lines.append(_kept(name, " ".join(have.split()), "has the TLS macros"))
+        elif name != "milter_rcpt_macros" or have != default:
+            lines.append(_kept(name, " ".join(have.split()), "has the macros tlsgate reads"))
     return lines
 
 
@@ -707,6 +713,13 @@ def diagnose(config: Config, params: dict[str, str], ctx: Context | None) -> lis
             found.append(Finding("warning", "milter_mail_macros lacks the TLS macros: a client that skips the "
                                  "second EHLO after STARTTLS is judged as plaintext",
                                  "add " + " ".join(TLS_MACROS) + " to milter_mail_macros"))
+        for name, macro, status in (("milter_mail_macros", "{mail_addr}", "4.1.7"),
+                                    ("milter_rcpt_macros", "{rcpt_addr}", "4.1.3")):
+            value = params.get(name, MACRO_LISTS[name][0])
+            if macro not in value.replace(",", " ").split():
+                found.append(Finding("warning", f"{name} lacks {macro}: the milter sees the client's spelling only, "
+                                     f"and one with RFC 822 syntax (a@example.com(x)) gets {status} where a "
+                                     "connector could apply", f"add {macro} to {name}"))
         connect_macros = params.get("milter_connect_macros", "v").replace(",", " ").split()
         macro_v = params.get("milter_macro_v", "Postfix")  # postconf -x: $mail_name $mail_version expanded
         if needs_cert and ("v" not in connect_macros or macro_v.split(" ", 1)[0] != "Postfix"):
