@@ -10,9 +10,10 @@ side of a Postfix table: ``secure match=mail.contoso.com protocols=>=TLSv1.2`` o
 ``smtp:[relay.contoso.com]:25``. A connector without smart hosts answers ``smtp:`` (deliver to
 the recipient domain's MX hosts), so that ``relayhost`` or any other default route can never
 take its mail to a next hop whose TLS policy tlsgate does not know. ``*`` connectors answer
-TLS policy lookups for domains only, never transport lookups (those would route local mail
-away too). A misconfigured connector is a temporary failure, so the mail stays queued; a key
-no connector covers is NOTFOUND and Postfix's main.cf defaults apply.
+TLS policy lookups for domains only (a bare next hop, ``relayhost = relay.isp.example``, is
+asked as one), never transport lookups (those would route local mail away too). A
+misconfigured connector is a temporary failure, so the mail stays queued; a key no connector
+covers is NOTFOUND and Postfix's main.cf defaults apply.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from tlsgate.model import InboundConnector, OutboundConnector, TlsLevel, tls_version_rank
-from tlsgate.patterns import DomainKind, normalise_domain, parse_address
+from tlsgate.patterns import DomainKind, loose_domain, normalise_domain, parse_address
 from tlsgate.snapshot import Snapshot
 from tlsgate.socketmap import Reply, Status
 
@@ -42,6 +43,14 @@ class Answer:
 
 
 NOT_FOUND = Answer(Reply(Status.NOTFOUND))
+
+
+def _domain(raw: str) -> str | None:
+    """A domain key, normalised; or loose when only its characters are amiss. Postfix's
+    valid_hostname() admits ``_``: it routes mail to ``mx_1.partner.test`` and asks for its
+    ``.partner.test`` policy, so such a name must still meet the ``*.parent`` patterns of its
+    parents (no exact pattern can be it), as the inbound side judges it."""
+    return normalise_domain(raw) or loose_domain(raw)
 
 
 def _match_value(name: str) -> str:
@@ -256,7 +265,7 @@ class _Domains:
         self._any = anyone
 
     def for_domain(self, domain: str) -> OutboundConnector | None:
-        """The connector for a recipient domain (normalised), or None."""
+        """The connector for a recipient domain (normalised, or loose: see :func:`_domain`), or None."""
         found = self._exact.get(domain)
         if found is not None:
             return found
@@ -323,16 +332,17 @@ class OutboundIndex(_Domains):
         if raw.startswith("."):
             # Postfix's retry with the parent of a domain whose full name was not found: only
             # patterns that cover subdomains of that parent apply.
-            parent = normalise_domain(raw[1:])
+            parent = _domain(raw[1:])
             if parent is None:
                 return self._any
             found = self._sub.get(parent)
             return found if found is not None else self._parents(parent)
         if raw.startswith("[") or ":" in raw:
             # A next hop that no connector routes to: a content filter ([127.0.0.1]:10024),
-            # relayhost, a transport of main.cf. Its TLS needs are not a "*" connector's.
+            # relayhost, a transport of main.cf. Its TLS needs are not a "*" connector's. (A
+            # bare relay name, MX-style, is a domain key like any other: "*" answers it.)
             return None
-        domain = normalise_domain(raw)
+        domain = _domain(raw)
         if domain is None:
             return self._any
         return self.for_domain(domain)
@@ -374,7 +384,7 @@ class OutboundIndex(_Domains):
         if raw == "*":
             return NOT_FOUND  # the wildcard entry: leave unmatched mail to Postfix's defaults
         at = raw.rfind("@")
-        domain = normalise_domain(raw[at + 1 :] if at >= 0 else raw.lstrip("."))
+        domain = _domain(raw[at + 1 :] if at >= 0 else raw.lstrip("."))
         if domain is None:
             return NOT_FOUND
         # Never "*": Postfix asks transport_maps for local and virtual domains too, and a "*"

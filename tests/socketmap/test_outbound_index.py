@@ -392,3 +392,60 @@ def test_floors_other_than_encrypt_agree_with_what_asks_at_least_as_much(
         assert answer == index.tls_policy("partner.example") and answer.reply.status is Status.OK
     else:
         assert answer.reply.status is Status.TEMP, answer
+
+
+# Postfix's valid_hostname() admits "_": it delivers to a_b.partner.test and asks for its
+# ".partner.test" policy. Such a name is under its parents as any other is; no exact pattern
+# can be it. NOTFOUND once sent it through relayhost in plaintext, and the "*" floor answering
+# its first key kept Postfix from ever asking ".partner.test".
+SUBS = conn("partner", "*.partner.test", match_names=("mx.partner.test",))
+FLOOR = conn("all", "*", tls_level=TlsLevel.ENCRYPT)
+
+
+@pytest.mark.parametrize("name", ["a_b.partner.test", "mx_1.partner.test", "MX_1.Partner.Test.", "x.a_b.partner.test"])
+@pytest.mark.parametrize("floor", [False, True])
+@pytest.mark.parametrize("form", ["domain", ".parent", "transport"])
+def test_underscore_name_meets_the_patterns_of_its_parents(name: str, floor: bool, form: str) -> None:
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(SUBS, FLOOR) if floor else (SUBS,)))
+    secure = Answer(Reply(Status.OK, "secure match=mx.partner.test"), "partner")
+    if form == "domain":
+        assert index.tls_policy(name) == secure
+    elif form == ".parent":  # the retry of a deeper name: x.a_b.partner.test, then .a_b.partner.test
+        assert index.tls_policy("." + name.lower().rstrip(".")) == secure
+    else:
+        assert index.transport(f"u@{name}") == Answer(Reply(Status.OK, "smtp:"), "partner")
+
+
+def test_underscore_name_meets_no_exact_pattern() -> None:
+    exact = conn("partner", "partner.test", "a.partner.test", match_names=("mx.partner.test",))
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(exact,)))
+    for name in ("a_b.partner.test", "a_.partner.test"):
+        assert index.tls_policy(name) == NOT_FOUND
+        assert index.tls_policy("." + name) == NOT_FOUND
+        assert index.transport(f"u@{name}") == NOT_FOUND
+    # Without a "*.parent" pattern over it, "*" is the floor for its TLS, and never routes it.
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(exact, FLOOR, SUBS)))
+    for name in ("a_b.partner.test", "a_b.other.test", "under_score.test"):
+        expected = "partner" if name.endswith(".partner.test") else "all"
+        assert index.tls_policy(name).connector == expected, name
+        assert index.tls_policy("." + name).connector == expected, name
+    assert index.tls_policy("under_score.test") == Answer(Reply(Status.OK, "encrypt"), "all")
+    assert index.transport("u@under_score.test") == NOT_FOUND
+
+
+@pytest.mark.parametrize("key", ["[a_b.partner.test]", "[a_b.partner.test]:25", "a_b.partner.test:25",
+                                 "[a_b.partner.test]:2525"])
+def test_underscore_next_hops_in_brackets_or_with_a_port_stay_unknown(key: str) -> None:
+    # As for any name: a next hop tlsgate did not route there is main.cf's, not a connector's.
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(SUBS, FLOOR)))
+    assert index.tls_policy(key) == NOT_FOUND
+
+
+def test_a_bare_relay_name_is_a_domain_key_and_gets_the_floor() -> None:
+    # relayhost = relay.isp.example (MX-style) or a transport entry smtp:mx.example.org: Postfix
+    # asks for their policy as for a recipient domain, with .parent retries, and "*" answers.
+    index = OutboundIndex(Snapshot(inbound=(), outbound=(FLOOR,)))
+    for key in ("relay.isp.example", ".isp.example", "mx.example.org"):
+        assert index.tls_policy(key) == Answer(Reply(Status.OK, "encrypt"), "all"), key
+    for key in ("[relay.isp.example]", "[relay.isp.example]:25", "relay.isp.example:587", "[mx.example.org]"):
+        assert index.tls_policy(key) == NOT_FOUND, key
