@@ -44,7 +44,7 @@ from tlsgate.model import (
     SessionFacts,
     Stage,
 )
-from tlsgate.patterns import Address, judged_domain
+from tlsgate.patterns import Address, judged_domain, raw_domain
 from tlsgate.snapshot import Snapshot
 from tlsgate_milter.translate import (
     MAX_FROM_FIELDS,
@@ -68,6 +68,9 @@ from tlsgate_milter.translate import (
 )
 
 log = logging.getLogger("tlsgate.milter")
+
+#: the engine's checks of certificate names, which the MTA must vouch for (see _decide)
+NAME_CHECKS = frozenset({"trusted certificate", "certificate name", "issuer"})
 
 # pymilter's C extension is the top-level module "milter"; the repository's milter/ source
 # folder has the same name, so it is looked up by name (a namespace folder never wins
@@ -342,9 +345,20 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         return with_myorigin(facts, self._judge.settings.myorigin)
 
     def _decide(self, snapshot: Snapshot, facts: SessionFacts, *, header_from: bool = False) -> tuple[Decision, float]:
-        """The decision, and the seconds it took (for the metrics)."""
+        """The decision, and the seconds it took (for the metrics).
+
+        A refusal for good over certificate names that the MTA sent without saying they
+        verified (no ``v`` naming Postfix, no ``{verify}``: see _refresh) waits instead: the
+        fault is this host's configuration, and the partner's mail must outlive its repair.
+        """
         started = time.perf_counter()
         decision = self._judge.decide(snapshot, facts, header_from=header_from)
+        if (self._names_ignored and decision.action is FailAction.REJECT
+                and any(not check.ok and check.requirement in NAME_CHECKS for check in decision.checks)):
+            reason = (f"{decision.reason}; the MTA sent the client certificate's names without saying they "
+                      "verified (no v macro naming Postfix, no {verify}), so they were not counted")
+            decision = replace(decision, action=FailAction.DEFER, status="4.3.5", reason=reason,
+                               reply=f"{decision.reply or decision.reason}; try again later")
         return decision, time.perf_counter() - started
 
     def _log(self, facts: SessionFacts, decision: Decision, seconds: float) -> None:
@@ -578,6 +592,8 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
             domain = judged_domain(author)  # mx_1.bank.test is under bank.test too
             if domain is not None and index.lookup(domain):
                 protected.setdefault(domain, author)
+            elif domain is None and index.lookup_any():  # an address literal meets * alone
+                protected.setdefault(raw_domain(author).lower(), author)
         problem = self._from_malformed
         if problem is None and len(protected) > MAX_PROTECTED_DOMAINS:
             problem = f"authors from more than {MAX_PROTECTED_DOMAINS} protected domains"

@@ -9,6 +9,8 @@ hard or write an unbounded header.
 
 from __future__ import annotations
 
+import email.errors
+import email.header
 import email.utils
 import re
 import socket
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 from tlsgate.decisionlog import verdict_word
 from tlsgate.model import Decision, Outcome, SessionFacts
-from tlsgate.patterns import Address, judged_domain, parse_address
+from tlsgate.patterns import Address, judged_domain, parse_address, raw_domain
 
 #: the macros read at every callback; Postfix sends them only where milter_*_macros say so
 TLS_MACROS = ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}")
@@ -223,21 +225,24 @@ def _quoted_local(address: str) -> tuple[str, int] | None:
 
 
 def header_from_authors(values: Sequence[str]) -> tuple[str, ...]:
-    """The distinct author addresses of the From header fields that have a domain.
+    """The distinct author addresses of the From header fields that have a domain, an
+    address literal's included (it meets ``*`` connectors, as in the envelope).
 
     RFC 5322 wants one From field; it may list several mailboxes. Every mailbox is judged,
     so adding a second author cannot dilute a connector's scope. A field that does not
     parse cleanly in full (an entry getaddresses cannot make a mailbox with a domain of)
-    also has every ``@domain`` part of its raw text judged, as ``unparsed@domain``: a
-    malformed mailbox next to a good one cannot hide a protected author either.
+    also has every ``@domain`` part of its text judged, as ``unparsed@domain``, in the text
+    as written and as a reader may see it (see :func:`_as_read`): a malformed mailbox next to
+    a good one, or one whose domain is quoted, escaped or encoded, cannot hide a protected
+    author either.
     """
     authors: list[str] = []
     for field in values:
         parsed = [addr for _, addr in email.utils.getaddresses([field])]
-        found = [addr for addr in parsed if "@" in addr and judged_domain(addr) is not None]
+        found = [addr for addr in parsed if "@" in addr and _has_domain(addr)]
         if len(found) < len(parsed) or (not parsed and field.strip()):
             domains = {judged_domain(addr) for addr in found}
-            for raw in _BARE_DOMAIN.findall(field):
+            for raw in _BARE_DOMAIN.findall(f"{field} {_as_read(field)}"):
                 domain = judged_domain(f"x@{raw}")
                 if domain is not None and domain not in domains:
                     domains.add(domain)
@@ -246,6 +251,31 @@ def header_from_authors(values: Sequence[str]) -> tuple[str, ...]:
             if addr not in authors:
                 authors.append(addr)
     return tuple(authors)
+
+
+def _has_domain(address: str) -> bool:
+    return judged_domain(address) is not None or raw_domain(address).startswith("[")
+
+
+_COMMENT = re.compile(r"\([^()]*\)")
+_BLANKS_AROUND = re.compile(r"\s*([@.])\s*")
+
+
+def _as_read(field: str) -> str:
+    """A malformed From field as a mail reader may show it: encoded words decoded (which RFC
+    2047 forbids in an address, and some readers decode all the same), comments, quotes and
+    escapes dropped, blanks around ``@`` and ``.`` closed: ``ceo@"bank.test"``,
+    ``ceo@bank\\.test``, ``ceo@ (x) bank.test`` all read ceo@bank.test."""
+    text = field
+    if "=?" in text:
+        try:
+            text = str(email.header.make_header(email.header.decode_header(text)))
+        except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
+            pass  # left encoded: the text as written is scanned too
+    for _ in range(3):  # comments nest; deeper ones are left, with their @ parts scanned as written
+        text = _COMMENT.sub(" ", text)
+    text = _UNSAFE.sub(" ", text).replace("\\", "").replace('"', "")
+    return _BLANKS_AROUND.sub(r"\1", text)
 
 
 def reply_text(text: str | None, fallback: str) -> str:

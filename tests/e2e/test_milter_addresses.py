@@ -1,8 +1,9 @@
-"""Envelope addresses spelt with RFC 822 syntax, through a real private Postfix and
-tlsgate-milter. Postfix reads ``<a@contoso.test(x)>`` with its own parser and keeps, delivers
-and tells a policy server a@contoso.test, while a milter's envelope callbacks get the client's
-spelling. The milter judges the address Postfix read ({mail_addr}, {rcpt_addr}); without those
-macros, such a spelling waits where a connector could apply, never passes by meeting none."""
+"""Addresses spelt with RFC 822 syntax, through a real private Postfix and tlsgate-milter.
+Postfix reads ``<a@contoso.test(x)>`` with its own parser and keeps, delivers and tells a
+policy server a@contoso.test, while a milter's envelope callbacks get the client's spelling.
+The milter judges the address Postfix read ({mail_addr}, {rcpt_addr}); without those macros,
+such a spelling waits where a connector could apply, never passes by meeting none. A From
+header whose domain is quoted, escaped or encoded is judged as a mail reader may show it."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ INSERT INTO inbound_connector (name, require_tls, on_failure) VALUES ('contoso-i
 INSERT INTO inbound_domain VALUES ('contoso-in', 'sender', 'contoso.test');
 INSERT INTO inbound_connector (name, require_tls, on_failure) VALUES ('rcpt-in', 1, 'reject');
 INSERT INTO inbound_domain VALUES ('rcpt-in', 'recipient', 'example.test');
+INSERT INTO inbound_connector (name, require_tls, on_failure) VALUES ('bank-hdr', 1, 'reject');
+INSERT INTO inbound_domain VALUES ('bank-hdr', 'header_from', 'bank.test');
 """
 TLS_MACROS = "{tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}"
 # Each read by Postfix as the address before it: a comment, blanks, a quoted or escaped domain.
@@ -52,7 +55,10 @@ def _stack(pki: Pki, macros: dict[str, str]) -> Iterator[PrivatePostfix]:
         config = write_config(work, make_rules_db(work / "rules.sqlite", RULES), f"unix:{sock}")
         milter = MilterProcess(config, sock, work / "milter.log").start()
         instance.start({"smtpd_milters": f"unix:{sock}", "milter_default_action": "tempfail",
-                        "milter_helo_macros": TLS_MACROS, **macros})
+                        "milter_helo_macros": TLS_MACROS, **macros,
+                        # The test client stands for a remote one, whose headers cleanup leaves
+                        # as they came (it gives milters the headers it rewrote, if any).
+                        "local_header_rewrite_clients": ""})
         yield instance
     finally:
         if milter is not None:
@@ -107,3 +113,11 @@ def test_without_the_address_macros_such_spellings_wait(without_addresses: Priva
     assert (plain.code, plain.text.split(" ", 1)[0]) == (550, "5.7.10"), plain
     quoted = send(port, '"j doe"@mailer.test', ["two@tlsgate.test"])
     assert quoted.delivered, quoted
+
+
+@pytest.mark.parametrize("author", ['ceo@"bank.test"', "ceo@bank\\.test", "=?utf-8?b?Y2VvQGJhbmsudGVzdA==?="])
+def test_a_from_header_whose_domain_is_hidden_meets_its_connector(postfix: PrivatePostfix, author: str) -> None:
+    body = f"From: {author}\r\nSubject: t\r\n\r\nhello\r\n".encode()
+    result = send(postfix.port, "b@mailer.test", ["three@tlsgate.test"], data=body)
+    assert result.data is not None and result.data.code == 550, result
+    assert "connector bank-hdr" in result.data.text

@@ -254,13 +254,16 @@ def test_sendmail_verify_macro_decides_whether_the_name_counts(connect: Callable
 def test_certificate_names_without_verify_from_another_mta_than_postfix_do_not_count(
     connect: Callable[..., Session], mta: str | None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A self-signed certificate named mx.fabrikam.test, under Sendmail without {verify}.
+    # A self-signed certificate named mx.fabrikam.test, under Sendmail without {verify}: or a
+    # trusted one under a Postfix whose v macro is not sent. Which, the milter cannot tell; the
+    # fault is this host's configuration, so the mail waits for its repair, never refused for good.
     session = connect(tls={**TLS13, "{cert_subject}": "/CN=mx.fabrikam.test"}, mta=mta)
     session.message("a@fabrikam.test", ["b@example.test", "c@example.test"])
     for rcpt in ("b@example.test", "c@example.test"):
         rc, reply = session.replies[rcpt]
-        assert rc == Milter.REJECT
-        assert reply is not None and reply[:2] == ("550", "5.7.1")
+        assert rc == Milter.TEMPFAIL
+        assert reply is not None and reply[:2] == ("450", "4.3.5"), reply
+        assert reply[2].endswith("; try again later")
     assert caplog.text.count(
         f"client certificate name ignored: the MTA (v={mta or 'unknown'}) is not Postfix and sent no {{verify}}"
     ) == 1

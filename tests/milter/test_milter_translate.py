@@ -207,6 +207,8 @@ def test_a_long_envelope_address_is_kept_whole_never_cut() -> None:
         (["Bank <@x_y.bank.test>"], ("unparsed@x_y.bank.test",)),
         # a clean field yields exactly its mailboxes, whatever its display names say
         (['a@a.test, "x@c.test" <b@b.test>, Carl <c@c.test>'], ("a@a.test", "b@b.test", "c@c.test")),
+        # an address literal is an author too: it meets * connectors, as in the envelope
+        (["x@[192.0.2.1]"], ("x@[192.0.2.1]",)),
     ],
 )
 def test_header_from_authors(values: list[str], authors: tuple[str, ...]) -> None:
@@ -227,6 +229,21 @@ def test_a_field_not_clean_in_full_has_every_raw_domain_judged(field: str) -> No
     authors = header_from_authors([field])
     assert {address_domain(a) for a in authors} == {"evil.test", "partner.test"}
     assert len(authors) == 2
+
+
+@pytest.mark.parametrize("field", [
+    'ceo@"bank.test"',
+    "ceo@bank\\.test",
+    "ceo@(x)bank.test",
+    "ceo@ bank . test",
+    '"ceo"@"bank".test',
+    "=?utf-8?b?Y2VvQGJhbmsudGVzdA==?=",  # an encoded word that decodes to ceo@bank.test
+    "=?utf-8?q?ceo=40bank=2Etest?= <>",
+])
+def test_a_domain_hidden_by_quotes_escapes_or_encoding_is_still_judged(field: str) -> None:
+    # Some mail readers show each of these as ceo@bank.test: it must meet bank.test's
+    # header-From connector, not slip past it by having no readable domain.
+    assert "bank.test" in {address_domain(a) for a in header_from_authors([field])}, header_from_authors([field])
 
 
 def test_reply_text_is_one_bounded_line_with_percent_doubled() -> None:
