@@ -69,19 +69,33 @@ class StoreError(Exception):
     """The database cannot be used; the message is fit for one log line (no password)."""
 
 
-# user:password@ of a URL SQLAlchemy cannot parse; greedy up to the last '@', since a password
-# may hold one: masking too much is harmless, showing part of a password is not.
-_URL_PASSWORD = re.compile(r"(://[^:/@]*:).*@")
+# user:password@ of a URL masked by hand: greedy up to the last '@', since a password may hold
+# one (and so may a user name, user@server on some hosted databases): masking too much is
+# harmless, showing part of a password is not.
+_URL_PASSWORD = re.compile(r"(://[^:/]*:).*@")
+#: a password with an '@' in it: two of them after the user name, before the URL's path or query
+_PASSWORD_WITH_AT = re.compile(r"://[^:/]*:[^/?]*@[^/?]*@")
+#: a quoted value in an error message that runs through an '@', 'word@db.example': SQLAlchemy
+#: read it from the rest of a password that holds an '@', up to which it may be password
+_QUOTED_TO_AT = re.compile(r"'[^'\s]+@")
 
 
 def safe_url(url: str | URL) -> str:
-    """The URL with any password masked, for logs and error messages."""
+    """The URL with any password masked, for logs and error messages.
+
+    SQLAlchemy ends a password at its first '@' and takes the rest for the host, so a password
+    holding an unescaped '@' would be shown in part: such a URL (two '@' after the user name,
+    or a host read with an '@' in it) is masked by hand, up to the last '@'."""
+    raw = url if isinstance(url, str) else url.render_as_string(hide_password=False)
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except (ArgumentError, ValueError, TypeError):
         # make_url raises ValueError for a port that is no number or an unclosed '[': such a
         # URL is still worth showing, with its password masked by hand.
-        return _URL_PASSWORD.sub(r"\1***@", str(url))
+        return _URL_PASSWORD.sub(r"\1***@", raw)
+    if "@" in (parsed.host or "") or _PASSWORD_WITH_AT.search(raw):
+        return _URL_PASSWORD.sub(r"\1***@", raw)
+    return parsed.render_as_string(hide_password=True)
 
 
 #: what SQLAlchemy raises for a URL, or its query settings, that it cannot use: ArgumentError,
@@ -91,11 +105,13 @@ _BAD_URL = (ArgumentError, ValueError, TypeError)
 
 def _invalid_url(url: str | URL, exc: Exception) -> StoreError:
     """The one-line error for an unusable URL; SQLAlchemy's message may quote the URL, password
-    and all, so the password is masked in it too."""
+    and all, or a port read from the rest of a password holding an '@', so the password is
+    masked in it too."""
     raw = url if isinstance(url, str) else url.render_as_string(hide_password=False)
     masked = safe_url(url)
     lines = str(exc).strip().splitlines()
     reason = _URL_PASSWORD.sub(r"\1***@", (lines[0] if lines else type(exc).__name__).replace(raw, masked))
+    reason = _QUOTED_TO_AT.sub("'***@", reason)
     return StoreError(f"invalid database URL {masked}: {reason}")
 
 
@@ -1052,6 +1068,9 @@ def describe_db_error(engine: Engine, exc: Exception) -> str:
         context, hops = context.__context__, hops + 1
     orig = getattr(exc, "orig", None)
     detail = str(orig if orig is not None else exc).strip().splitlines()[0] if str(orig or exc).strip() else type(exc).__name__
+    host = engine.url.host or ""
+    if "@" in host:  # the rest of a password holding an '@', read as the host (see safe_url)
+        detail = detail.replace(host, "***@" + host.rpartition("@")[2])
     if _missing_table(detail) in schema.Base.metadata.tables:
         return f"database {safe_url(engine.url)}: no tlsgate schema ({detail}): run `tlsgate db init`"
     return f"database {safe_url(engine.url)}: {detail}"

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from tlsgate.cli import build_parser, main
 from tlsgate.cli.db import split_sql
@@ -205,24 +206,51 @@ def test_connector_show_brackets_an_ipv6_smart_host(cli: Cli) -> None:
     ("/*!40101 SET NAMES utf8mb4 */;\nSELECT 1", ["/*!40101 SET NAMES utf8mb4 */", "SELECT 1"]),
     ("SELECT 'unterminated; here", ["SELECT 'unterminated; here"]),
 ])
-def test_split_sql(script: str, statements: list[str]) -> None:
-    assert split_sql(script) == statements
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql", "mariadb"])
+def test_split_sql(script: str, statements: list[str], dialect: str) -> None:
+    assert split_sql(script, dialect) == statements
 
 
-# Pieces of a statement, each holding what a naive splitter would cut at.
-_PIECES = st.sampled_from([
-    "SELECT 1", "x", "'a;b'", "'it''s; -- no'", '"odd;name"', "$$ body; $$", "$t$ a;$$ b $t$", "'/* no */'",
-    "/*!40101 x */", "1 + 2",
+# Finding: a ';' in a MariaDB '#' comment split the statement; '#' is a comment there only.
+
+@pytest.mark.parametrize(("dialect", "script", "statements"), [
+    ("mariadb", "SELECT 1 # a; b\n;", ["SELECT 1"]),
+    ("mysql", "SELECT 1 # a; b\n;", ["SELECT 1"]),
+    ("postgresql", "SELECT 1 # a; b\n;", ["SELECT 1 # a", "b"]),
+    ("sqlite", "SELECT 1 # a; b\n;", ["SELECT 1 # a", "b"]),
+    ("mariadb", "# only; a comment\nSELECT 1;# trailing; it's\n#\n", ["SELECT 1"]),
+    ("mariadb", "SELECT 1#no space needed; x\n+ 1; SELECT 2", ["SELECT 1\n+ 1", "SELECT 2"]),
+    ("postgresql", "SELECT 5 # 3; SELECT '#;x'", ["SELECT 5 # 3", "SELECT '#;x'"]),
+    ("mariadb", "SELECT 'a # b;c', \"d # e;f\", `g # h;i` # j; k\n; SELECT 2",
+     ["SELECT 'a # b;c', \"d # e;f\", `g # h;i`", "SELECT 2"]),
+    ("mariadb", "SELECT '#', 1; # a '; b\nSELECT 2", ["SELECT '#', 1", "SELECT 2"]),
+    ("mariadb", "CREATE TRIGGER t AFTER INSERT ON x FOR EACH ROW BEGIN # the END; of it\nSET @a = 1; END; SELECT 1",
+     ["CREATE TRIGGER t AFTER INSERT ON x FOR EACH ROW BEGIN \nSET @a = 1; END", "SELECT 1"]),
 ])
-_SEPARATORS = st.sampled_from([";", "; ", ";\n", "; -- note; more\n", "/* c; */;", ";\n-- only; a comment\n;"])
+def test_split_sql_reads_a_hash_as_the_database_does(dialect: str, script: str, statements: list[str]) -> None:
+    assert split_sql(script, dialect) == statements
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, database=None)
-@given(st.lists(st.lists(_PIECES, min_size=1, max_size=4).map(" ".join), min_size=1, max_size=5),
-       st.data())
-def test_split_sql_finds_the_statements_a_script_was_made_of(statements: list[str], data: st.DataObject) -> None:
-    script = "".join(stmt + data.draw(_SEPARATORS) for stmt in statements)
-    assert split_sql(script) == statements
+# Pieces of a statement, each holding what a naive splitter would cut at; '#' is statement text
+# in PostgreSQL (an operator) and SQLite, a comment to the end of the line in MariaDB.
+_PIECES = [
+    "SELECT 1", "x", "'a;b'", "'it''s; -- no'", '"odd;name"', "$$ body; $$", "$t$ a;$$ b $t$", "'/* no */'",
+    "/*!40101 x */", "1 + 2", "'# no; comment'", '"#;"', "`a#;b`",
+]
+_SEPARATORS = [";", "; ", ";\n", "; -- note; more\n", "/* c; */;", ";\n-- only; a comment\n;"]
+_DIALECT_PIECES = {"sqlite": ["x#y"], "postgresql": ["5 # 3", "x#y"], "mariadb": []}
+_DIALECT_SEPARATORS = {"sqlite": [], "postgresql": [],
+                       "mariadb": ["; # note; 'more\n", "# c; */\n;", ";\n#only; a comment\n;"]}
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.sampled_from(sorted(_DIALECT_PIECES)), st.data())
+def test_split_sql_finds_the_statements_a_script_was_made_of(dialect: str, data: st.DataObject) -> None:
+    pieces = st.sampled_from(_PIECES + _DIALECT_PIECES[dialect])
+    statements = data.draw(st.lists(st.lists(pieces, min_size=1, max_size=4).map(" ".join), min_size=1, max_size=5))
+    separators = st.sampled_from(_SEPARATORS + _DIALECT_SEPARATORS[dialect])
+    script = "".join(stmt + data.draw(separators) for stmt in statements)
+    assert split_sql(script, dialect) == statements
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql", "mariadb"])
@@ -231,7 +259,7 @@ def test_split_sql_reads_the_schema_files_back(dialect: str) -> None:
     the statements it was written from."""
     def words(statements: list[str]) -> list[str]:
         return [" ".join(s.split()) for s in statements]
-    assert words(split_sql(schema_script(dialect))) == words(schema_statements(dialect))
+    assert words(split_sql(schema_script(dialect), dialect)) == words(schema_statements(dialect))
 
 
 def test_db_init_examples_with_comments_after_statements_and_two_on_a_line(
@@ -249,6 +277,42 @@ def test_db_init_examples_with_comments_after_statements_and_two_on_a_line(
     assert f"ran 4 statements from {sql}" in out
     assert rows(run, "SELECT connector, pattern FROM inbound_domain ORDER BY 1") == [
         ("e1", "e1.test"), ("e2", "e2;x.test")]
+
+
+# A script whose '#' each database reads its own way: a comment to the end of the line in
+# MariaDB, XOR in PostgreSQL; the pattern each writes for connector e1.
+_HASH_SCRIPTS = {
+    "mariadb": ("INSERT INTO inbound_connector (name, comment) VALUES ('e1', 'no # comment; here'); # e1; it's ours\n"
+                "INSERT INTO inbound_domain VALUES ('e1', 'sender', 'e1.test'); #\n", "e1.test"),
+    "postgresql": ("INSERT INTO inbound_connector (name, comment) VALUES ('e1', 'no # comment; here');\n"
+                   "INSERT INTO inbound_domain VALUES ('e1', 'sender', 'e' || (5 # 3) || '.test');\n", "e6.test"),
+    "sqlite": ("INSERT INTO inbound_connector (name, comment) VALUES ('e1', 'no # comment; here');\n"
+               "INSERT INTO inbound_domain VALUES ('e1', 'sender', 'e1.test');\n", "e1.test"),
+}
+
+
+def test_db_init_examples_runs_the_shipped_examples_and_a_hash_as_each_database_reads_it(
+        db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = Cli(db_url, capsys)
+    examples = Path(__file__).resolve().parents[2] / "sql" / "examples.sql"
+    status, out, err = run("db", "init", "--examples", str(examples))
+    assert status == 0 and "ran " in out, err
+    script, pattern = _HASH_SCRIPTS[make_url(db_url).get_backend_name()]
+    mine = tmp_path / "mine.sql"
+    mine.write_text(script)
+    status, out, err = run("db", "init", "--examples", str(mine))
+    assert status == 0, err
+    assert f"ran 2 statements from {mine}" in out
+    engine = open_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            got = conn.execute(text("SELECT c.comment, d.pattern FROM inbound_connector c JOIN inbound_domain d "
+                                    "ON d.connector = c.name WHERE c.name = 'e1'")).all()
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in got] == [("no # comment; here", pattern)]
+    status, out, err = run("lint")
+    assert status == 0, out + err
 
 
 # Finding: `connector add/set` stored patterns as typed, not as the loader compares them.

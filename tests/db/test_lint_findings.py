@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from tests.support.pki import Pki
@@ -282,6 +283,69 @@ def test_a_daemon_with_a_malformed_database_url_logs_one_line_and_fails_closed(
     assert record.getMessage().startswith(f"cannot load rules: {message}")
     assert record.getMessage().endswith("; answering temporary failures until it can")
     assert record.exc_info is None and "s3cret" not in record.getMessage()
+
+
+# Finding: a password holding an unescaped '@' was shown in part, SQLAlchemy ending it at its
+# first '@' and reading the rest as the host ("tlsgate:***@ss@db.example"), and so were the
+# messages that quote that host or a port read from it.
+
+SECRET = "Pa55@W0rd@T4il"  # what of it is password: every piece between its '@'
+PIECES = SECRET.split("@")
+
+MASKED_URLS = [
+    (f"postgresql://tlsgate:{SECRET}@db.example/rules", "postgresql://tlsgate:***@db.example/rules"),
+    (f"mariadb+pymysql://tlsgate:{SECRET}@db.example:3306/rules?charset=utf8mb4",
+     "mariadb+pymysql://tlsgate:***@db.example:3306/rules?charset=utf8mb4"),
+    (f"postgresql://tlsgate:{SECRET}@[2001:db8::5]:5432/rules", "postgresql://tlsgate:***@[2001:db8::5]:5432/rules"),
+    (f"postgresql://tlsgate@server:{SECRET}@db.example/rules", "postgresql://tlsgate@server:***@db.example/rules"),
+    (f"postgresql://tlsgate:{SECRET}@db.example:notaport/rules", "postgresql://tlsgate:***@db.example:notaport/rules"),
+    # as before: an escaped '@', and one in the user name only
+    ("postgresql://tlsgate:Pa55%40W0rd%40T4il@db.example/rules", "postgresql://tlsgate:***@db.example/rules"),
+    ("postgresql://tlsgate@server:Pa55W0rdT4il@db.example/rules", "postgresql://tlsgate%40server:***@db.example/rules"),
+]
+
+
+@pytest.mark.parametrize(("url", "masked"), MASKED_URLS)
+def test_safe_url_shows_no_part_of_a_password_holding_an_at(url: str, masked: str) -> None:
+    assert store.safe_url(url) == masked
+    try:
+        parsed = make_url(url)
+    except ValueError:
+        return  # no URL object: the port is no number
+    # engine.url: what SQLAlchemy took for the password and the host
+    assert not any(piece in store.safe_url(parsed) for piece in PIECES)
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    (f"postgresql://tlsgate:{SECRET}@127.0.0.1:notaport/rules",
+     "invalid database URL postgresql://tlsgate:***@127.0.0.1:notaport/rules: "),
+    # the port SQLAlchemy reads from the password's rest is quoted in its message
+    ("postgresql://tlsgate:Pa55@W0rd:T4il@127.0.0.1/rules",
+     "invalid database URL postgresql://tlsgate:***@127.0.0.1/rules: invalid literal for int() with base 10: "
+     "'***@127.0.0.1'"),
+    (f"mariadb://tlsgate:{SECRET}@127.0.0.1/rules?connect_timeout=abc",
+     "invalid database URL mariadb://tlsgate:***@127.0.0.1/rules?connect_timeout=abc: "),
+    (f"oracle://tlsgate:{SECRET}@db.example/rules",
+     "unsupported database 'oracle' in oracle://tlsgate:***@db.example/rules: "),
+])
+def test_an_unusable_url_with_an_at_in_its_password_shows_no_part_of_it(url: str, message: str) -> None:
+    with pytest.raises(StoreError) as caught:
+        open_engine(url)
+    assert str(caught.value).startswith(message)
+    assert not any(piece in str(caught.value) for piece in PIECES)
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "mariadb"])
+def test_a_daemon_that_cannot_reach_such_a_database_logs_no_part_of_the_password(
+        scheme: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The driver names the host it could not reach, which is what SQLAlchemy read: the rest of
+    the password, '@' and the host."""
+    holder = RuleHolder(DatabaseConfig(url=f"{scheme}://tlsgate:{SECRET}@127.0.0.1:1/rules", connect_timeout=2))
+    with caplog.at_level(logging.INFO, logger="tlsgate"):
+        assert holder.refresh() is False
+    assert holder.snapshot is None and not holder.healthy
+    assert "127.0.0.1" in caplog.text and "***@" in caplog.text
+    assert not any(piece in caplog.text for piece in PIECES), caplog.text
 
 
 # ---------------------------------------------------------------- 7. the rules_generation row

@@ -44,8 +44,8 @@ def run_sql_file(ctx: Context, path: str) -> int:
             script = fh.read()
     except OSError as exc:
         raise StoreError(f"{path}: {exc.strerror}") from None
-    statements = split_sql(script)
     engine = ctx.engine
+    statements = split_sql(script, engine.dialect.name)
     try:
         with engine.begin() as conn:
             for n, stmt in enumerate(statements, 1):
@@ -58,27 +58,37 @@ def run_sql_file(ctx: Context, path: str) -> int:
     return len(statements)
 
 
-# One token of a SQL script. Comments, quoted text and dollar-quoted bodies are single tokens,
-# so a ';' inside one ends nothing; an unterminated one runs to the end (the database reports
-# it). MariaDB's executable comments (/*! ... */) are statement text, not comments.
-_TOKEN = re.compile(
-    r"""(?P<comment>--[^\n]*|/\*(?![!]|M!).*?(?:\*/|\Z))
-      | (?P<quoted>'(?:[^']+|'')*(?:'|\Z)|"(?:[^"]+|"")*(?:"|\Z)|`[^`]*(?:`|\Z))
-      | (?P<dollar>\$(?P<tag>(?:[A-Za-z_]\w*)?)\$.*?(?:\$(?P=tag)\$|\Z))
-      | (?P<word>[A-Za-z_][\w$]*)
-      | (?P<semicolon>;)
-      | (?P<other>[^-/'"`$;A-Za-z_]+|.)""",
-    re.VERBOSE | re.DOTALL,
-)
+def _token_pattern(more_comments: str) -> re.Pattern[str]:
+    """One token of a SQL script. Comments, quoted text and dollar-quoted bodies are single
+    tokens, so a ';' inside one ends nothing; an unterminated one runs to the end (the database
+    reports it). MariaDB's executable comments (/*! ... */) are statement text, not comments.
+    ``more_comments``: the dialect's own comments, an alternative of their group. A '#' is never
+    in a run of other characters, so that such a comment can start anywhere."""
+    return re.compile(
+        rf"""(?P<comment>--[^\n]*|/\*(?![!]|M!).*?(?:\*/|\Z){more_comments})
+          | (?P<quoted>'(?:[^']+|'')*(?:'|\Z)|"(?:[^"]+|"")*(?:"|\Z)|`[^`]*(?:`|\Z))
+          | (?P<dollar>\$(?P<tag>(?:[A-Za-z_]\w*)?)\$.*?(?:\$(?P=tag)\$|\Z))
+          | (?P<word>[A-Za-z_][\w$]*)
+          | (?P<semicolon>;)
+          | (?P<other>[^-/'"`$;A-Za-z_#]+|.)""",
+        re.VERBOSE | re.DOTALL,
+    )
+
+
+_TOKEN = _token_pattern("")
+#: MariaDB's and MySQL's: '#' starts a comment to the end of the line there, while it is an
+#: operator in PostgreSQL (SELECT 5 # 3) and no comment in SQLite
+_MARIADB_TOKEN = _token_pattern(r"|\#[^\n]*")
 #: words after END that close a MariaDB control block opened by a word not counted (IF, LOOP ...)
 _END_OF_CONTROL = frozenset({"IF", "LOOP", "WHILE", "REPEAT", "FOR"})
 
 
-def split_sql(script: str) -> list[str]:
+def split_sql(script: str, dialect: str) -> list[str]:
     """Split a script into statements the way sqlite3, psql and mariadb read it: at each ';'
     outside quotes ('' escapes one), quoted identifiers, $$ or $tag$ bodies and comments, and
     not inside a trigger's BEGIN ... END body. Comments are dropped, and with them statements
-    that were only comments; a backslash escapes nothing, as in standard SQL."""
+    that were only comments; a backslash escapes nothing, as in standard SQL. ``dialect`` is the
+    database's (engine.dialect.name): '#' starts a comment only in mariadb and mysql."""
     statements: list[str] = []
     parts: list[str] = []
     first = ""  # the statement's first bare word, upper-cased
@@ -86,7 +96,8 @@ def split_sql(script: str) -> list[str]:
     depth = 0  # open BEGIN/CASE blocks of that body
     closing = False  # the word before was END: the next one names what it closes
 
-    tokens = list(_TOKEN.finditer(script))
+    token_re = _MARIADB_TOKEN if dialect in ("mariadb", "mysql") else _TOKEN
+    tokens = list(token_re.finditer(script))
     for i, token in enumerate(tokens):
         kind, value = token.lastgroup, token.group()
         if kind == "comment":
