@@ -31,7 +31,7 @@ import Milter
 from tlsgate import logsetup
 from tlsgate.config import Config, resolve_myorigin
 from tlsgate.decisionlog import log_decision
-from tlsgate.engine import decide, decide_header_from, unreadable_address, with_myorigin
+from tlsgate.engine import check_requirements, decide, decide_header_from, unreadable_address, with_myorigin
 from tlsgate.metrics import Metrics
 from tlsgate.model import (
     CertRequirement,
@@ -601,10 +601,16 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         monitored: list[Decision] = []
         if problem is not None:
             guarding = [c for c in snapshot.inbound if c.enabled and c.header_from_domains]
-            enforcing = [c for c in guarding if c.mode is Mode.ENFORCE]
+            # A hidden author could only be refused by a connector whose requirements this
+            # session fails: one that meets them all gives nothing to hide.
+            facts = self._facts(Stage.DATA, None)
+            now = self._judge.clock()
+            failing = [c for c in guarding
+                       if c.misconfigured or not all(check.ok for check, _ in check_requirements(c, facts, now))]
+            enforcing = [c for c in failing if c.mode is Mode.ENFORCE]
             if enforcing:
                 return self._refuse_malformed_from(problem, enforcing)
-            monitored = self._monitor_malformed_from(problem, guarding)
+            monitored = self._monitor_malformed_from(problem, failing)
             authors = authors[:MAX_PROTECTED_DOMAINS]  # judged for the log only, within bounds
         # The RCPT verdicts stand; the header-From connectors are judged on top of them, by
         # themselves: ranked with the sender and recipient connectors, a sender connector

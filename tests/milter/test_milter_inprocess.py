@@ -404,10 +404,22 @@ def test_a_from_header_too_big_to_judge_whole_is_refused(
     connect: Callable[..., Session], headers: list[tuple[str, str]]
 ) -> None:
     # Judging only a part could miss a protected author hidden after the bound.
-    session = connect(tls=TLS13)
+    session = connect()
     rc, _ = session.message("x@mailer.test", ["b@example.test"], headers)
     assert rc == Milter.REJECT
     assert session.ctx._reply[:2] == ("550", "5.7.1")
+
+
+@TOO_BIG_FROM
+def test_a_from_header_too_big_passes_a_session_that_meets_every_header_from_connector(
+    connect: Callable[..., Session], headers: list[tuple[str, str]]
+) -> None:
+    # TLS meets bank-hdr and soft-hdr, the only header-From connectors: no author hidden after
+    # the bound could be refused, so the message is not refused for the size of its header.
+    session = connect(tls=TLS13)
+    rc, msg = session.message("x@mailer.test", ["b@example.test"], headers)
+    assert rc == Milter.CONTINUE
+    assert "verdict=pass" in msg["X-TLSgate"]
 
 
 WATCH_HDR = """
@@ -428,7 +440,7 @@ def test_a_from_header_too_big_is_deferred_when_no_enforcing_connector_rejects(
     connect: Callable[..., Session], tmp_path: Path, headers: list[tuple[str, str]]
 ) -> None:
     # A monitor-mode connector that would reject and a disabled one do not make it a 5xx.
-    session = connect(tls=TLS13, snap=load_rules(tmp_path / "r.sqlite", SOFT_HDR))
+    session = connect(snap=load_rules(tmp_path / "r.sqlite", SOFT_HDR))
     rc, _ = session.message("x@mailer.test", ["b@example.test"], headers)
     assert rc == Milter.TEMPFAIL
     assert session.ctx._reply[:2] == ("450", "4.7.1")
@@ -440,13 +452,13 @@ def test_a_from_header_too_big_passes_with_only_monitor_mode_connectors(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="tlsgate.milter")
-    session = connect(tls=TLS13, snap=load_rules(tmp_path / "r.sqlite", WATCH_HDR))
+    session = connect(snap=load_rules(tmp_path / "r.sqlite", WATCH_HDR))
     session.macros({"i": "4F2A1C3B"})
     rc, msg = session.message("x@mailer.test", ["b@example.test"], headers)
     assert rc == Milter.CONTINUE
-    assert "verdict=monitor-reject; connector=watch-hdr; status=5.7.1; tls=TLSv1.3" in msg["X-TLSgate"]
+    assert "verdict=monitor-reject; connector=watch-hdr; status=5.7.1; tls=none" in msg["X-TLSgate"]
     assert "4F2A1C3B: monitor-reject connector=watch-hdr stage=data client=client.example[192.0.2.7] " \
-        "from=<x@mailer.test> tls=TLSv1.3" in caplog.text
+        "from=<x@mailer.test> tls=none" in caplog.text
     assert "off-hdr" not in caplog.text
 
 
