@@ -877,7 +877,8 @@ def _outbound_findings(config: Config, params: dict[str, str], snap: Snapshot | 
                 found.append(Finding("warning", f"outbound connector {answer.connector} covers {domain}, which "
                                      "this Postfix relays for (relay_domains): tlsgate routes its mail to the "
                                      f"connector's smart hosts or the domain's MX hosts ({answer.reply.data}), over "
-                                     "any other route; if this server is that MX, the mail loops back here",
+                                     "any other route; if this server is that MX, Postfix bounces the mail (5.4.6, mail for "
+                                     f"{domain} loops back to myself)",
                                      f"remove {domain} from the outbound_domain rows of {answer.connector}, or "
                                      "give the connector the inside host as its smart host"))
     return found
