@@ -353,8 +353,9 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         """
         started = time.perf_counter()
         decision = self._judge.decide(snapshot, facts, header_from=header_from)
-        if (self._names_ignored and decision.action is FailAction.REJECT
-                and any(not check.ok and check.requirement in NAME_CHECKS for check in decision.checks)):
+        failed = [check.requirement for check in decision.checks if not check.ok]
+        if (self._names_ignored and decision.action is FailAction.REJECT and failed
+                and all(requirement in NAME_CHECKS for requirement in failed)):
             reason = (f"{decision.reason}; the MTA sent the client certificate's names without saying they "
                       "verified (no v macro naming Postfix, no {verify}), so they were not counted")
             decision = replace(decision, action=FailAction.DEFER, status="4.3.5", reason=reason,
@@ -547,10 +548,12 @@ class TlsgateMilter(Milter.Base):  # type: ignore[misc]
         return CONTINUE
 
     def _as_read(self, macro: str, argument: str) -> tuple[str, bool]:
-        """The envelope address as the MTA read it (its macro), else the client's spelling;
+        """The envelope address as Postfix read it (its macro), else the client's spelling;
         and whether that spelling holds syntax only the MTA's parser reads (see
-        :func:`~tlsgate.engine.unreadable_address`)."""
-        value = self._macro(macro)
+        :func:`~tlsgate.engine.unreadable_address`). Sendmail's macros of the same names hold
+        ruleset 0's result instead (``bob`` for a local user, a virtusertable target), which
+        is no address to judge: under Sendmail the spelling is judged."""
+        value = self._macro(macro) if is_postfix(self._mta) else None
         if value is not None:
             return value, False
         return argument, not plainly_spelt(argument)

@@ -28,9 +28,9 @@ VERIFY_MACRO = "{verify}"
 #: the MTA's name and version, "Postfix 3.7.11"; Postfix sends it at connect by default
 MTA_MACRO = "v"
 
-#: the envelope addresses as the MTA read them: Postfix parses the client's spelling with its
-#: RFC 822 tokenizer (comments, blanks and escapes dropped) and resolves it, as it then keeps
-#: and delivers it; both are in Postfix's and Sendmail's default macro lists
+#: the envelope addresses as Postfix read them: it parses the client's spelling with its RFC
+#: 822 tokenizer (comments, blanks and escapes dropped) and resolves it, as it then keeps and
+#: delivers it; both are in its default macro lists. Sendmail's hold ruleset 0's result instead.
 SENDER_MACRO = "{mail_addr}"
 RECIPIENT_MACRO = "{rcpt_addr}"
 
@@ -254,11 +254,17 @@ def header_from_authors(values: Sequence[str]) -> tuple[str, ...]:
 
 
 def _has_domain(address: str) -> bool:
-    return judged_domain(address) is not None or raw_domain(address).startswith("[")
+    """A domain name, or an address literal (``[192.0.2.1]``); ``[bank.test]`` is neither, and
+    leaves its field to the scan of its raw text."""
+    if judged_domain(address) is not None:
+        return True
+    domain = raw_domain(address)
+    return domain.startswith("[") and domain.endswith("]") and parse_address(domain) is not None
 
 
 _COMMENT = re.compile(r"\([^()]*\)")
-_BLANKS_AROUND = re.compile(r"\s*([@.])\s*")
+_BLANKS = re.compile(r"\s+")
+_BLANK_AROUND = re.compile(r" ?([@.]) ?")  # after _BLANKS: one blank at most each side, linear work
 
 
 def _as_read(field: str) -> str:
@@ -274,8 +280,9 @@ def _as_read(field: str) -> str:
             pass  # left encoded: the text as written is scanned too
     for _ in range(3):  # comments nest; deeper ones are left, with their @ parts scanned as written
         text = _COMMENT.sub(" ", text)
-    text = _UNSAFE.sub(" ", text).replace("\\", "").replace('"', "")
-    return _BLANKS_AROUND.sub(r"\1", text)
+    text = text.replace("[", "").replace("]", "")  # ceo@[bank.test] is no address literal
+    text = _BLANKS.sub(" ", _UNSAFE.sub(" ", text).replace("\\", "").replace('"', ""))
+    return _BLANK_AROUND.sub(r"\1", text)
 
 
 def reply_text(text: str | None, fallback: str) -> str:

@@ -836,3 +836,51 @@ def test_a_percent_in_a_reply_text_is_doubled_for_libmilter(tmp_path: Path) -> N
     assert ctx._envrcpt("<b@example.test>") == Milter.REJECT
     assert ctx._reply == ("550", "5.7.10", "100%% TLS please")
     ctx._close()
+
+
+def test_envelope_addresses_are_judged_as_postfix_read_them(connect: Callable[..., Session]) -> None:
+    # Postfix gives {rcpt_addr} as it read <x@hr.example.test(c)>: the comment is no part of it.
+    session = connect()
+    session.macros({"{mail_addr}": "b@mailer.test", "{rcpt_addr}": "x@hr.example.test"})
+    session.message("b@mailer.test", ["x@hr.example.test(c)"])
+    rc, reply = session.replies["x@hr.example.test(c)"]
+    assert rc == Milter.TEMPFAIL and reply is not None and reply[1] == "4.7.10", reply  # hr-in defers
+    # Without the macro the spelling is all there is, and it cannot be read: the mail waits.
+    bare = connect()
+    bare.message("b@mailer.test", ["x@hr.example.test(c)"])
+    rc, reply = bare.replies["x@hr.example.test(c)"]
+    assert rc == Milter.TEMPFAIL and reply is not None and reply[1] == "4.1.3", reply
+
+
+def test_sendmails_address_macros_are_not_addresses(connect: Callable[..., Session]) -> None:
+    # Sendmail's {rcpt_addr} is ruleset 0's result: "x" for a local user. Judged, it would
+    # have no domain; the recipient as spelt meets hr-in.
+    session = connect(mta="8.17.1")
+    session.macros({"{mail_addr}": "b", "{rcpt_addr}": "x"})
+    session.message("b@mailer.test", ["x@hr.example.test"])
+    rc, reply = session.replies["x@hr.example.test"]
+    assert rc == Milter.TEMPFAIL and reply is not None and reply[1] == "4.7.10", reply
+
+
+RANGE_AND_NAME = """
+INSERT INTO inbound_connector (name, require_tls, certificate, restrict_to_addresses, min_tls_version, on_failure)
+    VALUES ('range-in', 1, 'trusted', 1, 'TLSv1.2', 'reject');
+INSERT INTO inbound_domain VALUES ('range-in', 'sender', 'range.test');
+INSERT INTO inbound_address VALUES ('range-in', '198.51.100.0/24');
+INSERT INTO inbound_cert_name VALUES ('range-in', 'subject', 'mx.range.test');
+"""
+
+
+@pytest.mark.parametrize(("ip", "version", "status"), [
+    ("192.0.2.7", "TLSv1.3", "5.7.1"),  # outside the partner's ranges: no name would change that
+    ("198.51.100.7", "TLSv1", "5.7.10"),  # below the minimum version: nor that
+    ("198.51.100.7", "TLSv1.3", "4.3.5"),  # only the unvouched names are amiss: the mail waits
+])
+def test_only_a_refusal_the_unvouched_names_decide_waits(
+    connect: Callable[..., Session], tmp_path: Path, ip: str, version: str, status: str
+) -> None:
+    tls = {**TLS13, "{tls_version}": version, "{cert_subject}": "mx.range.test"}
+    session = connect(ip=ip, tls=tls, mta="8.17.1", snap=load_rules(tmp_path / "r.sqlite", RANGE_AND_NAME))
+    session.message("a@range.test", ["b@example.test"])
+    _, reply = session.replies["b@example.test"]
+    assert reply is not None and reply[1] == status, reply

@@ -239,6 +239,8 @@ def test_a_field_not_clean_in_full_has_every_raw_domain_judged(field: str) -> No
     '"ceo"@"bank".test',
     "=?utf-8?b?Y2VvQGJhbmsudGVzdA==?=",  # an encoded word that decodes to ceo@bank.test
     "=?utf-8?q?ceo=40bank=2Etest?= <>",
+    "ceo@[bank.test]",  # brackets round a name: no address literal
+    "ceo" + " " * 8000 + "@bank.test" + " " * 8000 + ",",  # long runs of blanks
 ])
 def test_a_domain_hidden_by_quotes_escapes_or_encoding_is_still_judged(field: str) -> None:
     # Some mail readers show each of these as ceo@bank.test: it must meet bank.test's

@@ -453,12 +453,12 @@ def _milter_lines(config: Config, queue_dir: str, current: Current | None) -> li
               "# the second EHLO after STARTTLS are still judged with their TLS facts; the envelope",
               "# addresses as Postfix read them (in its defaults)."]
     for name, (default, needed) in MACRO_LISTS.items():
-        have = raw.get(name, default) if current else default
-        missing = [m for m in needed if m not in have.split()]
+        have = (raw.get(name, default) if current else default).replace(",", " ").split()
+        missing = [m for m in needed if m not in have]
         if missing:
-            lines.append(f"{name} = {' '.join([*have.split(), *missing])}")
-        elif name != "milter_rcpt_macros" or have != default:
-            lines.append(_kept(name, " ".join(have.split()), "has the macros tlsgate reads"))
+            lines.append(f"{name} = {' '.join([*have, *missing])}")
+        elif name != "milter_rcpt_macros" or have != default.split():
+            lines.append(_kept(name, " ".join(have), "has the macros tlsgate reads"))
     return lines
 
 
