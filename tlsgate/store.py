@@ -73,8 +73,9 @@ class StoreError(Exception):
 # one (and so may a user name, user@server on some hosted databases): masking too much is
 # harmless, showing part of a password is not.
 _URL_PASSWORD = re.compile(r"(://[^:/]*:).*@")
-#: a password with an '@' in it: two of them after the user name, before the URL's path or query
-_PASSWORD_WITH_AT = re.compile(r"://[^:/]*:[^/?]*@[^/?]*@")
+#: a password with an '@' in it, maybe a '/' or '?' too: two '@' after the scheme (an '@' in the
+#: path or query alone is masked with it, which is harmless)
+_PASSWORD_WITH_AT = re.compile(r"://[^@]*@.*@")
 #: a quoted value in an error message that runs through an '@', 'word@db.example': SQLAlchemy
 #: read it from the rest of a password that holds an '@', up to which it may be password
 _QUOTED_TO_AT = re.compile(r"'[^'\s]+@")
@@ -95,6 +96,9 @@ def safe_url(url: str | URL) -> str:
         return _URL_PASSWORD.sub(r"\1***@", raw)
     if "@" in (parsed.host or "") or _PASSWORD_WITH_AT.search(raw):
         return _URL_PASSWORD.sub(r"\1***@", raw)
+    if parsed.password is not None and parsed.get_backend_name() != "sqlite" and "@" in (parsed.database or ""):
+        # parsed from a password holding '@' and '/': its rest is the host and the database
+        return parsed.set(host="***", database="***", query={}).render_as_string(hide_password=True)
     return parsed.render_as_string(hide_password=True)
 
 
@@ -121,6 +125,9 @@ def normalise_url(url: str) -> URL:
         parsed = make_url(url)
     except _BAD_URL as exc:
         raise _invalid_url(url, exc) from None
+    if _unescaped_at(url, parsed):
+        raise StoreError(f"invalid database URL {safe_url(url)}: the password holds an '@': write it as %40 "
+                         "(read as written, the rest of the password would be taken for the host)")
     driver = _DRIVERS.get(parsed.drivername)
     if driver:
         parsed = parsed.set(drivername=driver)
@@ -130,6 +137,26 @@ def normalise_url(url: str) -> URL:
             "use sqlite, postgresql or mariadb"
         )
     return parsed
+
+
+def _unescaped_at(url: str, parsed: URL) -> bool:
+    """Whether ``url`` holds an '@' that SQLAlchemy read as the end of the password, so that
+    the rest of the password became the host (or vanished, after a '/' or '?'): a host never
+    holds an '@', and every other '@' of the URL is in some part of what was parsed."""
+    if "@" in (parsed.host or ""):
+        return True
+    if parsed.get_backend_name() != "sqlite":
+        # user:pass@host/db: past the user name, one '@' ends the password; a second one
+        # before the query means the password held one (the database would have it otherwise).
+        before_query = url.partition("://")[2].partition("?")[0]
+        if before_query.partition(":")[2].count("@") > 1:
+            return True
+    parts = [parsed.username, parsed.password, parsed.database]
+    for key, value in parsed.query.items():
+        parts += [key, *((value,) if isinstance(value, str) else value)]
+    accounted = sum((part or "").count("@") for part in parts)
+    separator = 1 if parsed.username is not None or parsed.password is not None else 0
+    return url.partition("://")[2].count("@") > accounted + separator
 
 
 def _sqlite_text(value: bytes) -> str:
@@ -1068,9 +1095,6 @@ def describe_db_error(engine: Engine, exc: Exception) -> str:
         context, hops = context.__context__, hops + 1
     orig = getattr(exc, "orig", None)
     detail = str(orig if orig is not None else exc).strip().splitlines()[0] if str(orig or exc).strip() else type(exc).__name__
-    host = engine.url.host or ""
-    if "@" in host:  # the rest of a password holding an '@', read as the host (see safe_url)
-        detail = detail.replace(host, "***@" + host.rpartition("@")[2])
     if _missing_table(detail) in schema.Base.metadata.tables:
         return f"database {safe_url(engine.url)}: no tlsgate schema ({detail}): run `tlsgate db init`"
     return f"database {safe_url(engine.url)}: {detail}"

@@ -199,7 +199,8 @@ def test_db_init_twice_and_upgrade(db: str) -> None:
     # driver's message names; no piece of the password may show.
     ("postgresql://tlsgate:Pa55@W0rd@T4il@127.0.0.1:1/rules", ["Pa55", "W0rd", "T4il"]),
     ("mariadb://tlsgate:Pa55@W0rd@T4il@127.0.0.1:1/rules", ["Pa55", "W0rd", "T4il"]),
-    ("postgresql://u:p@ss@127.0.0.1:1/x", ["ss"]),
+    ("postgresql://u:p@zq9@127.0.0.1:1/x", ["zq9"]),
+    ("postgresql://u:S3cret@Pa5s/w0rd?Ta1l9@127.0.0.1:1/x", ["S3cret", "Pa5s", "w0rd", "Ta1l9"]),
 ])
 @pytest.mark.parametrize("command", [["lint"], ["db", "init"]], ids=" ".join)
 def test_unreachable_database_is_one_line_without_password(url: str, secrets: list[str], command: list[str]) -> None:

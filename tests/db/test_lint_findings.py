@@ -301,8 +301,19 @@ MASKED_URLS = [
     (f"postgresql://tlsgate:{SECRET}@db.example:notaport/rules", "postgresql://tlsgate:***@db.example:notaport/rules"),
     # as before: an escaped '@', and one in the user name only
     ("postgresql://tlsgate:Pa55%40W0rd%40T4il@db.example/rules", "postgresql://tlsgate:***@db.example/rules"),
-    ("postgresql://tlsgate@server:Pa55W0rdT4il@db.example/rules", "postgresql://tlsgate%40server:***@db.example/rules"),
+    ("postgresql://tlsgate@server:Pa55W0rdT4il@db.example/rules", "postgresql://tlsgate@server:***@db.example/rules"),
+    # an '@' then a '/' or '?' in the password: the host SQLAlchemy reads has no '@'
+    ("postgresql://tlsgate:Pa55@W0rd/T4il@db.example/rules", "postgresql://tlsgate:***@db.example/rules"),
 ]
+
+
+def test_a_password_with_an_at_then_a_question_mark_is_masked() -> None:
+    # Parsed, nothing of it is left to tell (the rest is a query without a value): the daemons
+    # and the CLI refuse such a URL before any URL object is made of it (normalise_url).
+    url = "postgresql://tlsgate:Pa55@W0rd?T4il@db.example/rules"
+    assert store.safe_url(url) == "postgresql://tlsgate:***@db.example/rules"
+    with pytest.raises(StoreError, match="the password holds an '@'"):
+        open_engine(url)
 
 
 @pytest.mark.parametrize(("url", "masked"), MASKED_URLS)
@@ -326,7 +337,12 @@ def test_safe_url_shows_no_part_of_a_password_holding_an_at(url: str, masked: st
     (f"mariadb://tlsgate:{SECRET}@127.0.0.1/rules?connect_timeout=abc",
      "invalid database URL mariadb://tlsgate:***@127.0.0.1/rules?connect_timeout=abc: "),
     (f"oracle://tlsgate:{SECRET}@db.example/rules",
-     "unsupported database 'oracle' in oracle://tlsgate:***@db.example/rules: "),
+     "invalid database URL oracle://tlsgate:***@db.example/rules: the password holds an '@': write it as %40"),
+    # a URL that parses: refused all the same, since it would reach a host made of the password
+    (f"postgresql://tlsgate:{SECRET}@127.0.0.1/rules",
+     "invalid database URL postgresql://tlsgate:***@127.0.0.1/rules: the password holds an '@': write it as %40"),
+    ("postgresql://tlsgate:Pa55@W0rd/T4il@127.0.0.1/rules",
+     "invalid database URL postgresql://tlsgate:***@127.0.0.1/rules: the password holds an '@'"),
 ])
 def test_an_unusable_url_with_an_at_in_its_password_shows_no_part_of_it(url: str, message: str) -> None:
     with pytest.raises(StoreError) as caught:
@@ -338,8 +354,8 @@ def test_an_unusable_url_with_an_at_in_its_password_shows_no_part_of_it(url: str
 @pytest.mark.parametrize("scheme", ["postgresql", "mariadb"])
 def test_a_daemon_that_cannot_reach_such_a_database_logs_no_part_of_the_password(
         scheme: str, caplog: pytest.LogCaptureFixture) -> None:
-    """The driver names the host it could not reach, which is what SQLAlchemy read: the rest of
-    the password, '@' and the host."""
+    """Read as written, the rest of the password would be the host, which the driver's message
+    names: the URL is refused as invalid, with no part of the password."""
     holder = RuleHolder(DatabaseConfig(url=f"{scheme}://tlsgate:{SECRET}@127.0.0.1:1/rules", connect_timeout=2))
     with caplog.at_level(logging.INFO, logger="tlsgate"):
         assert holder.refresh() is False
