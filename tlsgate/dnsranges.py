@@ -105,13 +105,13 @@ class Resolution:
     #: ranges of earlier answers that the latest one lacks, kept in ``networks`` for the grace,
     #: each with the time of the first answer without it; empty for an answer taken as it came
     held: tuple[tuple[Network, float], ...] = ()
+    #: when DNS began answering with no addresses at all, while the last ones are held
+    empty_since: float | None = None
 
     @property
-    def empty_since(self) -> float | None:
-        """When DNS began answering with no addresses at all, while the last ones are held."""
-        if not self.held or len(self.held) < len(self.networks):
-            return None
-        return min(since for _, since in self.held)
+    def hold_ends(self) -> float | None:
+        """When the first held range's grace ends (a refresh is then due), None if none is held."""
+        return min(since for _, since in self.held) if self.held else None
 
 
 @dataclass(frozen=True)
@@ -356,7 +356,8 @@ class DnsCache:
             retry = self._retry_at.get(entry, 0.0)
             if moment < retry:
                 continue
-            if known is None or moment >= known.resolved_at + known.ttl:
+            ends = None if known is None or known.hold_ends is None else known.hold_ends + self.settings.empty_grace
+            if known is None or moment >= known.resolved_at + known.ttl or (ends is not None and moment >= ends):
                 out.append(entry)
         return out
 
@@ -456,7 +457,7 @@ class DnsCache:
             (held if now < since + grace else dropped).append((net, since))
         entry, why = new.entry, "; ".join(new.problems)
         fresh = [net for net, since in held if net not in since_of]
-        if not new.networks and held and not old.held:
+        if not new.networks and held and old.empty_since is None:
             log.warning("DNS entry %s: no addresses (%s); keeping the last ranges for up to %.0fs",
                         entry, why, grace)
         elif fresh:
@@ -470,12 +471,15 @@ class DnsCache:
             else:
                 log.warning("DNS entry %s has not given %s for %.0fs; dropped", entry,
                             ", ".join(str(net) for net, _ in dropped), lost)
+        elif old.empty_since is not None and new.networks:
+            log.warning("DNS entry %s has addresses again%s", entry, " (some still held)" if held else "")
         elif old.held and not held:
-            log.warning("DNS entry %s has %s again", entry,
-                        "addresses" if len(old.held) == len(old.networks) else "all its ranges")
+            log.warning("DNS entry %s has all its ranges again", entry)
         if not held:
             return new
-        return replace(new, networks=(*new.networks, *(net for net, _ in held)), held=tuple(held))
+        empty_since = (now if old.empty_since is None else old.empty_since) if not new.networks else None
+        return replace(new, networks=(*new.networks, *(net for net, _ in held)), held=tuple(held),
+                       empty_since=empty_since)
 
 
 def dns_entries(connectors: Iterable[InboundConnector]) -> set[str]:

@@ -271,6 +271,36 @@ def test_lost_addresses_given_again_end_their_hold(server: DnsServer, caplog: py
     assert any(f"DNS entry {entry} has all its ranges again" in r.getMessage() for r in caplog.records)
 
 
+def test_a_held_range_is_asked_again_when_its_grace_ends(server: DnsServer) -> None:
+    # Held past its grace until the next refresh, a range would outlive empty_grace by up to
+    # a TTL (max_ttl: a day): the entry is due when the grace ends, whatever its TTL.
+    entry = "mx:partner.test"
+    _second_mx(server)
+    cache = DnsCache(settings(server, empty_grace=3600))
+    cache.refresh([entry])
+    _backup_loses_its_address(server)
+    cache.refresh([entry])
+    got = cache.entries[entry]
+    assert got.held and cache.due([entry], now=got.resolved_at + 1) == []
+    assert cache.due([entry], now=got.resolved_at + 3600) == [entry]
+
+
+def test_addresses_partly_back_after_none_are_logged(server: DnsServer, caplog: pytest.LogCaptureFixture) -> None:
+    entry = "mx:partner.test"
+    _second_mx(server)
+    cache = DnsCache(settings(server))
+    cache.refresh([entry])
+    del server.records[("partner.test", "MX")]
+    cache.refresh([entry])
+    assert cache.entries[entry].empty_since is not None
+    _second_mx(server)
+    _backup_loses_its_address(server)
+    cache.refresh([entry])
+    got = cache.entries[entry]
+    assert got.empty_since is None and [str(net) for net, _ in got.held] == [f"{SECOND_IP}/32"]
+    assert any(f"DNS entry {entry} has addresses again (some still held)" in r.getMessage() for r in caplog.records)
+
+
 def test_a_name_that_never_had_addresses_holds_up_no_one(server: DnsServer, caplog: pytest.LogCaptureFixture) -> None:
     cache = DnsCache(settings(server))
     ghost = InboundConnector("ghost", dns_entries=("a:ghost.partner.test",))
