@@ -87,7 +87,10 @@ def find_candidates(snapshot: Snapshot, facts: SessionFacts) -> list[Candidate]:
     rcpt_hits = _hits(domains[Scope.RECIPIENT], rcpt_domain, facts.recipient)
     header_hits = (_hits(domains[Scope.HEADER_FROM], header_domain, facts.header_from)
                    if facts.stage is Stage.DATA else {})
-    range_hits = snapshot.ranges.lookup(facts.client_address) if facts.client_address else {}
+    # An unknown client address (XCLIENT ADDR=[UNAVAILABLE]) may be in any range: every range
+    # connector is met, ranked first among equals, and judged by _judge as undecidable.
+    address = facts.client_address
+    range_hits = snapshot.ranges.lookup(address) if address else snapshot.ranges.everyone(_UNKNOWN_RANGE)
 
     found: list[Candidate] = []
     values = (sender_domain, header_domain, rcpt_domain, facts.client_address)
@@ -660,6 +663,12 @@ def _judge(winner: InboundConnector, facts: SessionFacts, now: datetime, cands: 
             Outcome.FAIL, action, winner, _status(FailAction.DEFER, STATUS_CONFIG),
             reason, reason, (check,), cands,
         )
+    if facts.client_address is None and (winner.scopes_ranges or winner.restrict_to_ranges):
+        reason = (f"the client address is unknown, so whether connector {winner.name} applies, or the client "
+                  "is within its ranges, cannot be told")
+        action = None if winner.mode is Mode.MONITOR else FailAction.DEFER
+        return Decision(Outcome.FAIL, action, winner, _status(FailAction.DEFER, STATUS_POLICY), reason, reason,
+                        (Check("client range", False, reason),), cands)
     results = check_requirements(winner, facts, now)
     checks = tuple(ch for ch, _ in results)
     failed = next(((ch, st) for ch, st in results if not ch.ok), None)

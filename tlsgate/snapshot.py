@@ -76,7 +76,7 @@ class DomainIndex:
 class RangeIndex:
     """Address ranges keyed by (version, prefix length) then network address."""
 
-    __slots__ = ("_tables",)
+    __slots__ = ("_everyone", "_tables")
 
     def __init__(self, entries: Iterable[tuple[int, Network]]) -> None:
         tables: dict[tuple[int, int], dict[int, list[int]]] = {}
@@ -88,6 +88,13 @@ class RangeIndex:
             (version, plen, {k: tuple(v) for k, v in table.items()})
             for (version, plen), table in sorted(tables.items(), key=lambda kv: -kv[0][1])
         )
+        self._everyone: tuple[int, ...] | None = None
+
+    def everyone(self, prefix: int) -> dict[int, int]:
+        """Every connector with a range, each at ``prefix``: those an unknown address may be in."""
+        if self._everyone is None:
+            self._everyone = tuple(dict.fromkeys(i for _, _, table in self._tables for ids in table.values() for i in ids))
+        return dict.fromkeys(self._everyone, prefix)
 
     def lookup(self, address: Address) -> dict[int, int]:
         """Connector index -> longest prefix length of its ranges that hold ``address``."""
