@@ -238,15 +238,21 @@ def test_an_answer_that_loses_some_addresses_keeps_them_for_the_grace(
     assert decide_with((connector,), cache, plaintext()).action is None
 
 
+def backup_held(server: DnsServer, empty_grace: float = EMPTY_GRACE) -> DnsCache:
+    """A cache that resolved mx:partner.test to two servers, then to one: the other is held."""
+    _second_mx(server)
+    cache = DnsCache(settings(server, empty_grace=empty_grace))
+    cache.refresh(["mx:partner.test"])
+    _backup_loses_its_address(server)
+    cache.refresh(["mx:partner.test"])
+    return cache
+
+
 def test_an_answer_with_a_new_address_is_a_move_followed_at_once(
     server: DnsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     entry = "mx:partner.test"
-    _second_mx(server)
-    cache = DnsCache(settings(server))
-    cache.refresh([entry])
-    _backup_loses_its_address(server)
-    cache.refresh([entry])
+    cache = backup_held(server)
     assert len(cache.entries[entry].held) == 1
     # The partner's servers move: the new address is in force, the old ones are not held.
     server.records[("onprem.partner.test", "A")] = ["198.51.100.10"]
@@ -260,11 +266,7 @@ def test_an_answer_with_a_new_address_is_a_move_followed_at_once(
 
 def test_lost_addresses_given_again_end_their_hold(server: DnsServer, caplog: pytest.LogCaptureFixture) -> None:
     entry = "mx:partner.test"
-    _second_mx(server)
-    cache = DnsCache(settings(server))
-    cache.refresh([entry])
-    _backup_loses_its_address(server)
-    cache.refresh([entry])
+    cache = backup_held(server)
     server.records[("backup.partner.test", "A")] = [SECOND_IP]
     assert cache.refresh([entry]) is False
     assert cache.entries[entry].held == ()
@@ -275,11 +277,7 @@ def test_a_held_range_is_asked_again_when_its_grace_ends(server: DnsServer) -> N
     # Held past its grace until the next refresh, a range would outlive empty_grace by up to
     # a TTL (max_ttl: a day): the entry is due when the grace ends, whatever its TTL.
     entry = "mx:partner.test"
-    _second_mx(server)
-    cache = DnsCache(settings(server, empty_grace=3600))
-    cache.refresh([entry])
-    _backup_loses_its_address(server)
-    cache.refresh([entry])
+    cache = backup_held(server, empty_grace=3600)
     got = cache.entries[entry]
     assert got.held and cache.due([entry], now=got.resolved_at + 1) == []
     assert cache.due([entry], now=got.resolved_at + 3600) == [entry]

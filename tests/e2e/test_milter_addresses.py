@@ -16,7 +16,7 @@ import pytest
 
 from tests.milter.milterhelp import MilterProcess, make_rules_db, write_config
 from tests.support.pki import Pki
-from tests.support.postfix import PrivatePostfix, send, skip_reason
+from tests.support.postfix import PrivatePostfix, send
 
 pytestmark = pytest.mark.postfix
 
@@ -33,17 +33,6 @@ TLS_MACROS = "{tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}"
 SENDERS = ["a@contoso.test(x)", "a@contoso .test", 'a@"contoso.test"', "a@contoso\\.test", "a@(x)contoso.test",
            "a@contoso.test.(x)"]
 RECIPIENTS = ["y@example.test(x)", "y@example .test", 'y@"example.test"', "y@example\\.test"]
-
-
-@pytest.fixture(scope="module")
-def pki() -> Iterator[Pki]:
-    if (reason := skip_reason()) is not None:
-        pytest.skip(reason)
-    directory = Path(tempfile.mkdtemp(prefix="tlsgate-pki-"))
-    try:
-        yield Pki(directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _stack(pki: Pki, macros: dict[str, str]) -> Iterator[PrivatePostfix]:

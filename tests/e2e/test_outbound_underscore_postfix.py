@@ -4,34 +4,16 @@ Once the transport answered NOTFOUND for it and relayhost took the mail in plain
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from tests.socketmap.socketmap_daemon import SocketmapDaemon, make_database, outbound_rows
 from tests.support.pki import Pki
-from tests.support.postfix import PrivatePostfix, send, skip_reason
+from tests.support.postfix import PrivatePostfix, send
 
 pytestmark = [pytest.mark.postfix, pytest.mark.slow]
 
 RCPT = "u@a_b.partner.test"
 B_NAME = "mx.tlsgate.test"  # the name in B's certificate (pki.server)
-
-
-@pytest.fixture(scope="module")
-def pki() -> Iterator[Pki]:
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    directory = Path(tempfile.mkdtemp(prefix="tlsgate-pki-"))
-    directory.chmod(0o755)  # some Postfix processes read the CA and keys as user postfix
-    try:
-        yield Pki(directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_underscore_subdomain_takes_its_connectors_route_not_relayhost(pki: Pki) -> None:
