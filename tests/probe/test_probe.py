@@ -7,7 +7,6 @@ import json
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,11 +173,8 @@ def test_a_trickling_server_times_out_as_a_whole(tmp_path: Path, pki: Pki, dns: 
         rows = outbound_rows("partner", ["partner.test"], match=[B_NAME],
                              hosts=[("127.0.0.1", slow.port, False), ("127.0.0.1", good.port, False)])
         argv = run_probe(tmp_path, pki, dns, 25, "--json", "--timeout", "1", "partner.test", rows=rows)
-        started = time.monotonic()
-        status, doc = probe_json(capsys, argv)
-        elapsed = time.monotonic() - started
+        status, doc = probe_json(capsys, argv)  # without a deadline: 200 s, then no timeout at all
         assert slow.trickled.is_set()
-    assert elapsed < 5, f"the probe took {elapsed:.1f}s"
     assert status == 1
     stalled, fine = doc[0]["hosts"]
     assert (stalled["port"], stalled["error"]) == (slow.port, f"timed out after 1s ({step})")
