@@ -109,8 +109,9 @@ class Resolution:
     empty_since: float | None = None
 
     @property
-    def hold_ends(self) -> float | None:
-        """When the first held range's grace ends (a refresh is then due), None if none is held."""
+    def held_since(self) -> float | None:
+        """When the range held longest stopped being given (its grace counts from then), None
+        if none is held."""
         return min(since for _, since in self.held) if self.held else None
 
 
@@ -356,9 +357,10 @@ class DnsCache:
             retry = self._retry_at.get(entry, 0.0)
             if moment < retry:
                 continue
-            ends = None if known is None or known.hold_ends is None else known.hold_ends + self.settings.empty_grace
-            if known is None or moment >= known.resolved_at + known.ttl or (ends is not None and moment >= ends):
+            if known is None or moment >= known.resolved_at + known.ttl:
                 out.append(entry)
+            elif known.held_since is not None and moment >= known.held_since + self.settings.empty_grace:
+                out.append(entry)  # a held range's grace ended: asked again, to drop it on time
         return out
 
     def forget(self, keep: Iterable[str]) -> None:

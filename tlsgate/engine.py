@@ -507,6 +507,11 @@ def _routes(recipient: str) -> list[str]:
     return routes
 
 
+def _address_waits(status: str, reason: str, connector: InboundConnector | None = None) -> Decision:
+    """A temporary failure because of what an address is, not of the session's TLS."""
+    return Decision(Outcome.FAIL, FailAction.DEFER, connector, status, reason, reason, (Check("address", False, reason),))
+
+
 def _unreadable_route(snapshot: Snapshot, route: str) -> Decision | None:
     """A temporary failure for a route whose domain is no name at all (Postfix bounces such an
     address at delivery), where a recipient connector is in force: judged by no domain, it
@@ -516,7 +521,7 @@ def _unreadable_route(snapshot: Snapshot, route: str) -> Decision | None:
             or Scope.RECIPIENT not in snapshot.enforced_scopes):
         return None
     reason = f"recipient <{route}> names no domain Postfix could deliver to, so the connector that applies cannot be told"
-    return Decision(Outcome.FAIL, FailAction.DEFER, None, "4.1.3", reason, reason, (Check("address", False, reason),))
+    return _address_waits("4.1.3", reason)
 
 
 def _undecidable(snapshot: Snapshot, facts: SessionFacts) -> Decision | None:
@@ -544,8 +549,7 @@ def _undecidable(snapshot: Snapshot, facts: SessionFacts) -> Decision | None:
                       f"(set [engine] myorigin, or Postfix's {restriction} refuses such addresses)")
         else:
             continue
-        return Decision(Outcome.FAIL, FailAction.DEFER, None, status, reason, reason,
-                        (Check("address", False, reason),))
+        return _address_waits(status, reason)
     return None
 
 
@@ -586,8 +590,7 @@ def _over_routes(snapshot: Snapshot, facts: SessionFacts, now: datetime,
     reason = (f"recipient <{every[0][0]}> may be delivered to another domain than it shows (Postfix strips a "
               f"domain of this host's and resolves what is left): as <{refused}>, connector {_name(by)} "
               f"refuses it ({by.reason}), as <{passed}> it would pass; so the connector that applies cannot be told")
-    return Decision(Outcome.FAIL, FailAction.DEFER, by.connector, "4.1.3", reason, reason,
-                    (Check("address", False, reason),))
+    return _address_waits("4.1.3", reason, by.connector)
 
 
 def unreadable_address(snapshot: Snapshot, scope: Scope, shown: str) -> Decision | None:
@@ -602,7 +605,7 @@ def unreadable_address(snapshot: Snapshot, scope: Scope, shown: str) -> Decision
     status = next(status for bare, status, _ in _BARE if bare is scope)
     reason = (f"{scope.value} <{shown[:200]}> is spelt with RFC 822 syntax (a comment, quotes, an escape or "
               "blanks) that only the MTA can read, so the connector that applies cannot be told")
-    return Decision(Outcome.FAIL, FailAction.DEFER, None, status, reason, reason, (Check("address", False, reason),))
+    return _address_waits(status, reason)
 
 
 def _name(decision: Decision) -> str:
